@@ -1,0 +1,30 @@
+# Two commands for a new machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_PIN := torch==2.13.0
+
+.PHONY: venv demo test test-interop clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned, so that nothing later resolves to a CUDA build.
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e '.[test,plot]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/lowbit demo
+
+test: venv
+	$(PY) -m pytest
+
+test-interop: venv
+	$(PY) -m pytest -m interop
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,100 @@
+"""The `lowbit` command. Every subcommand is a thin layer over the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from lowbit.errors import LowbitError
+
+
+def _cmd_calc_memory(args) -> str:
+    from lowbit.calc import as_dict, weight_memory, weight_table
+
+    if args.bits is not None:
+        rows = [weight_memory(args.params, args.bits, args.group_size, args.scale_bits, args.zero_bits,
+                              label=f"{args.bits:g}-bit" + (f"-g{args.group_size}" if args.group_size else ""))]
+    else:
+        rows = weight_table(args.params)
+    if args.json:
+        return json.dumps([as_dict(r) for r in rows], indent=2)
+    from lowbit.table import format_table
+
+    return f"Weight memory for {args.params:.4g} parameters\n" + format_table(
+        ["precision", "bits/weight", "GB", "GiB"], [[r.precision, r.bits_per_weight, r.gb, r.gib] for r in rows])
+
+
+def _cmd_calc_kv(args) -> str:
+    from lowbit.calc import as_dict, kv_cache_memory
+
+    size = kv_cache_memory(args.layers, args.kv_heads, args.head_dim, args.seq_len, args.batch, args.dtype)
+    if args.json:
+        return json.dumps(as_dict(size), indent=2)
+    return (f"KV cache: 2 x {args.layers} layers x {args.kv_heads} KV heads x {args.head_dim} head dim x "
+            f"{args.seq_len} tokens x batch {args.batch} x {size.bits_per_element / 8:g} bytes ({args.dtype})\n"
+            f"= {size.bytes:,.0f} bytes = {size.gb:,.2f} GB = {size.gib:,.2f} GiB")
+
+
+def _cmd_demo(args) -> str:
+    from lowbit import demos
+
+    parts = {"basics": demos.render_basics, "formats": demos.render_formats, "memory": demos.render_memory}
+    chosen = [args.which] if args.which != "all" else list(parts)
+    return "\n\n".join(parts[name]() for name in chosen)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantise large language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    calc = sub.add_parser("calc", help="memory calculators").add_subparsers(dest="calc", required=True)
+    mem = calc.add_parser("memory", help="weight memory at each precision")
+    mem.add_argument("--params", type=_positive_float, required=True, help="parameter count, e.g. 70e9")
+    mem.add_argument("--bits", type=float, help="one precision only: bits per weight")
+    mem.add_argument("--group-size", type=int, help="with --bits: elements per scale group")
+    mem.add_argument("--scale-bits", type=int, default=16, help="bits per group scale (default 16)")
+    mem.add_argument("--zero-bits", type=int, default=0, help="bits per group zero point (default 0)")
+    mem.add_argument("--json", action="store_true")
+    mem.set_defaults(run=_cmd_calc_memory)
+
+    kv = calc.add_parser("kv-cache", help="KV-cache memory")
+    kv.add_argument("--layers", type=int, required=True)
+    kv.add_argument("--kv-heads", type=int, required=True, help="key/value heads (fewer than query heads under GQA)")
+    kv.add_argument("--head-dim", type=int, required=True)
+    kv.add_argument("--seq-len", type=int, required=True)
+    kv.add_argument("--batch", type=int, default=1)
+    kv.add_argument("--dtype", default="fp16", help="fp32, fp16, bf16, fp8, int8, int4, ...")
+    kv.add_argument("--json", action="store_true")
+    kv.set_defaults(run=_cmd_calc_kv)
+
+    demo = sub.add_parser("demo", help="worked exercises and tables")
+    demo.add_argument("which", nargs="?", default="all", choices=["all", "basics", "formats", "memory"])
+    demo.set_defaults(run=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = args.run(args)
+    except (LowbitError, OSError) as e:
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    if out:
+        print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

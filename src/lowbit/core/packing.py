@@ -1,0 +1,58 @@
+"""Dense bit packing of 1..8-bit codes into bytes.
+
+Layout: a little-endian bit stream. Code i occupies bits [i*b, (i+1)*b) of the stream, lowest bit
+first; byte k holds stream bits [8k, 8k+8). So with b=4 the first code is the low nibble of byte 0.
+ceil(n*b/8) bytes hold n codes; unused high bits of the last byte are zero.
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import LowbitError
+
+CODES_PER_WORD = 8  # 8 codes of b bits fill exactly b bytes, whatever b is
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise LowbitError(f"packing takes 1..8 bits per code, got {bits!r}")
+
+
+def packed_nbytes(n: int, bits: int) -> int:
+    return (n * bits + 7) // 8
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes (any shape, values < 2**bits) into a flat uint8 tensor of ceil(n*bits/8) bytes."""
+    _check_bits(bits)
+    flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and (flat.min() < 0 or flat.max() >= 1 << bits):
+        raise LowbitError(f"codes out of range for {bits}-bit packing")
+    n = flat.numel()
+    if bits == 8:
+        return flat.to(torch.uint8)
+    pad = (-n) % CODES_PER_WORD
+    words = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, CODES_PER_WORD)
+    shifts = torch.arange(CODES_PER_WORD, dtype=torch.int64) * bits
+    word = (words << shifts).sum(-1, keepdim=True)  # at most 56 bits: no int64 overflow
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    out = ((word >> byte_shifts) & 0xFF).reshape(-1).to(torch.uint8)
+    return out[: packed_nbytes(n, bits)]
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first n codes of a packed stream, as uint8."""
+    _check_bits(bits)
+    data = packed.reshape(-1).to(torch.int64)
+    if data.numel() < packed_nbytes(n, bits):
+        raise LowbitError(f"packed data holds {data.numel()} bytes, {packed_nbytes(n, bits)} needed for {n} codes")
+    if bits == 8:
+        return data[:n].to(torch.uint8)
+    n_words = (n + CODES_PER_WORD - 1) // CODES_PER_WORD
+    need = n_words * bits
+    data = torch.nn.functional.pad(data[:need], (0, need - min(need, data.numel())))
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    word = (data.reshape(-1, bits) << byte_shifts).sum(-1, keepdim=True)
+    shifts = torch.arange(CODES_PER_WORD, dtype=torch.int64) * bits
+    codes = (word >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:n].to(torch.uint8)

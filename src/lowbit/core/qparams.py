@@ -1,0 +1,71 @@
+"""The quantisation equation: scales and zero points from a range, and the round trip through a format.
+
+    code = encode(x / scale + zero)        x̂ = (decode(code) - zero) * scale
+
+All functions work on blocks [rows, blocks per row, block size] with one scale and zero per block.
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.core.spec import QuantSpec
+from lowbit.errors import LowbitError
+from lowbit.formats import get_format
+
+_TORCH_SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def round_scale_up(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """Round positive FP32 scales up to the nearest value of `scale_dtype`, so no block clips."""
+    if scale_dtype == "fp32":
+        return scale.float()
+    if scale_dtype == "e8m0":
+        return get_format("e8m0").ceil(scale).float()
+    dtype = _TORCH_SCALE_DTYPES[scale_dtype]
+    rounded = scale.to(dtype)
+    up = torch.nextafter(rounded, torch.tensor(torch.inf, dtype=dtype))
+    rounded = torch.where(rounded.float() < scale, up, rounded)
+    if torch.isinf(rounded).any():
+        raise LowbitError(f"a scale of {float(scale.max()):.4g} overflows {scale_dtype}; use scale_dtype='fp32'")
+    return rounded.float()
+
+
+def symmetric_capacity(spec: QuantSpec) -> float:
+    """The level that a block's absmax maps to: the largest positive value above the zero point."""
+    fmt = spec.number_format
+    cap = fmt.max_value - spec.implied_zero
+    if cap <= 0:
+        raise LowbitError(f"{spec.format} has no positive levels; symmetric quantisation needs some")
+    return cap
+
+
+def scale_and_zero(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block scale and zero point that map the range [lo, hi] onto the format's grid."""
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    fmt = spec.number_format
+    if spec.symmetric:
+        scale = torch.maximum(-lo, hi) / symmetric_capacity(spec)
+    else:
+        scale = (hi - lo) / (fmt.qmax - fmt.qmin)
+    # An all-zero block is represented exactly by any scale; 1 keeps the division finite.
+    scale = round_scale_up(torch.where(scale > 0, scale, torch.ones_like(scale)), spec.scale_dtype)
+    if spec.symmetric:
+        zero = torch.full_like(scale, spec.implied_zero)
+    else:
+        zero = torch.clamp(fmt.qmin - torch.round(lo / scale), fmt.qmin, fmt.qmax)
+    return scale, zero
+
+
+def encode_blocks(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    return spec.number_format.encode(blocks / scale[..., None] + zero[..., None])
+
+
+def decode_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    return (spec.number_format.decode(codes) - zero[..., None]) * scale[..., None]
+
+
+def fake_quantize_blocks(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantise and dequantise in one step (no codes kept): what the model sees after quantisation."""
+    levels = spec.number_format.round(blocks / scale[..., None] + zero[..., None])
+    return (levels - zero[..., None]) * scale[..., None]

@@ -1,0 +1,77 @@
+"""quantize() / dequantize() and the QuantizedTensor they exchange."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.core.blocks import block_shape, check_tensor, to_blocks
+from lowbit.core.observers import get_observer
+from lowbit.core.packing import pack_bits, packed_nbytes
+from lowbit.core.qparams import decode_blocks, encode_blocks, scale_and_zero
+from lowbit.core.spec import QuantSpec
+
+
+@dataclass
+class QuantizedTensor:
+    """Codes, scales and zero points of one tensor, with the spec that says how to read them.
+
+    codes: uint8 code per element, shaped like the original tensor (bit patterns of the format)
+    scale: float32 [rows, blocks per row], already rounded to spec.scale_dtype
+    zero:  float32 [rows, blocks per row], integer-valued; implied (not stored) when symmetric
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    spec: QuantSpec
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    def dequantize(self) -> torch.Tensor:
+        blocks = self.codes.reshape(block_shape(self.shape, self.spec))
+        return decode_blocks(blocks, self.scale, self.zero, self.spec).reshape(self.shape).to(self.dtype)
+
+    @property
+    def storage_bits(self) -> int:
+        """Exact bits to store this tensor packed: codes, plus a scale (and zero) per block."""
+        n_blocks = self.scale.numel()
+        code_bytes = packed_nbytes(self.numel, self.spec.bits)
+        return 8 * code_bytes + n_blocks * (self.spec.scale_bits + self.spec.zero_bits)
+
+    @property
+    def bits_per_element(self) -> float:
+        return self.storage_bits / self.numel
+
+    @property
+    def nbytes(self) -> int:
+        return (self.storage_bits + 7) // 8
+
+    def packed_codes(self) -> torch.Tensor:
+        return pack_bits(self.codes, self.spec.bits)
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, observer="minmax") -> QuantizedTensor:
+    """Quantise `x` under `spec`, with the block ranges chosen by `observer` (name or instance)."""
+    check_tensor(x)
+    blocks = to_blocks(x.detach().float(), spec)
+    lo, hi = get_observer(observer)(blocks, spec)
+    scale, zero = scale_and_zero(lo, hi, spec)
+    codes = encode_blocks(blocks, scale, zero, spec).reshape(x.shape)
+    return QuantizedTensor(codes=codes, scale=scale, zero=zero, spec=spec, dtype=x.dtype)
+
+
+def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    return q.dequantize()
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, observer="minmax") -> torch.Tensor:
+    """x rounded through `spec` and back, in x's dtype."""
+    return quantize(x, spec, observer).dequantize()
