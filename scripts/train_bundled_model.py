@@ -127,7 +127,8 @@ def train_tokenizer(documents: list[str], vocab_size: int) -> PreTrainedTokenize
 
 
 def encode_stream(tokenizer, documents: list[str]) -> torch.Tensor:
-    encoded = tokenizer(documents, add_special_tokens=True)["input_ids"]
+    # Documents are longer than the context on purpose; they are cut into windows later.
+    encoded = tokenizer(documents, add_special_tokens=True, verbose=False)["input_ids"]
     return torch.tensor([token for doc in encoded for token in doc], dtype=torch.long)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -79,7 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="worked exercises and tables")
     demo.add_argument("which", nargs="?", default="all", choices=["all", "basics", "formats", "memory"])
     demo.set_defaults(run=_cmd_demo)
+
+    for mod in COMMAND_MODULES:
+        module = _optional_module(mod)
+        if module is not None:
+            module.register(sub)
     return p
+
+
+# Packages that add subcommands: each module has register(subparsers) and sets `run` on its parsers.
+COMMAND_MODULES = ("lowbit.pipeline.cli", "lowbit.eval.cli", "lowbit.io.cli", "lowbit.train.cli")
+
+
+def _optional_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         raise LowbitError(f"packed data holds {data.numel()} bytes, {packed_nbytes(n, bits)} needed for {n} codes")
     if bits == 8:
         return data[:n].to(torch.uint8)
+    if 8 % bits == 0:
+        return _unpack_byte_aligned(packed.reshape(-1).to(torch.uint8), bits, n)
     n_words = (n + CODES_PER_WORD - 1) // CODES_PER_WORD
     need = n_words * bits
     data = torch.nn.functional.pad(data[:need], (0, need - min(need, data.numel())))
@@ -56,3 +58,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(CODES_PER_WORD, dtype=torch.int64) * bits
     codes = (word >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:n].to(torch.uint8)
+
+
+def _unpack_byte_aligned(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Fast path for 1, 2 and 4 bits: codes never straddle a byte, so shift within uint8."""
+    per_byte = 8 // bits
+    nbytes = packed_nbytes(n, bits)
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+    codes = (packed[:nbytes, None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:n]

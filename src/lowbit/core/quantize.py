@@ -1,7 +1,7 @@
 """quantize() / dequantize() and the QuantizedTensor they exchange."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,9 @@ class QuantizedTensor:
     codes: uint8 code per element, shaped like the original tensor (bit patterns of the format)
     scale: float32 [rows, blocks per row], already rounded to spec.scale_dtype
     zero:  float32 [rows, blocks per row], integer-valued; implied (not stored) when symmetric
+    g_idx: optional int32 [columns]: the group of each column when groups are not contiguous
+           (GPTQ with act-order); None means column c belongs to group c // group_size
+    extras: method-specific tensors (codebooks, sparse outliers, ...) that travel with the weight
     """
 
     codes: torch.Tensor
@@ -26,6 +29,8 @@ class QuantizedTensor:
     zero: torch.Tensor
     spec: QuantSpec
     dtype: torch.dtype = torch.float32
+    g_idx: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> torch.Size:
@@ -36,8 +41,16 @@ class QuantizedTensor:
         return self.codes.numel()
 
     def dequantize(self) -> torch.Tensor:
+        if self.g_idx is not None:
+            return self._dequantize_with_g_idx()
         blocks = self.codes.reshape(block_shape(self.shape, self.spec))
         return decode_blocks(blocks, self.scale, self.zero, self.spec).reshape(self.shape).to(self.dtype)
+
+    def _dequantize_with_g_idx(self) -> torch.Tensor:
+        rows = self.shape[0]
+        levels = self.spec.number_format.decode(self.codes.reshape(rows, -1))
+        g = self.g_idx.long()
+        return ((levels - self.zero[:, g]) * self.scale[:, g]).reshape(self.shape).to(self.dtype)
 
     @property
     def storage_bits(self) -> int:

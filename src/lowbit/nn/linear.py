@@ -1,0 +1,90 @@
+"""QuantLinear: a Linear whose weight is held packed (codes + scales + zeros) and dequantised on the fly.
+
+The buffers are the real storage, so the model's measured footprint is what quantisation promises:
+an int4 g128 weight takes 4 bits per code plus one fp16 scale per 128 codes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.core import QuantizedTensor, QuantSpec, block_shape, pack_bits, unpack_bits
+from lowbit.formats import get_format
+
+_SCALE_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def store_scales(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    if scale_dtype == "e8m0":
+        return get_format("e8m0").encode(scale)
+    return scale.to(_SCALE_TORCH_DTYPES[scale_dtype])
+
+
+def load_scales(stored: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    if scale_dtype == "e8m0":
+        return get_format("e8m0").decode(stored)
+    return stored.float()
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
+                 has_g_idx: bool = False, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.compute_dtype = compute_dtype
+        rows, groups, _ = block_shape(torch.Size([out_features, in_features]), spec)
+        n = in_features * out_features
+        self.register_buffer("qweight", torch.zeros((n * spec.bits + 7) // 8, dtype=torch.uint8))
+        scale_dtype = torch.uint8 if spec.scale_dtype == "e8m0" else _SCALE_TORCH_DTYPES[spec.scale_dtype]
+        self.register_buffer("scales", torch.zeros(rows, groups, dtype=scale_dtype))
+        if spec.symmetric:
+            self.zeros = None
+        else:
+            self.register_buffer("zeros", torch.zeros((rows * groups * spec.bits + 7) // 8, dtype=torch.uint8))
+        self.g_idx = None
+        if has_g_idx:
+            self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedTensor, bias: torch.Tensor | None = None) -> "QuantLinear":
+        out_features, in_features = q.shape
+        m = cls(in_features, out_features, q.spec, bias is not None, q.g_idx is not None, q.dtype)
+        m.qweight.copy_(pack_bits(q.codes, q.spec.bits))
+        m.scales.copy_(store_scales(q.scale, q.spec.scale_dtype))
+        if m.zeros is not None:
+            m.zeros.copy_(pack_bits(q.zero.to(torch.int64) - q.spec.number_format.qmin, q.spec.bits))
+        if q.g_idx is not None:
+            m.g_idx.copy_(q.g_idx.to(torch.int32))
+        if bias is not None:
+            m.bias.data = bias.detach().clone()
+        return m
+
+    def quantized(self) -> QuantizedTensor:
+        """The QuantizedTensor this module holds (what exporters read)."""
+        shape = torch.Size([self.out_features, self.in_features])
+        codes = unpack_bits(self.qweight, self.spec.bits, shape.numel()).reshape(shape)
+        scale = load_scales(self.scales, self.spec.scale_dtype)
+        if self.zeros is None:
+            zero = torch.full_like(scale, self.spec.implied_zero)
+        else:
+            zero = unpack_bits(self.zeros, self.spec.bits, scale.numel()).reshape(scale.shape).float()
+            zero = zero + self.spec.number_format.qmin
+        return QuantizedTensor(codes, scale, zero, self.spec, self.compute_dtype, self.g_idx)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.quantized().dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._buffers.values() if t is not None) + (
+            0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        g = f", group_size={s.group_size}" if s.group_size else ""
+        return f"in={self.in_features}, out={self.out_features}, format={s.format}{g}, symmetric={s.symmetric}"
