@@ -96,7 +96,7 @@ def _optional_module(name: str):
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
-        if e.name != name:
+        if not name.startswith(e.name or "\0"):  # only the module (or its package) itself may be absent
             raise
         return None
 

@@ -33,7 +33,7 @@ def load_format_modules() -> None:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
-            if e.name != mod:  # a missing dependency inside an existing module is a real error
+            if not mod.startswith(e.name or "\0"):  # a missing dependency inside the module is a real error
                 raise
 
 
