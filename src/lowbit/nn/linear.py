@@ -80,6 +80,15 @@ class QuantLinear(nn.Module):
         w = self.dequantized_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
+    def layer_config(self) -> dict:
+        """What the native format records to rebuild this module empty before loading its tensors."""
+        return {"module": "QuantLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "spec": self.spec.to_dict(), "bias": self.bias is not None, "g_idx": self.g_idx is not None}
+
+    @classmethod
+    def from_layer_config(cls, d: dict) -> "QuantLinear":
+        return cls(d["in_features"], d["out_features"], QuantSpec.from_dict(d["spec"]), d["bias"], d["g_idx"])
+
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._buffers.values() if t is not None) + (
             0 if self.bias is None else self.bias.numel() * self.bias.element_size())

@@ -1,0 +1,58 @@
+"""The Python API, mirroring the CLI:
+
+    model, tok = lowbit.load_model("path/to/hf-model")          # None: the bundled model
+    lowbit.quantize(model, RTN(bits=4, group_size=128), calibration=None, tokenizer=tok)
+    lowbit.save(model, "out/model-int4", tokenizer=tok);  model, tok = lowbit.load("out/model-int4")
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.io.native import is_native
+from lowbit.io.native import load as load_native
+from lowbit.io.native import save
+from lowbit.pipeline.calibration import calibration_batch
+from lowbit.pipeline.loading import load_model as load_hf_model
+from lowbit.pipeline.runner import quantize_model
+
+DEFAULT_SAMPLES = 128
+DEFAULT_SEQ_LEN = 256
+
+
+def load_model(path=None, trust_remote_code: bool = False):
+    """(model, tokenizer) from a HF model folder, a lowbit-quantised folder, or None (the bundled model)."""
+    if path is not None and Path(path).is_dir() and is_native(path):
+        return load_native(path)
+    return load_hf_model(path, torch.float32, trust_remote_code)
+
+
+load = load_model
+
+
+def default_seq_len(model) -> int:
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None) or DEFAULT_SEQ_LEN
+    return min(ctx, DEFAULT_SEQ_LEN)
+
+
+def quantize(model, config, calibration=None, tokenizer=None, n_samples: int = DEFAULT_SAMPLES,
+             seq_len: int | None = None, seed: int = 0, batch_size: int = 8, progress: bool = True):
+    """Quantise `model` in place with a method config, a Recipe or a short name ("rtn-int4-g128").
+
+    calibration: token ids [n, L], or texts / a path / None (the bundled calibration text), which are
+    tokenised with `tokenizer` and cut into n_samples seeded windows of seq_len tokens.
+    """
+    if isinstance(calibration, torch.Tensor):
+        ids = calibration
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise LowbitError(f"calibration ids must be an integer tensor [n_samples, seq_len], got {tuple(ids.shape)}")
+    elif tokenizer is None and calibration is None:
+        ids = None  # no tokenizer: calibration-free methods still work, the report says no tokens were seen
+    else:
+        ids = calibration_batch(tokenizer, calibration, n_samples, seq_len or default_seq_len(model), seed)
+    return quantize_model(model, config, ids, batch_size=batch_size, progress=progress)
+
+
+__all__ = ["load_model", "load", "quantize", "save"]

@@ -1,0 +1,131 @@
+"""The native format: a model folder that transformers' config and tokenizer files describe, plus
+
+    model.safetensors     every tensor: quantised modules' packed buffers and the full-precision rest
+    lowbit_config.json    the recipe and, per quantised module, what rebuilds it empty (its layer_config)
+    quant_report.json     the per-layer report
+
+Nothing is pickled. A save goes to a temporary folder that is renamed into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+FORMAT_NAME = "lowbit"
+FORMAT_VERSION = 1
+CONFIG_FILE = "lowbit_config.json"
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if hasattr(m, "layer_config")}
+
+
+def atomic_folder(out: Path):
+    """A temporary sibling folder; call commit(tmp) to rename it to `out`."""
+    out = Path(out)
+    if out.exists():
+        raise LowbitError(f"output folder already exists: {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+
+
+def save(model: nn.Module, out, tokenizer=None) -> Path:
+    from lowbit.pipeline.report import report_to_json
+
+    out = Path(out)
+    tmp = atomic_folder(out)
+    try:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        recipe = getattr(model, "lowbit_recipe", None)
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_class": type(model).__name__,
+                "recipe": recipe.to_dict() if recipe is not None else None,
+                "modules": {n: m.layer_config() for n, m in quantized_modules(model).items()}}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+        if getattr(model, "lowbit_report", None) is not None:
+            (tmp / "quant_report.json").write_text(report_to_json(model.lowbit_report))
+        save_model(model, str(tmp / "model.safetensors"))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def is_native(path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LowbitError(f"{path / CONFIG_FILE} is not valid JSON: {e}")
+    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+        raise LowbitError(f"{path} is not a lowbit v{FORMAT_VERSION} model folder")
+    return meta
+
+
+def _empty_model(path: Path, meta: dict):
+    import transformers
+
+    from lowbit.pipeline.loading import read_config
+
+    config = read_config(path)
+    cls = getattr(transformers, meta.get("model_class", ""), None)
+    if cls is None:
+        raise LowbitError(f"unknown model class {meta.get('model_class')!r} in {path / CONFIG_FILE}")
+    # Built on the CPU, not the meta device: non-persistent buffers (rotary inv_freq) are computed in
+    # __init__ and are not in the checkpoint.
+    return cls(config)
+
+
+def load(path):
+    """(model, tokenizer or None) from a native lowbit folder."""
+    from lowbit.nn import MODULES
+    from lowbit.pipeline.loading import conv1d_to_linear, load_tokenizer, set_module
+    from lowbit.pipeline.recipe import Recipe
+
+    path = Path(path)
+    if not is_native(path):
+        raise LowbitError(f"not a lowbit model folder: {path} (no {CONFIG_FILE})")
+    meta = _read_meta(path)
+    model = _empty_model(path, meta)
+    conv1d_to_linear(model)
+    for name, cfg in meta["modules"].items():
+        if cfg.get("module") not in MODULES:
+            raise LowbitError(f"unknown module type {cfg.get('module')!r} for {name} in {path / CONFIG_FILE}")
+        set_module(model, name, MODULES[cfg["module"]].from_layer_config(cfg))
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise LowbitError(f"{weights} is missing")
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except Exception as e:  # safetensors raises its own types for truncated or corrupt files
+        raise LowbitError(f"cannot read {weights}: {str(e).splitlines()[0]}") from e
+    _check_keys(model, missing, unexpected, weights)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if meta.get("recipe"):
+        model.lowbit_recipe = Recipe.from_dict(meta["recipe"])
+    model.eval()
+    return model, load_tokenizer(path)
+
+
+def _check_keys(model: nn.Module, missing, unexpected, weights: Path) -> None:
+    # Tied weights (embeddings shared with the head) are stored once and may be reported missing.
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        tied = set(model._tied_weights_keys)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise LowbitError(f"{weights} does not match the model: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")

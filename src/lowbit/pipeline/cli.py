@@ -1,0 +1,60 @@
+"""`lowbit quantize`: load a model folder, quantise it block by block, save the native format."""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+
+def method_from_args(args):
+    """A config from --method (a name like "rtn" plus flags, or a full short name like "rtn-int4-g128")."""
+    from lowbit.methods import METHODS, parse_method
+
+    name = args.method.lower()
+    if name not in METHODS:
+        return parse_method(name)
+    cls = METHODS[name]
+    given = {"bits": args.bits, "group_size": args.group_size, "observer": args.observer,
+             "symmetric": False if args.asym else None}
+    names = {f.name for f in fields(cls)}
+    kwargs = {k: v for k, v in given.items() if v is not None and k in names}
+    if args.group_size == 0 and "group_size" in names:
+        kwargs["group_size"] = None  # --group-size 0: per channel
+    return cls(**kwargs)
+
+
+def _cmd_quantize(args) -> str:
+    from lowbit import api
+    from lowbit.pipeline.recipe import DEFAULT_SKIP, Recipe
+    from lowbit.pipeline.report import summarize
+
+    out = Path(args.output)
+    if out.exists():
+        raise LowbitError(f"output folder already exists: {out}")
+    config = method_from_args(args)
+    model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
+    recipe = Recipe(config, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
+    api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer, n_samples=args.samples,
+                 seq_len=args.seq_len, seed=args.seed, progress=not args.quiet)
+    api.save(model, out, tokenizer=tokenizer)
+    return f"{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to {out}"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("quantize", help="quantise a model folder (default: the bundled model)")
+    p.add_argument("model", nargs="?", default=None, help="Hugging Face model folder; omitted: the bundled model")
+    p.add_argument("--method", default="rtn", help="rtn, gptq, ... or a short name such as rtn-int4-g128")
+    p.add_argument("--bits", type=int)
+    p.add_argument("--group-size", type=int, help="elements per scale group; 0 = per output channel")
+    p.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
+    p.add_argument("--observer", choices=["minmax", "mse", "percentile"], help="how ranges are chosen (RTN)")
+    p.add_argument("--skip", nargs="*", help="extra Linear name patterns to keep in full precision")
+    p.add_argument("--calibration", help=".txt, .jsonl, .parquet or saved dataset folder (default: bundled text)")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, help="tokens per window (default min(context, 256))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
+    p.set_defaults(run=_cmd_quantize)

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny tokenizer and tiny random-initialised models of several architectures."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.data import bundled_text
+
+TINY_VOCAB = 512
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([bundled_text("calibration")[:60000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def tiny_config(arch: str):
+    import transformers as t
+
+    common = dict(vocab_size=TINY_VOCAB)
+    if arch in ("llama", "mistral", "qwen2"):
+        cls = {"llama": t.LlamaConfig, "mistral": t.MistralConfig, "qwen2": t.Qwen2Config}[arch]
+        return cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=128, **common)
+    if arch == "gpt2":
+        return t.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
+    if arch == "opt":
+        return t.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=128, word_embed_proj_dim=64, **common)
+    if arch == "bert":
+        return t.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=128, **common)
+    raise ValueError(arch)
+
+
+def build_tiny_model(arch: str, seed: int = 0):
+    import transformers as t
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    model = t.BertModel(config) if arch == "bert" else t.AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    """Factory: tiny_model_dir("llama") -> folder with config, safetensors weights and tokenizer."""
+
+    def make(arch: str = "llama"):
+        path = tmp_path / f"tiny-{arch}"
+        build_tiny_model(arch).save_pretrained(path)
+        tiny_tokenizer.save_pretrained(path)
+        return path
+
+    return make

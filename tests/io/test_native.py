@@ -1,0 +1,57 @@
+"""Native save/load: bit-identical reload, no pickles, atomic writes."""
+import json
+
+import pytest
+import torch
+
+from lowbit import api
+from lowbit.errors import LowbitError
+from lowbit.io.native import load, save
+from lowbit.methods import RTN
+from lowbit.nn import QuantLinear
+from tests.conftest import build_tiny_model
+
+
+@pytest.mark.parametrize("arch,config", [("llama", RTN(bits=4, group_size=32)),
+                                          ("gpt2", RTN(bits=3, group_size=32, symmetric=False)),
+                                          ("opt", RTN(bits=8, group_size=None))])
+def test_reload_gives_bit_identical_outputs(tmp_path, tiny_tokenizer, arch, config):
+    model = build_tiny_model(arch)
+    api.quantize(model, config, tokenizer=tiny_tokenizer, n_samples=2, seq_len=32, progress=False)
+    out = save(model, tmp_path / "q", tokenizer=tiny_tokenizer)
+    loaded, tok = load(out)
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    assert tok is not None and tok("def f").input_ids == tiny_tokenizer("def f").input_ids
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "lowbit_config.json", "config.json", "quant_report.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    meta = json.loads((out / "lowbit_config.json").read_text())
+    assert meta["recipe"]["default"]["bits"] == config.bits
+    n_q = sum(isinstance(m, QuantLinear) for m in loaded.modules())
+    assert n_q == len(meta["modules"]) > 0
+
+
+def test_existing_output_is_refused_and_nothing_half_written(tmp_path, tiny_tokenizer):
+    model = build_tiny_model("llama")
+    api.quantize(model, RTN(bits=8, group_size=None), progress=False)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(LowbitError, match="already exists"):
+        save(model, tmp_path / "taken")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_truncated_weights_are_a_clear_error(tmp_path):
+    model = build_tiny_model("llama")
+    api.quantize(model, RTN(bits=8, group_size=None), progress=False)
+    out = save(model, tmp_path / "q")
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LowbitError, match="cannot read"):
+        load(out)
+
+
+def test_not_a_lowbit_folder(tmp_path):
+    with pytest.raises(LowbitError, match="not a lowbit model folder"):
+        load(tmp_path)

@@ -1,0 +1,54 @@
+"""`lowbit quantize` end to end, and its one-line errors for user mistakes."""
+import json
+
+import pytest
+
+from lowbit.cli import main
+
+
+def run(capsys, *args):
+    capsys.readouterr()  # drop what building the fixture printed
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_quantize_saves_a_loadable_model(tmp_path, tiny_model_dir, capsys):
+    src = tiny_model_dir("llama")
+    rc, out, err = run(capsys, "quantize", src, "--method", "rtn-int4-g32", "--samples", "4", "--seq-len", "32",
+                       "--quiet", "-o", tmp_path / "q")
+    assert rc == 0, err
+    assert "saved rtn-int4-g32" in out and "moved most" in out
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    assert len(report) == 14 and all(r["n_tokens"] == 128 for r in report)
+
+
+@pytest.mark.parametrize("case", ["not_a_model", "missing", "unsupported", "bad_group", "short_calibration", "exists"])
+def test_bad_input_one_line_nonzero_no_output(tmp_path, tiny_model_dir, capsys, case):
+    src = tiny_model_dir("llama")
+    out_dir = tmp_path / "out"
+    args = [src, "--method", "rtn-int4-g32", "--samples", "2", "--seq-len", "32", "--quiet", "-o", out_dir]
+    expect = {"not_a_model": "not a model folder", "missing": "model folder not found",
+              "unsupported": "unsupported architecture", "bad_group": "does not divide",
+              "short_calibration": "fewer than one sample", "exists": "already exists"}[case]
+    if case == "not_a_model":
+        (tmp_path / "empty").mkdir()
+        args[0] = tmp_path / "empty"
+    elif case == "missing":
+        args[0] = tmp_path / "nope"
+    elif case == "unsupported":
+        bogus = tmp_path / "bogus"
+        bogus.mkdir()
+        (bogus / "config.json").write_text(json.dumps({"model_type": "not-a-real-arch"}))
+        args[0] = bogus
+    elif case == "bad_group":
+        args[2] = "rtn-int4-g48"
+    elif case == "short_calibration":
+        (tmp_path / "short.txt").write_text("too short")
+        args += ["--calibration", tmp_path / "short.txt"]
+    elif case == "exists":
+        out_dir.mkdir()
+    rc, out, err = run(capsys, "quantize", *args)
+    assert rc == 2 and expect in err and err.count("\n") == 1, err
+    assert out_dir.exists() == (case == "exists")
+    assert not list(tmp_path.glob(".out.*"))  # no temporary folder left behind
