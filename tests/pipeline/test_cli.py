@@ -52,3 +52,21 @@ def test_bad_input_one_line_nonzero_no_output(tmp_path, tiny_model_dir, capsys, 
     assert rc == 2 and expect in err and err.count("\n") == 1, err
     assert out_dir.exists() == (case == "exists")
     assert not list(tmp_path.glob(".out.*"))  # no temporary folder left behind
+
+
+def test_encoder_model_quantised_weight_only_and_reloaded(tmp_path, tiny_model_dir, capsys):
+    import torch
+
+    from lowbit import api
+
+    src = tiny_model_dir("bert")
+    rc, out, err = run(capsys, "quantize", src, "--method", "rtn", "--bits", "8", "--group-size", "0",
+                       "--samples", "2", "--seq-len", "32", "--quiet", "-o", tmp_path / "q")
+    assert rc == 0, err
+    original, _ = api.load_model(src)
+    loaded, _ = api.load_model(tmp_path / "q")
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = original(input_ids=ids).last_hidden_state, loaded(input_ids=ids).last_hidden_state
+    assert type(loaded).__name__ == "BertModel"
+    assert float((a - b).norm() / a.norm()) < 0.02  # int8 per-channel weights only
