@@ -11,6 +11,7 @@ from torch import nn
 
 from lowbit.core import QuantizedTensor, QuantSpec, block_shape, pack_bits, unpack_bits
 from lowbit.formats import get_format
+from lowbit.kernels.dequant import dequantize_int_packed
 
 _SCALE_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,9 +43,8 @@ class QuantLinear(nn.Module):
             self.zeros = None
         else:
             self.register_buffer("zeros", torch.zeros((rows * groups * spec.bits + 7) // 8, dtype=torch.uint8))
-        self.g_idx = None
-        if has_g_idx:
-            self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        # None (no buffer) unless groups are not contiguous; assigning None first would block the buffer.
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32) if has_g_idx else None)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     @classmethod
@@ -66,15 +66,20 @@ class QuantLinear(nn.Module):
         shape = torch.Size([self.out_features, self.in_features])
         codes = unpack_bits(self.qweight, self.spec.bits, shape.numel()).reshape(shape)
         scale = load_scales(self.scales, self.spec.scale_dtype)
-        if self.zeros is None:
-            zero = torch.full_like(scale, self.spec.implied_zero)
-        else:
-            zero = unpack_bits(self.zeros, self.spec.bits, scale.numel()).reshape(scale.shape).float()
-            zero = zero + self.spec.number_format.qmin
-        return QuantizedTensor(codes, scale, zero, self.spec, self.compute_dtype, self.g_idx)
+        return QuantizedTensor(codes, scale, self._zero_levels(scale), self.spec, self.compute_dtype, self.g_idx)
 
     def dequantized_weight(self) -> torch.Tensor:
+        if self.spec.number_format.is_integer and self.g_idx is None:
+            shape = torch.Size([self.out_features, self.in_features])
+            scale = load_scales(self.scales, self.spec.scale_dtype)
+            return dequantize_int_packed(self.qweight, self.spec, shape, scale, self._zero_levels(scale))
         return self.quantized().dequantize()
+
+    def _zero_levels(self, scale: torch.Tensor) -> torch.Tensor:
+        if self.zeros is None:
+            return torch.full_like(scale, self.spec.implied_zero)
+        zero = unpack_bits(self.zeros, self.spec.bits, scale.numel()).reshape(scale.shape).float()
+        return zero + self.spec.number_format.qmin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight().to(x.dtype)

@@ -1,0 +1,1 @@
+"""Matmul paths chosen by device: torch's integer kernels where they run, exact references elsewhere."""
