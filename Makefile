@@ -23,7 +23,14 @@ demo: venv
 test: venv
 	$(PY) -m pytest
 
-test-interop: venv
+# Peer libraries for the interop tests. llama-cpp-python compiles llama.cpp from source (about ten
+# minutes on two idle cores; pip caches the wheel afterwards). torch is named again, pinned, so that
+# the resolver keeps the CPU wheel.
+$(VENV)/.interop-installed: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[test,interop]' $(TORCH_PIN)
+	touch $@
+
+test-interop: $(VENV)/.interop-installed
 	$(PY) -m pytest -m interop
 
 clean:

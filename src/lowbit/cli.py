@@ -41,6 +41,10 @@ def _cmd_demo(args) -> str:
     from lowbit import demos
 
     parts = {"basics": demos.render_basics, "formats": demos.render_formats, "memory": demos.render_memory}
+    if args.which == "outliers":  # quantises the bundled model ten times: minutes, so not part of "all"
+        from lowbit.pipeline.outliers import render_demo
+
+        return render_demo()
     chosen = [args.which] if args.which != "all" else list(parts)
     return "\n\n".join(parts[name]() for name in chosen)
 
@@ -78,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     kv.set_defaults(run=_cmd_calc_kv)
 
     demo = sub.add_parser("demo", help="worked exercises and tables")
-    demo.add_argument("which", nargs="?", default="all", choices=["all", "basics", "formats", "memory"])
+    demo.add_argument("which", nargs="?", default="all", choices=["all", "basics", "formats", "memory", "outliers"])
     demo.set_defaults(run=_cmd_demo)
 
     for mod in COMMAND_MODULES:

@@ -24,7 +24,8 @@ class CodebookFormat(NumberFormat):
 
     A value exactly between two neighbouring levels goes to the lower one (bitsandbytes' rule:
     it bucketises against the midpoints of the sorted code book). Where two codes share a value
-    (bnb FP4's +0 and -0), the first code in table order wins.
+    (bnb FP4's +0 and -0) each keeps its own bucket, as in bitsandbytes' sort of all 16 codes: the
+    shared value and just below it take the first code in table order, just above it the second.
     """
 
     def __init__(self, name: str, levels: tuple[float, ...], bits: int):
@@ -32,12 +33,9 @@ class CodebookFormat(NumberFormat):
         self.name = name
         self.bits = bits
         self.levels = torch.tensor(levels, dtype=torch.float32)
-        first_code_of_value = {}
-        for code, v in enumerate(levels):
-            first_code_of_value.setdefault(float(v) + 0.0, code)
-        ordered = sorted(first_code_of_value)
-        self._sorted = torch.tensor(ordered, dtype=torch.float32)
-        self._sorted_codes = torch.tensor([first_code_of_value[v] for v in ordered], dtype=torch.int64)
+        # a stable sort keeps equal values in code order; their midpoint is the shared value itself
+        self._sorted, order = torch.sort(self.levels + 0.0, stable=True)
+        self._sorted_codes = order.to(torch.int64)
         self._midpoints = (self._sorted[1:] + self._sorted[:-1]) / 2
 
     def _build_table(self) -> torch.Tensor:

@@ -64,10 +64,13 @@ def parse_method(short: str) -> MethodConfig:
     short = short.strip().lower()
     if short in METHODS:
         return METHODS[short].from_short_name([])
-    head, *rest = short.split("-")
-    if head not in METHODS:
-        raise LowbitError(f"unknown method {short!r}; known methods: {', '.join(sorted(METHODS))}")
-    return METHODS[head].from_short_name(rest)
+    words = short.split("-")
+    # the longest leading words that name a method, so dashed names ("llm-int8-t4") take options too
+    for k in range(len(words) - 1, 0, -1):
+        head = "-".join(words[:k])
+        if head in METHODS:
+            return METHODS[head].from_short_name(words[k:])
+    raise LowbitError(f"unknown method {short!r}; known methods: {', '.join(sorted(METHODS))}")
 
 
 def parse_int_scheme(words: list[str]) -> dict:

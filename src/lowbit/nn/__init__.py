@@ -16,3 +16,5 @@ def register_module(cls):
 __all__ = ["QuantLinear", "MODULES", "register_module"]
 
 from lowbit.nn import linear4bit  # noqa: E402,F401  (registers Linear4bit; needs register_module above)
+from lowbit.nn import w8a8  # noqa: E402,F401  (registers W8A8Linear and Int8MixedLinear)
+from lowbit.nn import ggml_linear  # noqa: E402,F401  (registers GGMLLinear)

@@ -1,0 +1,106 @@
+"""compare(): quantise one base model with several methods and evaluate each against the same reference.
+
+Every row is scored on the same windows of held-out text, against log-probs of the unquantised model
+computed once, so perplexity, delta-PPL and KL are comparable across rows.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from lowbit.errors import LowbitError
+from lowbit.eval.evaluate import DEFAULT_MAX_EVAL_TOKENS, eval_windows, evaluate
+from lowbit.eval.fidelity import DEFAULT_MAX_FIDELITY_TOKENS, build_reference
+
+# Unquantised rows: the base model itself, its memory counted at this many bytes per weight.
+BASELINES = {"fp16": 2, "fp32": 4}
+DEFAULT_METHODS = ("fp16", "rtn-int8", "rtn-int4-g128")
+
+
+@dataclass(frozen=True)
+class Planned:
+    name: str             # as the row shows it
+    config: object        # a MethodConfig, or None for an unquantised baseline
+
+    @property
+    def float_bytes(self) -> int:
+        return BASELINES.get(self.name, 2)
+
+
+def parse_methods(methods) -> list[Planned]:
+    """'fp16,rtn-int8' or a list of names -> one entry per method; an unknown name is a LowbitError."""
+    from lowbit.methods import parse_method
+
+    names = methods.split(",") if isinstance(methods, str) else list(methods)
+    names = [n.strip().lower() for n in names if n.strip()]
+    if not names:
+        raise LowbitError("no methods to compare; pass e.g. --methods fp16,rtn-int8,rtn-int4-g128")
+    if len(set(names)) != len(names):
+        raise LowbitError(f"method listed twice in {','.join(names)}")
+    return [Planned(n, None if n in BASELINES else parse_method(n)) for n in names]
+
+
+def needs_calibration(config) -> bool:
+    """Whether a method reads calibration activations (its declared stats, or a per-block hook)."""
+    return bool(config.required_stats) or config.sequential or callable(getattr(config, "prepare_block", None))
+
+
+def stderr_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def compare(methods, model_path=None, calibration=None, *, text: str | None = None, context: int | None = None,
+            max_eval_tokens: int | None = DEFAULT_MAX_EVAL_TOKENS,
+            max_fidelity_tokens: int = DEFAULT_MAX_FIDELITY_TOKENS, n_samples: int | None = None,
+            seq_len: int | None = None, seed: int = 0, speed: bool = True,
+            progress: Callable[[str], None] | None = stderr_progress) -> list[dict]:
+    """One row per method (see evaluate() for the fields, plus method, quantize_s and config).
+
+    methods: names such as "fp16", "rtn-int8", "rtn-int4-g128" (a comma-separated string or a list).
+    model_path: a HF model folder, or None for the bundled model. text: held-out text (default: the
+    bundled eval text). calibration, n_samples, seq_len, seed: passed to lowbit.api.quantize.
+    """
+    from lowbit import api
+
+    plan = parse_methods(methods)  # before any loading: a typo fails in a second, not after minutes
+    say = progress or (lambda message: None)
+    base, tokenizer = api.load_model(model_path)
+    if tokenizer is None:
+        raise LowbitError(f"the model folder {model_path or 'of the bundled model'} has no tokenizer; "
+                          "evaluation on text needs one")
+    windows = eval_windows(base, tokenizer, text, context=context, max_eval_tokens=max_eval_tokens)
+    say(f"reference: scoring the unquantised model on {windows.n_tokens} tokens")
+    reference = build_reference(base, windows, max_fidelity_tokens=max_fidelity_tokens)
+    options = {"calibration": calibration, "seed": seed,
+               **{k: v for k, v in (("n_samples", n_samples), ("seq_len", seq_len)) if v is not None}}
+    rows = []
+    for i, item in enumerate(plan, 1):
+        say(f"[{i}/{len(plan)}] {item.name}")
+        model, quantize_s = base, 0.0
+        if item.config is not None:
+            model, quantize_s = quantised_copy(base, item.config, tokenizer, options)
+        row = {"method": item.name, **evaluate(model, reference=reference, speed=speed, float_bytes=item.float_bytes),
+               "quantize_s": quantize_s, "config": item.config.to_dict() if item.config else {"method": item.name}}
+        del model
+        gc.collect()
+        say(f"[{i}/{len(plan)}] {item.name}: perplexity {row['perplexity']:.4g}, KL {row['kl']:.4g}, "
+            f"{row['bits_per_weight']:.3g} bits/weight")
+        rows.append(row)
+    return rows
+
+
+def quantised_copy(base, config, tokenizer, options: dict):
+    """(a quantised copy of `base`, seconds spent quantising); `base` stays the unquantised reference."""
+    from lowbit import api
+
+    model = copy.deepcopy(base)
+    if not needs_calibration(config):
+        # lowbit.api quantises without a calibration pass when given neither data nor a tokenizer
+        options, tokenizer = {**options, "calibration": None}, None
+    start = time.perf_counter()
+    api.quantize(model, config, tokenizer=tokenizer, progress=False, **options)
+    return model, time.perf_counter() - start

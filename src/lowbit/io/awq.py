@@ -1,0 +1,243 @@
+"""The AWQ GEMM checkpoint layout (AutoAWQ; what transformers, vLLM and TGI load as quant_method "awq").
+
+Per quantised Linear with K inputs, N outputs and G = K / group_size groups (shared/formats.md §5):
+
+    qweight  int32 [K, N/8]   4-bit codes of W^T, packed along the output dim
+    qzeros   int32 [G, N/8]   4-bit zero points, packed the same way, stored as-is (no -1 offset)
+    scales   fp16  [G, N]
+    bias     fp16  [N]
+
+Within a word, nibble i (bits 4i..4i+3) holds output column 8*word + AWQ_ORDER[i], the interleave
+AutoAWQ's GEMM kernel expects. Dequantisation: (q - zero) * scale.
+
+The exporter reads QuantLinear modules holding 4-bit integer weights in contiguous groups (the AWQ
+method's output; any RTN/GPTQ int4 group weight without act-order fits too) and never re-quantises:
+a signed int4 grid is shifted by 8 into the unsigned one, zero points with it. Everything else is
+written at fp16. The importer rebuilds QuantLinear modules (uint4, asymmetric, fp16 scales) from the
+same tensors, so export -> import gives back the identical quantised values.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lowbit.core import QuantizedTensor, QuantSpec
+from lowbit.errors import LowbitError
+from lowbit.io import register_exporter, register_importer
+from lowbit.io.native import atomic_folder
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+PACK = 8                      # 4-bit values per int32 word
+WEIGHTS_FILE = "model.safetensors"
+IMPORT_SPEC_FORMAT = "uint4"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packing
+
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """[R, C] integers in 0..15 -> int32 [R, C/8], interleaved in AWQ_ORDER along the last dim."""
+    if values.shape[-1] % PACK:
+        raise LowbitError(f"AWQ packs 8 columns per int32; {values.shape[-1]} columns is not a multiple of 8")
+    v = values.to(torch.int64)
+    if bool(((v < 0) | (v > 15)).any()):
+        raise LowbitError("AWQ packing takes 4-bit values (0..15)")
+    v = v.reshape(*v.shape[:-1], -1, PACK)
+    words = torch.zeros(v.shape[:-1], dtype=torch.int64)
+    for nibble, column in enumerate(AWQ_ORDER):
+        words |= v[..., column] << (4 * nibble)
+    # the top nibble reaches the sign bit of an int32: keep the bit pattern
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def unpack_awq(words: torch.Tensor) -> torch.Tensor:
+    """int32 [R, W] -> int64 [R, 8W] of 4-bit values in logical column order."""
+    w = words.to(torch.int64)
+    out = torch.empty(*w.shape, PACK, dtype=torch.int64)
+    for nibble, column in enumerate(AWQ_ORDER):
+        out[..., column] = (w >> (4 * nibble)) & 0xF
+    return out.reshape(*w.shape[:-1], -1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# QuantizedTensor <-> AWQ tensors
+
+def _check_exportable(name: str, q: QuantizedTensor) -> None:
+    spec = q.spec
+    if not spec.number_format.is_integer or spec.bits != 4:
+        raise LowbitError(f"{name}: AWQ GEMM holds 4-bit integer weights only, this one is {spec.format}")
+    if spec.granularity != "group":
+        raise LowbitError(f"{name}: AWQ needs group-wise scales, this weight is per-{spec.granularity}")
+    if q.g_idx is not None:
+        raise LowbitError(f"{name}: AWQ has no group index; act-order weights cannot be written in it")
+    if q.shape[0] % PACK:
+        raise LowbitError(f"{name}: AWQ packs 8 output channels per int32; {q.shape[0]} outputs is not a multiple")
+
+
+def awq_tensors(name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """qweight, qzeros and scales of one quantised weight [N, K]."""
+    _check_exportable(name, q)
+    shift = -q.spec.number_format.qmin            # 8 for a signed int4 grid, 0 for uint4
+    levels = q.spec.number_format.decode(q.codes).to(torch.int64) + shift
+    zeros = q.zero.round().to(torch.int64) + shift
+    if bool(((zeros < 0) | (zeros > 15)).any()):
+        raise LowbitError(f"{name}: zero points outside 0..15 cannot be stored in AWQ's 4-bit qzeros")
+    return {"qweight": pack_awq(levels.T.contiguous()), "qzeros": pack_awq(zeros.T.contiguous()),
+            "scales": q.scale.T.contiguous().to(torch.float16)}
+
+
+def quantized_from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                       group_size: int) -> QuantizedTensor:
+    """The QuantizedTensor (uint4, asymmetric, fp16 scales, groups along the input) of AWQ tensors."""
+    levels = unpack_awq(qweight).T.contiguous()     # [N, K]
+    n_out, n_in = levels.shape
+    if n_in % group_size or scales.shape != (n_in // group_size, n_out):
+        raise LowbitError(f"AWQ tensors disagree: qweight is {n_in}x{n_out}, scales {tuple(scales.shape)}, "
+                          f"group size {group_size}")
+    spec = QuantSpec(IMPORT_SPEC_FORMAT, "group", group_size, False, "fp16")
+    zero = unpack_awq(qzeros).T.float().contiguous()
+    return QuantizedTensor(levels.to(torch.uint8), scales.T.float().contiguous(), zero, spec)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export
+
+def _awq_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from lowbit.nn import QuantLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _other_tensors(model: nn.Module, skip_prefixes: set[str]) -> dict[str, torch.Tensor]:
+    """Every state-dict tensor outside the quantised modules, at fp16 when floating; tied tensors once."""
+    out, seen = {}, set()
+    for key, t in model.state_dict().items():
+        if key.rpartition(".")[0] in skip_prefixes:
+            continue
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ptr in seen:
+            continue  # a tied weight (lm_head sharing the embedding): transformers re-ties it on load
+        seen.add(ptr)
+        out[key] = (t.to(torch.float16) if t.is_floating_point() else t).contiguous().clone()
+    return out
+
+
+def _quantization_config(group_size: int, not_converted: list[str]) -> dict:
+    return {"quant_method": "awq", "zero_point": True, "group_size": group_size, "bits": 4, "version": "gemm",
+            "modules_to_not_convert": not_converted or None}
+
+
+def export_awq(model: nn.Module, out, tokenizer=None) -> Path:
+    """Write `model`'s 4-bit group-quantised Linears in the AWQ GEMM layout, with config.json and tokenizer."""
+    modules = _awq_modules(model)
+    if not modules:
+        raise LowbitError("no quantised Linears to export: quantise with AWQ (or RTN int4 g128) first")
+    tensors, group_sizes = {}, set()
+    for name, m in modules.items():
+        q = m.quantized()
+        for key, t in awq_tensors(name, q).items():
+            tensors[f"{name}.{key}"] = t
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().to(torch.float16).contiguous().clone()
+        group_sizes.add(q.spec.group_size)
+    if len(group_sizes) != 1:
+        raise LowbitError(f"AWQ stores one group size per model; these Linears use {sorted(group_sizes)}")
+    tensors.update(_other_tensors(model, set(modules)))
+    not_converted = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
+    config = model.config.to_dict()
+    config["quantization_config"] = _quantization_config(group_sizes.pop(), not_converted)
+    config["torch_dtype"] = "float16"
+    out = Path(out)
+    tmp = atomic_folder(out)
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Import
+
+def _read_awq_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise LowbitError(f"not a model folder: {path} (no config.json)")
+    try:
+        qc = json.loads(cfg_file.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError as e:
+        raise LowbitError(f"{cfg_file} is not valid JSON: {e}")
+    if qc.get("quant_method") != "awq":
+        raise LowbitError(f"{path} is not an AWQ checkpoint (quant_method {qc.get('quant_method')!r})")
+    if qc.get("version", "gemm") != "gemm" or qc.get("bits", qc.get("w_bit", 4)) != 4:
+        raise LowbitError(f"{path}: only 4-bit AWQ GEMM checkpoints are read (version {qc.get('version')!r}, "
+                          f"bits {qc.get('bits', qc.get('w_bit'))!r})")
+    return qc
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LowbitError(f"{path} holds no .safetensors weights")
+    tensors = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
+        except Exception as e:  # safetensors raises its own types for truncated or corrupt files
+            raise LowbitError(f"cannot read {f}: {str(e).splitlines()[0]}") from e
+    return tensors
+
+
+def _empty_model(path: Path) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.pipeline.loading import read_config
+
+    config = read_config(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # built plain here; the quantised modules are swapped in below
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def import_awq(path):
+    """(model, tokenizer or None) from an AWQ GEMM folder, its 4-bit Linears as lowbit QuantLinear."""
+    from lowbit.nn import QuantLinear
+    from lowbit.pipeline.loading import load_tokenizer, set_module
+
+    path = Path(path)
+    qc = _read_awq_config(path)
+    group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
+    tensors = _read_tensors(path)
+    model = _empty_model(path)
+    names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    for name in names:
+        q = quantized_from_awq(tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.qzeros"),
+                               tensors.pop(f"{name}.scales"), group_size)
+        bias = tensors.pop(f"{name}.bias", None)
+        set_module(model, name, QuantLinear.from_quantized(q, None if bias is None else bias.float()))
+    quantised_keys = {f"{n}.{k}" for n in names for k in model.get_submodule(n).state_dict()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in quantised_keys and k not in tied]
+    if missing or unexpected:
+        raise LowbitError(f"{path} does not match its config: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.eval()
+    return model, load_tokenizer(path)
+
+
+register_exporter("awq", export_awq)
+register_importer("awq", import_awq)

@@ -1,0 +1,239 @@
+"""The bitsandbytes 4-bit serialisation that transformers reads (a pre-quantised bnb-4bit checkpoint).
+
+A model folder: config.json with a `quantization_config` (quant_method "bitsandbytes", load_in_4bit),
+model.safetensors, and the tokenizer when given. Per 4-bit Linear `<m>`, the keys bnb's Linear4bit
+state_dict writes (see ../shared/formats.md §6):
+
+    <m>.weight                                  uint8 [ceil(n/2), 1]  codes, first in the high nibble
+    <m>.weight.absmax                           float32 [blocks], or uint8 [blocks] when double-quantised
+    <m>.weight.quant_map                        float32 [16]
+    <m>.weight.nested_absmax / nested_quant_map float32 [ceil(blocks/256)] / [256] (double quantisation)
+    <m>.weight.quant_state.bitsandbytes__<nf4|fp4>  uint8: JSON bytes of quant_type, blocksize, dtype,
+                                                shape (+ nested_blocksize, nested_dtype, nested_offset)
+
+Every other tensor is written as the model holds it. Export translates Linear4bit modules (NF4/FP4
+quantised by lowbit.methods.nf4); import rebuilds them bit for bit, so a round trip changes nothing.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.io import register_exporter, register_importer
+from lowbit.methods.nf4 import Quantized4bit, code_table, dynamic_map
+from lowbit.nn.linear4bit import Linear4bit
+
+WEIGHTS_FILE = "model.safetensors"
+QUANT_STATE_PREFIX = "weight.quant_state.bitsandbytes__"
+TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPES_BY_NAME = {v: k for k, v in TORCH_DTYPE_NAMES.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensors of one Linear
+
+def quant_state_json(q: Quantized4bit) -> bytes:
+    """The non-tensor fields as bnb's QuantState.as_dict(packed=True) serialises them (same key order)."""
+    fields = {"quant_type": q.quant_type, "blocksize": q.block_size, "dtype": TORCH_DTYPE_NAMES[q.dtype],
+              "shape": list(q.shape)}
+    if q.double_quant:
+        fields.update(nested_blocksize=256, nested_dtype="float32", nested_offset=float(q.nested_offset))
+    return json.dumps(fields).encode("utf-8")
+
+
+def bnb_linear_tensors(prefix: str, q: Quantized4bit) -> dict[str, torch.Tensor]:
+    out = {f"{prefix}.weight": q.packed.reshape(-1, 1), f"{prefix}.weight.absmax": q.absmax,
+           f"{prefix}.weight.quant_map": code_table(q.quant_type)}
+    if q.double_quant:
+        out[f"{prefix}.weight.nested_absmax"] = q.nested_absmax
+        out[f"{prefix}.weight.nested_quant_map"] = dynamic_map()
+    payload = torch.frombuffer(bytearray(quant_state_json(q)), dtype=torch.uint8)
+    out[f"{prefix}.{QUANT_STATE_PREFIX}{q.quant_type}"] = payload
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def quantized_from_bnb(tensors: dict[str, torch.Tensor], fields: dict, where: str) -> Quantized4bit:
+    """A Quantized4bit from one Linear's bnb tensors (keys without the module prefix) and its JSON fields."""
+    quant_type = fields.get("quant_type")
+    if quant_type not in ("nf4", "fp4"):
+        raise LowbitError(f"{where}: unsupported bnb quant_type {quant_type!r}")
+    if "quant_map" in tensors and not torch.equal(tensors["quant_map"].float(), code_table(quant_type)):
+        raise LowbitError(f"{where}: quant_map is not bitsandbytes' {quant_type} table")
+    nested = "nested_absmax" in tensors
+    if nested and not torch.equal(tensors["nested_quant_map"].float(), dynamic_map()):
+        raise LowbitError(f"{where}: nested_quant_map is not bitsandbytes' dynamic 8-bit map")
+    if nested and fields.get("nested_blocksize") != 256:
+        raise LowbitError(f"{where}: nested block size {fields.get('nested_blocksize')} (only 256 is supported)")
+    weight = tensors["weight"]
+    packed = weight.reshape(-1).view(torch.uint8) if weight.dtype != torch.uint8 else weight.reshape(-1)
+    shape = torch.Size(fields["shape"])
+    if packed.numel() != (shape.numel() + 1) // 2:
+        raise LowbitError(f"{where}: weight holds {packed.numel()} bytes, shape {list(shape)} needs "
+                          f"{(shape.numel() + 1) // 2}")
+    return Quantized4bit(
+        packed.clone(), tensors["absmax"].clone(), shape, int(fields["blocksize"]), quant_type,
+        DTYPES_BY_NAME.get(fields.get("dtype"), torch.float32),
+        tensors["nested_absmax"].float().clone() if nested else None,
+        torch.tensor(float(fields["nested_offset"]), dtype=torch.float32) if nested else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole models
+
+def _linear4bit_modules(model: nn.Module) -> dict[str, Linear4bit]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+
+
+def _uniform(modules: dict[str, Linear4bit], attr: str):
+    values = {getattr(m, attr) for m in modules.values()}
+    if len(values) > 1:
+        raise LowbitError(f"the bnb format holds one {attr} per model; this model mixes {sorted(map(str, values))}")
+    return values.pop()
+
+
+def quantization_config(modules: dict[str, Linear4bit], float_linears: list[str]) -> dict:
+    """transformers' BitsAndBytesConfig as a dict; Linears left in float are listed as skipped."""
+    return {
+        "quant_method": "bitsandbytes", "_load_in_4bit": True, "_load_in_8bit": False,
+        "load_in_4bit": True, "load_in_8bit": False,
+        "bnb_4bit_quant_type": _uniform(modules, "quant_type"),
+        "bnb_4bit_use_double_quant": _uniform(modules, "double_quant"),
+        "bnb_4bit_compute_dtype": TORCH_DTYPE_NAMES[_uniform(modules, "compute_dtype")],
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_threshold": 6.0, "llm_int8_skip_modules": float_linears or None,
+        "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+    }
+
+
+def _float_tensors(model: nn.Module, quantized: dict[str, Linear4bit]) -> dict[str, torch.Tensor]:
+    """Every other tensor of the state dict; storage shared by tied weights is written once."""
+    inside = tuple(f"{n}." for n in quantized)
+    out, seen = {}, set()
+    for key, t in model.state_dict().items():
+        if key.startswith(inside) and not key.endswith(".bias"):
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        out[key] = t.detach().contiguous().clone()
+    return out
+
+
+def export_bnb(model: nn.Module, out, tokenizer=None, **_options) -> Path:
+    """Write `model` (its Linears quantised with nf4/fp4) as a pre-quantised bnb-4bit model folder."""
+    from safetensors.torch import save_file
+
+    from lowbit.io.native import atomic_folder
+
+    quantized = _linear4bit_modules(model)
+    if not quantized:
+        raise LowbitError("the model holds no NF4/FP4 Linear to export in the bnb format (quantise with nf4 or fp4)")
+    if any(type(m).__name__ == "LoraLinear" for m in model.modules()):
+        raise LowbitError("the model carries LoRA adapters; export the base without them "
+                          "(adapters are saved on their own as a PEFT folder)")
+    tensors = _float_tensors(model, quantized)
+    for name, module in quantized.items():
+        tensors.update(bnb_linear_tensors(name, module.quantized()))
+    float_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    out = Path(out)
+    tmp = atomic_folder(out)
+    try:
+        config = model.config.__class__.from_dict(model.config.to_dict())
+        config.quantization_config = quantization_config(quantized, float_linears)
+        config.architectures = config.architectures or [type(model).__name__]
+        config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_bnb_config(path: Path) -> dict:
+    try:
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LowbitError(f"cannot read {path / 'config.json'}: {e}")
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        raise LowbitError(f"{path} is not a bitsandbytes 4-bit checkpoint (quantization_config says otherwise)")
+    return qc
+
+
+def _group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module name: {weight, absmax, ..., quant_state JSON}} for every bnb 4-bit Linear in the file."""
+    names = [k.split(f".{QUANT_STATE_PREFIX}")[0] for k in tensors if f".{QUANT_STATE_PREFIX}" in k]
+    groups = {}
+    for name in names:
+        own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.weight")}
+        groups[name] = {k.removeprefix("weight.") if k != "weight" else k: v for k, v in own.items()}
+    return groups
+
+
+def _empty_model(config, path: Path) -> nn.Module:
+    import transformers
+
+    if not config.architectures:
+        return transformers.AutoModelForCausalLM.from_config(config)
+    cls = getattr(transformers, config.architectures[0], None)
+    if cls is None:
+        raise LowbitError(f"unknown model class {config.architectures[0]!r} in {path / 'config.json'}")
+    return cls(config)
+
+
+def import_bnb(path):
+    """(model, tokenizer or None) from a pre-quantised bnb-4bit folder, its 4-bit Linears as Linear4bit."""
+    from safetensors.torch import load_file
+
+    from lowbit.pipeline.loading import load_tokenizer, read_config, set_module
+
+    path = Path(path)
+    qc = _read_bnb_config(path)
+    compute_dtype = DTYPES_BY_NAME.get(qc.get("bnb_4bit_compute_dtype") or "float32", torch.float32)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LowbitError(f"no .safetensors weights in {path}")
+    tensors = {k: v for f in files for k, v in load_file(str(f)).items()}
+    config = read_config(path)
+    config.quantization_config = None
+    model = _empty_model(config, path)
+    for name, own in _group_by_module(tensors).items():
+        qs_key = next(k for k in own if k.startswith("quant_state."))
+        fields = json.loads(bytes(own.pop(qs_key).tolist()).decode("utf-8"))
+        q = quantized_from_bnb(own, fields, f"{path.name}: {name}")
+        bias = tensors.get(f"{name}.bias")
+        set_module(model, name, Linear4bit.from_quantized(q, bias, compute_dtype))
+        for k in [k for k in tensors if k.startswith(f"{name}.weight")]:
+            del tensors[k]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not _is_quantized_buffer(model, k)]
+    if missing or unexpected:
+        raise LowbitError(f"{path} does not match the model: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.eval()
+    return model, load_tokenizer(path)
+
+
+def _is_quantized_buffer(model: nn.Module, key: str) -> bool:
+    module_name = key.rsplit(".", 1)[0]
+    try:
+        return isinstance(model.get_submodule(module_name), Linear4bit)
+    except AttributeError:
+        return False
+
+
+register_exporter("bnb", export_bnb)
+register_importer("bnb", import_bnb)
+
+__all__ = ["export_bnb", "import_bnb", "bnb_linear_tensors", "quantized_from_bnb", "quant_state_json",
+           "quantization_config"]

@@ -1,0 +1,380 @@
+"""The Hugging Face GPTQ layout (AutoGPTQ / GPTQModel / transformers + optimum / vLLM), see
+../shared/formats.md §4.
+
+A model folder: config.json with a `quantization_config` (quant_method "gptq"), the same dict as
+quantize_config.json, model.safetensors, and the tokenizer when given. Per quantised Linear `<m>`
+(in = K, out = N, G groups):
+
+    <m>.qweight  int32 [K*bits/32, N]   codes q in [0, 2^bits) packed along the input dim, LSB first
+    <m>.qzeros   int32 [G, N*bits/32]   zero points packed along the output dim; "gptq" (v1) stores
+                                        zero - 1, "gptq_v2" the zero itself
+    <m>.scales   fp16  [G, N]
+    <m>.g_idx    int32 [K]              group of each input column
+    <m>.bias     fp16  [N]              when the Linear has one
+
+and W[n, k] = scales[g, n] * (q[k, n] - zero[g, n]) with g = g_idx[k]. Within a 32-bit word, and across
+the words of a column for 3 bits, the codes form one little-endian bit stream: code i at bit i*bits.
+
+A lowbit QuantizedTensor maps onto this exactly: q = level - qmin and zero = zero_point - qmin, where
+level is the signed or unsigned integer the code decodes to. A symmetric grid becomes sym=True with
+zero 2^(bits-1). Import reverses it bit for bit; quantize_config.json records the lowbit spec so that
+even a choice the GPTQ layout cannot tell apart (uint4 symmetric vs int4) comes back as it was.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.core import QuantizedTensor, QuantSpec, pack_bits, unpack_bits
+from lowbit.errors import LowbitError
+from lowbit.io import register_exporter, register_importer
+from lowbit.nn import QuantLinear
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "quantize_config.json"
+GPTQ_BITS = (2, 3, 4, 8)
+FORMATS = ("gptq", "gptq_v2")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# int32 packing
+
+def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [rows, cols] (each < 2^bits) -> int32 [rows*bits/32, cols], each column packed down its
+    rows as a little-endian bit stream of 32-bit words (row i at bits [i*bits, (i+1)*bits))."""
+    rows, cols = values.shape
+    if rows * bits % 32:
+        raise LowbitError(f"{rows} values of {bits} bits do not fill whole 32-bit words")
+    stream = pack_bits(values.T.contiguous(), bits).reshape(cols, rows * bits // 32, 4).to(torch.int64)
+    words = stream[..., 0] | stream[..., 1] << 8 | stream[..., 2] << 16 | stream[..., 3] << 24
+    return _wrap_int32(words).T.contiguous()
+
+
+def unpack_int32(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """The inverse of pack_int32: int32 [rows*bits/32, cols] -> uint8 codes [rows, cols]."""
+    w = words.T.contiguous().to(torch.int64) & 0xFFFFFFFF
+    stream = torch.stack([(w >> (8 * k)) & 0xFF for k in range(4)], -1).to(torch.uint8).reshape(-1)
+    cols = words.shape[1]
+    return unpack_bits(stream, bits, rows * cols).reshape(cols, rows).T.contiguous()
+
+
+def _wrap_int32(x: torch.Tensor) -> torch.Tensor:
+    """uint32 bit patterns held in int64 -> the int32 with the same bits."""
+    return torch.where(x >= 1 << 31, x - (1 << 32), x).to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One Linear
+
+def _check_gptq_spec(spec: QuantSpec, where: str) -> None:
+    fmt = spec.number_format
+    if not fmt.is_integer or spec.bits not in GPTQ_BITS:
+        raise LowbitError(f"{where}: the GPTQ layout holds 2, 3, 4 or 8-bit integer grids, not {spec.format}")
+    if spec.granularity not in ("group", "channel"):
+        raise LowbitError(f"{where}: the GPTQ layout holds per-group or per-channel scales, not {spec.granularity}")
+
+
+def _fp16_scales(scale: torch.Tensor, where: str) -> torch.Tensor:
+    half = scale.half()
+    if not torch.equal(half.float(), scale.float()):
+        raise LowbitError(f"{where}: the GPTQ layout stores fp16 scales and these are not all fp16 values "
+                          "(quantise with scale_dtype='fp16')")
+    return half
+
+
+def gptq_tensors(prefix: str, qt: QuantizedTensor, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """qweight, qzeros, scales, g_idx of one QuantizedTensor [N, K]."""
+    spec = qt.spec
+    _check_gptq_spec(spec, prefix)
+    fmt, bits = spec.number_format, spec.bits
+    n_out, n_in = qt.shape
+    if n_out * bits % 32:
+        raise LowbitError(f"{prefix}: {n_out} output channels of {bits} bits do not fill whole 32-bit words")
+    q = fmt.decode(qt.codes).to(torch.int64) - fmt.qmin                       # [N, K] in [0, 2^bits)
+    zero = qt.zero.to(torch.int64) - fmt.qmin                                  # [N, G]
+    if checkpoint_format == "gptq":
+        if (zero < 1).any():
+            raise LowbitError(f"{prefix}: a zero point of 0 cannot be stored in the v1 'gptq' format "
+                              "(it stores zero - 1); use checkpoint_format='gptq_v2'")
+        zero = zero - 1
+    group = spec.group_size if spec.granularity == "group" else n_in
+    g_idx = qt.g_idx if qt.g_idx is not None else torch.arange(n_in) // group
+    return {
+        f"{prefix}.qweight": pack_int32(q.T, bits),
+        f"{prefix}.qzeros": pack_int32(zero, bits).T.contiguous(),
+        f"{prefix}.scales": _fp16_scales(qt.scale, prefix).T.contiguous(),
+        f"{prefix}.g_idx": g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def quantized_from_gptq(tensors: dict[str, torch.Tensor], prefix: str, spec: QuantSpec, n_in: int,
+                        checkpoint_format: str, dtype: torch.dtype = torch.float32,
+                        keep_trivial_g_idx: bool = False) -> QuantizedTensor:
+    """The QuantizedTensor [N, K] stored under `prefix` (the inverse of gptq_tensors)."""
+    try:
+        qweight, qzeros = tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"]
+        scales, g_idx = tensors[f"{prefix}.scales"], tensors[f"{prefix}.g_idx"]
+    except KeyError as e:
+        raise LowbitError(f"GPTQ checkpoint lacks {e.args[0]}")
+    fmt, bits = spec.number_format, spec.bits
+    n_out = scales.shape[1]
+    if tuple(qweight.shape) != (n_in * bits // 32, n_out) or tuple(g_idx.shape) != (n_in,):
+        raise LowbitError(f"{prefix}: qweight {tuple(qweight.shape)} / g_idx {tuple(g_idx.shape)} do not fit "
+                          f"{bits}-bit codes of a [{n_out}, {n_in}] weight")
+    q = unpack_int32(qweight, bits, n_in).T.to(torch.int64)                   # [N, K]
+    zero = unpack_int32(qzeros.T.contiguous(), bits, n_out).T.to(torch.int64)  # [G, N]
+    if checkpoint_format == "gptq":
+        zero = zero + 1
+        if (zero == 1 << bits).any():
+            # v1 cannot hold a zero point of 0: writers that tried left all ones (0 - 1), which kernels
+            # read as 2^bits. The quantiser meant 0, so that is what we read.
+            warnings.warn(f"{prefix}: v1 zero points of 0 stored as -1 (a known GPTQ writer quirk); read as 0")
+            zero = zero & ((1 << bits) - 1)
+    level = q + fmt.qmin
+    codes = (level & ((1 << bits) - 1)).to(torch.uint8)
+    scale = scales.float().T.contiguous()
+    if spec.symmetric:
+        zero_point = torch.full_like(scale, spec.implied_zero)
+        if not (zero == 1 << (bits - 1)).all():
+            raise LowbitError(f"{prefix}: sym=True but the zero points are not all {1 << (bits - 1)}")
+    else:
+        zero_point = (zero + fmt.qmin).float().T.contiguous()
+    group = spec.group_size if spec.granularity == "group" else n_in
+    g = g_idx.to(torch.int32)
+    trivial = torch.equal(g.long(), torch.arange(n_in) // group)
+    return QuantizedTensor(codes, scale, zero_point, spec, dtype, None if trivial and not keep_trivial_g_idx else g)
+
+
+# ---------------------------------------------------------------------------------------------------
+# quantization_config
+
+def _uniform(qts: dict[str, QuantizedTensor], what: str, value_of) -> object:
+    values = {value_of(q) for q in qts.values()}
+    if len(values) > 1:
+        raise LowbitError(f"the GPTQ layout holds one {what} per model; these weights mix {sorted(map(str, values))}")
+    return values.pop()
+
+
+def _group_size(qt: QuantizedTensor) -> int:
+    return qt.spec.group_size if qt.spec.granularity == "group" else -1
+
+
+def quantization_config(qts: dict[str, QuantizedTensor], checkpoint_format: str) -> dict:
+    """The dict transformers (config.json quantization_config), AutoGPTQ/GPTQModel (quantize_config.json)
+    and vLLM read, plus a "lowbit" entry with what makes import exact."""
+    from lowbit import __version__
+
+    spec = _uniform(qts, "scheme", lambda q: q.spec)
+    _uniform(qts, "group size", _group_size)
+    desc_act = any(q.g_idx is not None for q in qts.values())
+    dtype = _uniform(qts, "compute dtype", lambda q: q.dtype)
+    return {
+        "quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size or -1,
+        "desc_act": desc_act, "sym": spec.symmetric, "checkpoint_format": checkpoint_format,
+        "pack_dtype": "int32", "lm_head": False, "true_sequential": True, "static_groups": False,
+        "damp_percent": 0.01,
+        "meta": {"quantizer": [f"lowbit:{__version__}"]},
+        "lowbit": {"spec": spec.to_dict(), "dtype": DTYPE_NAMES.get(dtype, "float32"),
+                   "g_idx": sorted(n for n, q in qts.items() if q.g_idx is not None)},
+    }
+
+
+def _choose_format(qts: dict[str, QuantizedTensor], requested: str | None) -> str:
+    if requested is not None:
+        if requested not in FORMATS:
+            raise LowbitError(f"checkpoint_format must be one of {', '.join(FORMATS)}, got {requested!r}")
+        return requested
+    if any((q.zero - q.spec.number_format.qmin < 1).any() for q in qts.values()):
+        warnings.warn("some zero points are 0, which the v1 'gptq' format cannot store; writing 'gptq_v2' "
+                      "(true zero points), which GPTQModel reads but older loaders may not")
+        return "gptq_v2"
+    return "gptq"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export
+
+def _quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _other_tensors(model: nn.Module, quantized: dict[str, QuantLinear], dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the state dict outside the quantised Linears (tied storage written once)."""
+    inside = tuple(f"{n}." for n in quantized)
+    out, seen = {}, set()
+    for key, t in model.state_dict().items():
+        if key.startswith(inside):
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        out[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().contiguous().clone()
+    return out
+
+
+def export_gptq(model, out, tokenizer=None, checkpoint_format: str | None = None, dtype: str | None = "fp16",
+                **_options) -> Path:
+    """Write a model whose Linears are QuantLinear (or a dict {name: QuantizedTensor}) in the HF GPTQ
+    layout. checkpoint_format: "gptq" (v1, what every loader reads), "gptq_v2", or None: v1 unless a
+    zero point of 0 needs v2. dtype: what the other tensors and biases are stored in (None: as held)."""
+    from safetensors.torch import save_file
+
+    from lowbit.io.native import atomic_folder
+
+    if dtype is not None and dtype not in DTYPES:
+        raise LowbitError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
+    float_dtype = DTYPES.get(dtype)
+    if isinstance(model, dict):
+        qts, biases, others, config = dict(model), {}, {}, None
+    else:
+        linears = _quant_linears(model)
+        qts = {n: m.quantized() for n, m in linears.items()}
+        biases = {n: m.bias for n, m in linears.items() if m.bias is not None}
+        others = _other_tensors(model, linears, float_dtype)
+        config = getattr(model, "config", None)
+    if not qts:
+        raise LowbitError("nothing to export in the GPTQ layout: no quantised Linear (quantise with gptq or rtn)")
+    fmt = _choose_format(qts, checkpoint_format)
+    qc = quantization_config(qts, fmt)
+    tensors = dict(others)
+    for name, qt in qts.items():
+        tensors.update(gptq_tensors(name, qt, fmt))
+        if name in biases:
+            b = biases[name].detach()
+            tensors[f"{name}.bias"] = (b.to(float_dtype) if float_dtype is not None else b).contiguous().clone()
+    out = Path(out)
+    tmp = atomic_folder(out)
+    try:
+        if config is not None:
+            cfg = config.__class__.from_dict(config.to_dict())
+            cfg.quantization_config = qc
+            cfg.architectures = cfg.architectures or [type(model).__name__]
+            if dtype is not None:
+                cfg.torch_dtype = DTYPE_NAMES[float_dtype]
+            cfg.save_pretrained(tmp)
+        (tmp / CONFIG_FILE).write_text(json.dumps(qc, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Import
+
+def read_quantize_config(path: Path) -> dict:
+    """quantize_config.json, or else config.json's quantization_config; checked to be GPTQ."""
+    for name, pick in ((CONFIG_FILE, lambda d: d), ("config.json", lambda d: d.get("quantization_config"))):
+        f = path / name
+        if f.is_file():
+            try:
+                qc = pick(json.loads(f.read_text()))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise LowbitError(f"{f} is not valid JSON: {e}")
+            if qc:
+                break
+    else:
+        raise LowbitError(f"{path} has no quantize_config.json nor a quantization_config in config.json")
+    if qc.get("quant_method", "gptq") != "gptq":
+        raise LowbitError(f"{path} is not a GPTQ checkpoint (quant_method {qc.get('quant_method')!r})")
+    if qc.get("bits") not in GPTQ_BITS:
+        raise LowbitError(f"{path}: GPTQ bits must be one of {GPTQ_BITS}, got {qc.get('bits')!r}")
+    fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
+    if fmt not in FORMATS:
+        raise LowbitError(f"{path}: checkpoint_format {fmt!r} is not supported (only {', '.join(FORMATS)})")
+    if qc.get("pack_dtype", "int32") != "int32":
+        raise LowbitError(f"{path}: pack_dtype {qc.get('pack_dtype')!r} is not supported (only int32)")
+    return qc
+
+
+def _spec_of(qc: dict, n_in: int) -> QuantSpec:
+    """The lowbit spec recorded by lowbit, or the one a foreign checkpoint implies."""
+    own = (qc.get("lowbit") or {}).get("spec")
+    if own:
+        return QuantSpec.from_dict(own)
+    bits, sym = qc["bits"], qc.get("sym", True)
+    group = qc.get("group_size", -1)
+    fmt = f"int{bits}" if sym else f"uint{bits}"
+    if group in (-1, None) or group >= n_in:
+        return QuantSpec(fmt, "channel", None, sym, "fp16")
+    return QuantSpec(fmt, "group", group, sym, "fp16")
+
+
+def read_gptq(path) -> tuple[dict[str, QuantizedTensor], dict[str, torch.Tensor], dict]:
+    """({module: QuantizedTensor}, {every other tensor, biases included}, quantization config) of a
+    GPTQ folder."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    qc = read_quantize_config(path)
+    fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LowbitError(f"no .safetensors weights in {path}")
+    tensors = {k: v for f in files for k, v in load_file(str(f)).items()}
+    own = qc.get("lowbit") or {}
+    dtype = DTYPES.get({"float16": "fp16", "bfloat16": "bf16"}.get(own.get("dtype"), "fp32"))
+    with_g_idx = set(own.get("g_idx", []))
+    qts = {}
+    for key in [k for k in tensors if k.endswith(".qweight")]:
+        name = key[: -len(".qweight")]
+        n_in = tensors[f"{name}.g_idx"].shape[0] if f"{name}.g_idx" in tensors else 0
+        qts[name] = quantized_from_gptq(tensors, name, _spec_of(qc, n_in), n_in, fmt, dtype, name in with_g_idx)
+        for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+            tensors.pop(f"{name}.{suffix}", None)
+    if not qts:
+        raise LowbitError(f"{path} holds no GPTQ-packed Linear (no .qweight tensors)")
+    return qts, tensors, qc
+
+
+def _empty_model(config, path: Path) -> nn.Module:
+    import transformers
+
+    archs = getattr(config, "architectures", None)
+    if not archs:
+        return transformers.AutoModelForCausalLM.from_config(config)
+    cls = getattr(transformers, archs[0], None)
+    if cls is None:
+        raise LowbitError(f"unknown model class {archs[0]!r} in {path / 'config.json'}")
+    return cls(config)
+
+
+def import_gptq(path):
+    """(model, tokenizer or None) from a GPTQ folder, its quantised Linears as QuantLinear."""
+    from lowbit.pipeline.loading import load_tokenizer, read_config, set_module
+
+    path = Path(path)
+    qts, tensors, _ = read_gptq(path)
+    if not (path / "config.json").is_file():
+        raise LowbitError(f"{path} has no config.json: use read_gptq() for the tensors alone")
+    config = read_config(path)
+    config.quantization_config = None
+    model = _empty_model(config, path).float()
+    for name, qt in qts.items():
+        bias = tensors.pop(f"{name}.bias", None)
+        set_module(model, name, QuantLinear.from_quantized(qt, None if bias is None else bias.float()))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and k.rsplit(".", 1)[0] not in qts]
+    if missing or unexpected:
+        raise LowbitError(f"{path} does not match the model: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.eval()
+    return model, load_tokenizer(path)
+
+
+register_exporter("gptq", export_gptq)
+register_importer("gptq", import_gptq)

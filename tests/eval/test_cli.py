@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from lowbit.cli import main
+from lowbit.eval.evaluate import eval_windows, evaluate
+from lowbit.eval.fidelity import build_reference
+
+
+def test_cli_compare_writes_json_markdown_and_png(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = main(["compare", str(tiny_dir), "--methods", "fp16,rtn-int4-g128", "--json", "--out", str(out),
+               "--max-eval-tokens", "300", "--context", "64", "--no-speed"])
+    printed = json.loads(capsys.readouterr().out)
+    assert rc == 0 and [r["method"] for r in printed] == ["fp16", "rtn-int4-g128"]
+    assert json.loads((out / "compare.json").read_text()) == printed
+    md = (out / "compare.md").read_text()
+    assert "| fp16 " in md and "| rtn-int4-g128 " in md and "non-overlapping 64-token windows" in md
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "compare.png"]
+
+
+def test_cli_bad_method_is_one_line_and_exit_2(tiny_dir, capsys):
+    rc = main(["compare", str(tiny_dir), "--methods", "fp16,nosuchmethod", "--out", ""])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == "" and captured.err.count("\n") == 1 and "nosuchmethod" in captured.err
+
+
+def test_cli_eval_reports_protocol_and_kl_against_reference(tiny_dir, capsys):
+    rc = main(["eval", str(tiny_dir), "--reference", str(tiny_dir), "--json", "--max-eval-tokens", "300",
+               "--context", "64", "--no-speed"])
+    row = json.loads(capsys.readouterr().out)
+    assert rc == 0 and row["kl"] == pytest.approx(0, abs=1e-9) and row["top1"] == 1.0
+    assert row["protocol"].startswith("non-overlapping 64-token windows over 256 held-out tokens")
+
+
+def test_cli_eval_of_a_saved_quantised_folder_matches_the_in_memory_model(tiny_dir, tmp_path, capsys):
+    from lowbit import api
+    from lowbit.methods import parse_method
+
+    base, tok = api.load_model(tiny_dir)
+    reference = build_reference(base, eval_windows(base, tok, max_eval_tokens=300, context=64))
+    model, _ = api.load_model(tiny_dir)
+    api.quantize(model, parse_method("rtn-int4-g128"), progress=False)
+    expected = evaluate(model, reference=reference, speed=False)
+    api.save(model, tmp_path / "q", tokenizer=tok)
+    rc = main(["eval", str(tmp_path / "q"), "--reference", str(tiny_dir), "--json", "--max-eval-tokens", "300",
+               "--context", "64", "--no-speed"])
+    row = json.loads(capsys.readouterr().out)
+    assert rc == 0 and row["quantized_linears"] == expected["quantized_linears"] == 14
+    assert row["bits_per_weight"] == 4.125 and row["memory_bytes"] == expected["memory_bytes"]
+    assert row["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-9)
+    assert row["kl"] == pytest.approx(expected["kl"], rel=1e-6) and row["top1"] == expected["top1"]

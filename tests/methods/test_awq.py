@@ -1,0 +1,109 @@
+"""AWQ: folding leaves the model unchanged, the searches never lose to what they start from, AWQ beats RTN."""
+import copy
+
+import pytest
+import torch
+
+from lowbit import api
+from lowbit.core import quantize
+from lowbit.errors import LowbitError
+from lowbit.methods import RTN, parse_method
+from lowbit.methods.awq import AWQ, candidate_scales, clip_search
+from lowbit.methods.rtn import weight_spec
+from lowbit.methods.stats import LayerStats
+from lowbit.nn import QuantLinear
+from lowbit.pipeline.fold import prepare_model
+from lowbit.pipeline.outliers import make_outlier_variant
+from tests.conftest import build_tiny_model
+
+GEN = torch.Generator().manual_seed(0)
+CALIB = torch.randint(0, 512, (8, 48), generator=GEN)
+IDS = torch.randint(0, 512, (4, 48), generator=GEN)
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("objective", ["block", "layer"])
+def test_folding_awq_scales_leaves_full_precision_outputs_unchanged(arch, objective):
+    base = build_tiny_model(arch)
+    ref = logits(base)
+    scaled = prepare_model(copy.deepcopy(base), AWQ(group_size=32, n_grid=5, objective=objective), CALIB)
+    assert float((logits(scaled) - ref).abs().max() / ref.abs().max()) < 1e-4
+    moved = [n for (n, p), (_, p0) in zip(scaled.named_parameters(), base.named_parameters()) if not torch.equal(p, p0)]
+    assert moved   # the search chose scales other than 1 somewhere
+
+
+def test_candidate_scales_are_normalised_powers_of_the_activation_mean():
+    x_mean = torch.tensor([1.0, 4.0, 16.0])
+    s = candidate_scales(x_mean, None, 0.5)
+    # sqrt(x) = 1, 2, 4, divided by sqrt(max * min) = 2
+    assert torch.allclose(s, torch.tensor([0.5, 1.0, 2.0]))
+    assert torch.equal(candidate_scales(x_mean, None, 0.0), torch.ones(3))
+
+
+def test_without_search_or_clipping_awq_is_rtn():
+    """alpha = 0 only (n_grid=1) gives s = 1, and no clipping: the same codes as asymmetric RTN."""
+    base = build_tiny_model("llama")
+    a = api.quantize(copy.deepcopy(base), AWQ(group_size=32, n_grid=1, clip=False), calibration=CALIB, progress=False)
+    r = api.quantize(copy.deepcopy(base), RTN(4, 32, symmetric=False), calibration=CALIB, progress=False)
+    for (n, m), (_, m2) in zip(a.named_modules(), r.named_modules()):
+        if isinstance(m, QuantLinear):
+            assert torch.equal(m.qweight, m2.qweight) and torch.equal(m.scales, m2.scales), n
+
+
+def test_clip_search_never_loses_to_no_clipping_on_the_true_output_error():
+    w = torch.randn(24, 64, generator=GEN)
+    w[:, 5] *= 6    # a heavy column gives clipping something to gain
+    x = torch.randn(300, 64, generator=GEN) * torch.rand(64, generator=GEN) * 3
+    stats = LayerStats(64)
+    stats.update(x)
+    spec = weight_spec(3, 32, False)
+    clipped, ratios = clip_search(w, stats.xtx, spec, n_grid=20, max_shrink=0.5)
+    q_clip, q_plain = quantize(clipped, spec).dequantize(), quantize(w, spec).dequantize()
+    # per (row, group), measured directly on the input rows, not through the Gram matrix
+    for g in range(2):
+        cols = slice(32 * g, 32 * (g + 1))
+        e_clip = (x[:, cols] @ (w - q_clip)[:, cols].T).pow(2).sum(0)
+        e_plain = (x[:, cols] @ (w - q_plain)[:, cols].T).pow(2).sum(0)
+        assert bool((e_clip <= e_plain * (1 + 1e-5) + 1e-6).all())
+    assert ratios.min() >= 0.55 - 1e-6 and ratios.max() == 1.0 and (ratios < 1).any()
+    assert float((x @ (w - q_clip).T).norm()) < float((x @ (w - q_plain).T).norm())
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_awq_beats_rtn_on_held_out_tokens(bits):
+    # planted outlier channels (8x) make some input channels matter more, which is AWQ's premise
+    base = make_outlier_variant(build_tiny_model("llama"), channels=(3, 17, 40), factor=8.0)
+    ref = logits(base)
+    rtn = api.quantize(copy.deepcopy(base), RTN(bits, 32, symmetric=False), calibration=CALIB, progress=False)
+    awq = api.quantize(copy.deepcopy(base), AWQ(bits, 32, n_grid=10), calibration=CALIB, progress=False)
+    e_rtn, e_awq = rel(logits(rtn), ref), rel(logits(awq), ref)
+    assert e_awq < 0.8 * e_rtn, (e_awq, e_rtn)
+
+
+def test_q_and_k_are_not_clipped_unless_asked():
+    config = AWQ()
+    assert not config.for_layer("model.layers.0.self_attn.q_proj", 2).clip
+    assert config.for_layer("model.layers.0.self_attn.v_proj", 2).clip
+    assert AWQ(clip_qk=True).for_layer("model.layers.0.self_attn.k_proj", 2).clip
+
+
+def test_names_and_checks():
+    assert parse_method("awq-int4-g128") == AWQ()
+    assert parse_method("awq-int3-g128") == AWQ(bits=3)
+    assert parse_method("awq") == AWQ()
+    assert parse_method("awq-int4-g64-sym-noclip-layer") == AWQ(group_size=64, symmetric=True, clip=False,
+                                                                 objective="layer")
+    assert AWQ(bits=3, duo_scaling=True).short_name() == "awq-int3-g128-duo"
+    with pytest.raises(LowbitError):
+        AWQ(bits=9)
+    with pytest.raises(LowbitError, match="objective"):
+        AWQ(objective="global")
