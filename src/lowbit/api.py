@@ -23,9 +23,14 @@ DEFAULT_SEQ_LEN = 256
 
 
 def load_model(path=None, trust_remote_code: bool = False):
-    """(model, tokenizer) from a HF model folder, a lowbit-quantised folder, or None (the bundled model)."""
+    """(model, tokenizer) from a HF model folder, a lowbit-quantised folder, a .gguf file, or None
+    (the bundled model)."""
     if path is not None and Path(path).is_dir() and is_native(path):
         return load_native(path)
+    if path is not None and Path(path).is_file() and Path(path).suffix == ".gguf":
+        from lowbit.io import get_importer
+
+        return get_importer("gguf")(path)
     return load_hf_model(path, torch.float32, trust_remote_code)
 
 

@@ -1,0 +1,55 @@
+"""`lowbit export` and `lowbit import`: translate between the native format and the formats serving
+engines load (GGUF, HF GPTQ, AWQ GEMM, bitsandbytes 4-bit), through the exporter/importer registry."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+
+def _cmd_export(args) -> str:
+    from lowbit import api
+    from lowbit.io import get_exporter
+
+    exporter = get_exporter(args.format)  # unknown format: fail before loading anything
+    out = Path(args.output)
+    if out.exists():
+        raise LowbitError(f"output already exists: {out}")
+    if args.type and args.format != "gguf":
+        raise LowbitError("--type applies to --format gguf only")
+    model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
+    options = {"type": args.type} if args.type else {}
+    written = exporter(model, out, tokenizer=tokenizer, **options)
+    return f"wrote {args.format} export to {written or out}"
+
+
+def _cmd_import(args) -> str:
+    from lowbit import api
+    from lowbit.io import get_importer
+
+    importer = get_importer(args.format)
+    out = Path(args.output)
+    if out.exists():
+        raise LowbitError(f"output folder already exists: {out}")
+    if not Path(args.path).exists():
+        raise LowbitError(f"not found: {args.path}")
+    model, tokenizer = importer(args.path)
+    api.save(model, out, tokenizer=tokenizer)
+    return f"imported {args.format} model {args.path} into the native format at {out}"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="write a model in a serving format (gguf, gptq, awq, bnb)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a lowbit-quantised folder (or a HF folder for gguf, which quantises itself); default: bundled model")
+    p.add_argument("--format", required=True, help="gguf, gptq, awq or bnb")
+    p.add_argument("--type", help="GGUF file type: Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q3_K_M, Q6_K, Q2_K, F16 ...")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(run=_cmd_export)
+
+    q = sub.add_parser("import", help="read a gguf/gptq/awq/bnb model into the native format")
+    q.add_argument("path")
+    q.add_argument("--format", required=True, help="gguf, gptq, awq or bnb")
+    q.add_argument("-o", "--output", required=True)
+    q.set_defaults(run=_cmd_import)

@@ -1,0 +1,54 @@
+"""`lowbit export` / `lowbit import` through the registry, checked against the files' own readers."""
+import json
+
+import pytest
+import torch
+
+from lowbit import api
+from lowbit.cli import main
+
+
+def run(capsys, *args):
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_gptq_export_then_import_is_bit_identical(tmp_path, tiny_model_dir, capsys):
+    src = tiny_model_dir("llama")
+    assert run(capsys, "quantize", src, "--method", "rtn-int4-g32", "--samples", "2", "--seq-len", "32",
+               "--quiet", "-o", tmp_path / "q")[0] == 0
+    rc, out, err = run(capsys, "export", tmp_path / "q", "--format", "gptq", "-o", tmp_path / "gptq")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())["bits"] == 4
+    rc, out, err = run(capsys, "import", tmp_path / "gptq", "--format", "gptq", "-o", tmp_path / "back")
+    assert rc == 0, err
+    a, _ = api.load_model(tmp_path / "q")
+    b, _ = api.load_model(tmp_path / "back")
+    wa = {n: m.dequantized_weight() for n, m in a.named_modules() if hasattr(m, "dequantized_weight")}
+    wb = {n: m.dequantized_weight() for n, m in b.named_modules() if hasattr(m, "dequantized_weight")}
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_gguf_export_is_read_back_by_the_gguf_package(tmp_path, tiny_model_dir, capsys):
+    from gguf import GGUFReader
+
+    src = tiny_model_dir("llama")
+    rc, out, err = run(capsys, "export", src, "--format", "gguf", "--type", "Q8_0", "-o", tmp_path / "m.gguf")
+    assert rc == 0, err
+    names = {t.name for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    assert {"token_embd.weight", "blk.0.attn_q.weight", "blk.1.ffn_down.weight", "output_norm.weight"} <= names
+    model, tok = api.load_model(tmp_path / "m.gguf")  # .gguf files load directly
+    assert model.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["export", "--format", "nope", "-o", "X"], "unknown export format"),
+    (["export", "--format", "gptq", "--type", "Q4_0", "-o", "X"], "--type applies to --format gguf only"),
+    (["import", "missing-folder", "--format", "gptq", "-o", "X"], "not found"),
+])
+def test_export_errors_are_one_line(tmp_path, capsys, args, message):
+    args = [str(tmp_path / a) if a == "X" else a for a in args]
+    rc, out, err = run(capsys, *args)
+    assert rc == 2 and message in err and err.count("\n") == 1
