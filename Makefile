@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The comparison table on the bundled model; 32 calibration windows keep the calibrated methods quick.
+DEMO_METHODS ?= fp16,rtn-int8,rtn-int4-g128,gptq-int4-g128,nf4,q4_k_m
+
 demo: venv
 	$(VENV)/bin/lowbit demo
+	$(VENV)/bin/lowbit compare --methods $(DEMO_METHODS) --samples 32
 
 test: venv
 	$(PY) -m pytest
