@@ -19,7 +19,6 @@ same tensors, so export -> import gives back the identical quantised values.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from torch import nn
 from lowbit.core import QuantizedTensor, QuantSpec
 from lowbit.errors import LowbitError
 from lowbit.io import register_exporter, register_importer
-from lowbit.io.native import atomic_folder
+from lowbit.io.native import writing_folder
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 PACK = 8                      # 4-bit values per int32 word
@@ -154,16 +153,11 @@ def export_awq(model: nn.Module, out, tokenizer=None) -> Path:
     config["quantization_config"] = _quantization_config(group_sizes.pop(), not_converted)
     config["torch_dtype"] = "float16"
     out = Path(out)
-    tmp = atomic_folder(out)
-    try:
+    with writing_folder(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -17,7 +17,6 @@ quantised by lowbit.methods.nf4); import rebuilds them bit for bit, so a round t
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -129,7 +128,7 @@ def export_bnb(model: nn.Module, out, tokenizer=None, **_options) -> Path:
     """Write `model` (its Linears quantised with nf4/fp4) as a pre-quantised bnb-4bit model folder."""
     from safetensors.torch import save_file
 
-    from lowbit.io.native import atomic_folder
+    from lowbit.io.native import writing_folder
 
     quantized = _linear4bit_modules(model)
     if not quantized:
@@ -142,8 +141,7 @@ def export_bnb(model: nn.Module, out, tokenizer=None, **_options) -> Path:
         tensors.update(bnb_linear_tensors(name, module.quantized()))
     float_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     out = Path(out)
-    tmp = atomic_folder(out)
-    try:
+    with writing_folder(out) as tmp:
         config = model.config.__class__.from_dict(model.config.to_dict())
         config.quantization_config = quantization_config(quantized, float_linears)
         config.architectures = config.architectures or [type(model).__name__]
@@ -151,10 +149,6 @@ def export_bnb(model: nn.Module, out, tokenizer=None, **_options) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -23,7 +23,6 @@ even a choice the GPTQ layout cannot tell apart (uint4 symmetric vs int4) comes 
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -227,7 +226,7 @@ def export_gptq(model, out, tokenizer=None, checkpoint_format: str | None = None
     zero point of 0 needs v2. dtype: what the other tensors and biases are stored in (None: as held)."""
     from safetensors.torch import save_file
 
-    from lowbit.io.native import atomic_folder
+    from lowbit.io.native import writing_folder
 
     if dtype is not None and dtype not in DTYPES:
         raise LowbitError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
@@ -251,8 +250,7 @@ def export_gptq(model, out, tokenizer=None, checkpoint_format: str | None = None
             b = biases[name].detach()
             tensors[f"{name}.bias"] = (b.to(float_dtype) if float_dtype is not None else b).contiguous().clone()
     out = Path(out)
-    tmp = atomic_folder(out)
-    try:
+    with writing_folder(out) as tmp:
         if config is not None:
             cfg = config.__class__.from_dict(config.to_dict())
             cfg.quantization_config = qc
@@ -264,10 +262,6 @@ def export_gptq(model, out, tokenizer=None, checkpoint_format: str | None = None
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,12 +38,23 @@ def atomic_folder(out: Path):
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
 
 
+@contextmanager
+def writing_folder(out):
+    """Write into a temporary sibling folder that becomes `out` only when the block completes."""
+    tmp = atomic_folder(out)
+    try:
+        yield tmp
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save(model: nn.Module, out, tokenizer=None) -> Path:
     from lowbit.pipeline.report import report_to_json
 
     out = Path(out)
-    tmp = atomic_folder(out)
-    try:
+    with writing_folder(out) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -54,10 +66,6 @@ def save(model: nn.Module, out, tokenizer=None) -> Path:
         if getattr(model, "lowbit_report", None) is not None:
             (tmp / "quant_report.json").write_text(report_to_json(model.lowbit_report))
         save_model(model, str(tmp / "model.safetensors"))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

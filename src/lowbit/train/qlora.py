@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,22 +132,17 @@ def save_adapter(model: nn.Module, out, base_model_name_or_path: str | None = No
     """Write the adapters of `model` as a PEFT folder (renamed into place when complete)."""
     from safetensors.torch import save_file
 
-    from lowbit.io.native import atomic_folder
+    from lowbit.io.native import writing_folder
 
     settings = getattr(model, "lowbit_lora", None)
     if settings is None or not lora_modules(model):
         raise LowbitError("the model carries no LoRA adapters to save (add_lora first)")
     out = Path(out)
-    tmp = atomic_folder(out)
-    try:
+    with writing_folder(out) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(settings, base_model_name_or_path), indent=2))
         save_file(peft_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
