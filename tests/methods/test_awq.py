@@ -89,11 +89,12 @@ def test_awq_beats_rtn_on_held_out_tokens(bits):
     assert e_awq < 0.8 * e_rtn, (e_awq, e_rtn)
 
 
-def test_q_and_k_are_not_clipped_unless_asked():
-    config = AWQ()
-    assert not config.for_layer("model.layers.0.self_attn.q_proj", 2).clip
-    assert config.for_layer("model.layers.0.self_attn.v_proj", 2).clip
-    assert AWQ(clip_qk=True).for_layer("model.layers.0.self_attn.k_proj", 2).clip
+def test_q_and_k_clipping_can_be_left_out_as_autoawq_does():
+    assert AWQ().for_layer("model.layers.0.self_attn.q_proj", 2).clip
+    autoawq = AWQ(clip_qk=False)
+    assert not autoawq.for_layer("model.layers.0.self_attn.q_proj", 2).clip
+    assert not autoawq.for_layer("model.layers.0.self_attn.k_proj", 2).clip
+    assert autoawq.for_layer("model.layers.0.self_attn.v_proj", 2).clip
 
 
 def test_names_and_checks():
@@ -102,8 +103,30 @@ def test_names_and_checks():
     assert parse_method("awq") == AWQ()
     assert parse_method("awq-int4-g64-sym-noclip-layer") == AWQ(group_size=64, symmetric=True, clip=False,
                                                                  objective="layer")
+    assert parse_method("awq-int4-g128-noclipqk") == AWQ(clip_qk=False)
     assert AWQ(bits=3, duo_scaling=True).short_name() == "awq-int3-g128-duo"
     with pytest.raises(LowbitError):
         AWQ(bits=9)
     with pytest.raises(LowbitError, match="objective"):
         AWQ(objective="global")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 3])
+def test_awq_beats_rtn_on_the_bundled_model(bits):
+    """Held-out perplexity at int{bits} g128 (a few minutes on two idle cores)."""
+    from lowbit.data import bundled_model_path
+    from lowbit.eval.evaluate import bundled_eval_text, tokenize
+    from lowbit.eval.perplexity import perplexity
+
+    try:
+        bundled_model_path()
+    except LowbitError:
+        pytest.skip("the bundled model is not built")
+    base, tok = api.load_model(None)
+    ids = tokenize(tok, bundled_eval_text(), 16384)
+    ppl = {}
+    for config in (RTN(bits, 128, symmetric=False), AWQ(bits)):
+        model = api.quantize(copy.deepcopy(base), config, tokenizer=tok, progress=False)
+        ppl[config.name] = perplexity(model, ids).perplexity
+    assert ppl["awq"] < ppl["rtn"]   # measured: 46.60 vs 46.85 at int4, 47.76 vs 49.22 at int3 (fp32: 46.30)

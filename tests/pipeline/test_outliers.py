@@ -84,3 +84,23 @@ def test_gpt2_mlp_is_not_folded_through_gelu():
 def test_bad_factor_is_a_lowbit_error(factor):
     with pytest.raises(LowbitError, match="factor"):
         make_outlier_variant(build_tiny_model("llama"), factor=factor)
+
+
+@pytest.mark.slow
+def test_bundled_model_outlier_table():
+    """Issue 5's acceptance numbers on the bundled model (about a minute on two idle cores)."""
+    from lowbit.data import bundled_model_path
+    from lowbit.pipeline.outliers import outlier_comparison
+
+    try:
+        bundled_model_path()
+    except LowbitError:
+        pytest.skip("the bundled model is not built")
+    rows = {(r["model"].split()[0], r["method"]): r for r in outlier_comparison()}
+    for method in ("w8a8-static", "w8a8", "llm-int8", "smoothquant"):
+        assert abs(rows["plain", method]["change"]) < 0.01, method
+    assert rows["outliers", "fp32"]["perplexity"] == pytest.approx(rows["plain", "fp32"]["perplexity"], rel=1e-4)
+    assert rows["outliers", "w8a8-static"]["change"] > 0.5       # measured +306%
+    for method in ("llm-int8", "smoothquant"):
+        assert abs(rows["outliers", method]["change"]) < 0.02, method
+    assert 0 < rows["outliers", "llm-int8"]["float_columns"] < 0.5

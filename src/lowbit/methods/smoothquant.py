@@ -22,7 +22,8 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.int8 import quantize_rows
 from lowbit.methods.base import register_method
 from lowbit.methods.w8a8 import ACTIVATION_WORDS, W8A8, int8_weight
-from lowbit.pipeline.fold import InputSource, block_linears, fold_scales, foldable_groups, group_input_stats, sample_rows
+from lowbit.pipeline.fold import (InputSource, block_linears, fold_scales, foldable_groups, group_input_stats,
+                                  sample_rows)
 
 ALPHA_GRID = tuple(i / 20 for i in range(21))
 MIN_SCALE = 1e-5       # SmoothQuant's clamp on s (and on max|W_j|)

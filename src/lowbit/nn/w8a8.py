@@ -70,7 +70,8 @@ class W8A8Linear(_Int8WeightLinear):
     def __init__(self, in_features: int, out_features: int, activation: str = "token", bias: bool = False):
         super().__init__(in_features, out_features, bias)
         if activation not in ACTIVATIONS:
-            raise LowbitError(f"activation quantisation must be 'token' (dynamic) or 'tensor' (static), got {activation!r}")
+            raise LowbitError(f"activation quantisation must be 'token' (dynamic) or 'tensor' (static), "
+                              f"got {activation!r}")
         self.activation = activation
         if activation == "tensor":
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32))

@@ -123,6 +123,6 @@ def render_outlier_comparison(rows: list[dict]) -> str:
 
 def render_demo() -> str:
     rows = outlier_comparison(progress=lambda m: print(m, file=sys.stderr, flush=True))
-    return ("Int8 activations and emergent outliers: the bundled model, and its variant with hidden channels "
-            f"{list(DEFAULT_CHANNELS)} scaled x{DEFAULT_FACTOR:g} into every Linear (same full-precision function)\n"
-            + render_outlier_comparison(rows))
+    return ("Int8 activations and emergent outliers: the bundled model, and its variant whose Linears all read "
+            f"channels {list(DEFAULT_CHANNELS)} of their input\nscaled x{DEFAULT_FACTOR:g} (the same full-precision "
+            "function; held-out perplexity, 16K tokens)\n" + render_outlier_comparison(rows))
