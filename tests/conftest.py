@@ -9,6 +9,15 @@ from lowbit.data import bundled_text
 TINY_VOCAB = 512
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The ggml searches are many small tensor ops: on a shared machine extra threads only add waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

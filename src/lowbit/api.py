@@ -1,8 +1,9 @@
 """The Python API, mirroring the CLI:
 
     model, tok = lowbit.load_model("path/to/hf-model")          # None: the bundled model
-    lowbit.quantize(model, RTN(bits=4, group_size=128), calibration=None, tokenizer=tok)
+    lowbit.quantize(model, lowbit.RTN(bits=4, group_size=128), tokenizer=tok)
     lowbit.save(model, "out/model-int4", tokenizer=tok);  model, tok = lowbit.load("out/model-int4")
+    lowbit.export(model, "out/model.gguf", format="gguf", tokenizer=tok)
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.io import get_exporter, get_importer
 from lowbit.io.native import is_native
 from lowbit.io.native import load as load_native
 from lowbit.io.native import save
@@ -28,8 +30,6 @@ def load_model(path=None, trust_remote_code: bool = False):
     if path is not None and Path(path).is_dir() and is_native(path):
         return load_native(path)
     if path is not None and Path(path).is_file() and Path(path).suffix == ".gguf":
-        from lowbit.io import get_importer
-
         return get_importer("gguf")(path)
     return load_hf_model(path, torch.float32, trust_remote_code)
 
@@ -60,4 +60,10 @@ def quantize(model, config, calibration=None, tokenizer=None, n_samples: int = D
     return quantize_model(model, config, ids, batch_size=batch_size, progress=progress)
 
 
-__all__ = ["load_model", "load", "quantize", "save"]
+def export(model, out, format: str, tokenizer=None, requantize: bool = False, **options):
+    """Write a (quantised) model in a serving format: "gguf", "gptq", "awq", "bnb". Weights the format
+    holds exactly are copied; others are refused unless requantize=True. Returns the written path."""
+    return get_exporter(format).export(model, out, tokenizer=tokenizer, requantize=requantize, **options)
+
+
+__all__ = ["load_model", "load", "quantize", "save", "export"]

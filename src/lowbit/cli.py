@@ -42,7 +42,7 @@ def _cmd_demo(args) -> str:
 
     parts = {"basics": demos.render_basics, "formats": demos.render_formats, "memory": demos.render_memory}
     if args.which == "outliers":  # quantises the bundled model ten times: minutes, so not part of "all"
-        from lowbit.pipeline.outliers import render_demo
+        from lowbit.eval.outliers import render_demo
 
         return render_demo()
     chosen = [args.which] if args.which != "all" else list(parts)

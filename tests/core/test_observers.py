@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lowbit.core import KL, MSE, Percentile, QuantSpec, quantize
+from lowbit.core import KL, Percentile, QuantSpec, quantize
 from lowbit.errors import LowbitError
 
 

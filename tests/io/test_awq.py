@@ -66,7 +66,7 @@ def awq_model():
 
 @pytest.mark.parametrize("which", ["awq-uint4", "rtn-int4-sym"])
 def test_export_decodes_to_the_quantised_weights(which, awq_model, tmp_path):
-    model = awq_model if which == "awq-uint4" else quantised_tiny(RTN(4, 32, symmetric=True))
+    model = awq_model if which == "awq-uint4" else quantised_tiny(RTN(bits=4, group_size=32, symmetric=True))
     get_exporter("awq")(model, tmp_path / "awq")
     cfg = json.loads((tmp_path / "awq" / "config.json").read_text())
     assert cfg["quantization_config"] == {"quant_method": "awq", "zero_point": True, "group_size": 32, "bits": 4,
@@ -110,7 +110,7 @@ def test_what_awq_cannot_hold_is_refused(tmp_path):
     with pytest.raises(LowbitError, match="4-bit"):
         get_exporter("awq")(quantised_tiny(AWQ(bits=3, group_size=32, n_grid=1, objective="layer")), tmp_path / "a")
     with pytest.raises(LowbitError, match="group"):
-        get_exporter("awq")(quantised_tiny(RTN(4, None)), tmp_path / "b")
+        get_exporter("awq")(quantised_tiny(RTN(bits=4, group_size=None)), tmp_path / "b")
     with pytest.raises(LowbitError, match="no quantised"):
         get_exporter("awq")(build_tiny_model("llama"), tmp_path / "c")
     assert not (tmp_path / "a").exists()

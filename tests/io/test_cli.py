@@ -52,3 +52,39 @@ def test_export_errors_are_one_line(tmp_path, capsys, args, message):
     args = [str(tmp_path / a) if a == "X" else a for a in args]
     rc, out, err = run(capsys, *args)
     assert rc == 2 and message in err and err.count("\n") == 1
+
+
+def test_gguf_export_copies_a_q4_0_shaped_weight_and_refuses_others(tmp_path, tiny_model_dir, capsys):
+    from gguf import GGUFReader
+
+    from lowbit.weights.ggml import unpack_ggml
+
+    src = tiny_model_dir("llama")
+    for method in ("rtn-int4-g32", "rtn-int4-g64"):
+        assert run(capsys, "quantize", src, "--method", method, "--quiet", "-o", tmp_path / method)[0] == 0
+    rc, out, err = run(capsys, "export", tmp_path / "rtn-int4-g32", "--format", "gguf", "--type", "Q4_0",
+                       "-o", tmp_path / "a.gguf")
+    assert rc == 0, err
+    native = api.load(tmp_path / "rtn-int4-g32")[0].model.layers[1].mlp.down_proj.quantized()
+    tensor = next(t for t in GGUFReader(tmp_path / "a.gguf").tensors if t.name == "blk.1.ffn_down.weight")
+    fields = unpack_ggml(torch.from_numpy(tensor.data.copy()), "Q4_0")
+    rows, cols = native.shape
+    assert torch.equal(fields.d, native.scale)                     # the scales, as stored
+    levels = native.spec.number_format.decode(native.codes).reshape(rows, cols // 32, 1, 32)
+    assert torch.equal(fields.q.float(), levels)                   # the codes, as stored
+    # int4 g64 is no ggml type: a one-line refusal and no file, unless re-rounding is asked for
+    rc, out, err = run(capsys, "export", tmp_path / "rtn-int4-g64", "--format", "gguf", "--type", "Q4_0",
+                       "-o", tmp_path / "b.gguf")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--requantize" in err and "int4 g64" in err
+    assert not (tmp_path / "b.gguf").exists()
+    rc, out, err = run(capsys, "export", tmp_path / "rtn-int4-g64", "--format", "gguf", "--type", "Q4_0",
+                       "--requantize", "-o", tmp_path / "b.gguf")
+    assert rc == 0 and "rounded again" in out and (tmp_path / "b.gguf").exists()
+
+
+def test_gguf_export_of_held_blocks_with_another_type_is_refused(tmp_path, tiny_model_dir, capsys):
+    src = tiny_model_dir("llama")
+    assert run(capsys, "quantize", src, "--method", "ggml-q4_0", "--quiet", "-o", tmp_path / "q")[0] == 0
+    rc, out, err = run(capsys, "export", tmp_path / "q", "--format", "gguf", "--type", "Q8_0", "-o", tmp_path / "x.gguf")
+    assert rc == 2 and "holds Q4_0 blocks" in err and not (tmp_path / "x.gguf").exists()
+    assert run(capsys, "export", tmp_path / "q", "--format", "gguf", "-o", tmp_path / "y.gguf")[0] == 0

@@ -9,18 +9,14 @@ from gguf import GGMLQuantizationType, GGUFReader, quants
 
 from lowbit.errors import LowbitError
 from lowbit.io import get_exporter, get_importer
-from lowbit.io.gguf import export_gguf, load_gguf
-from lowbit.methods.ggml import dequantize_ggml, quantize_ggml
-from lowbit.methods.ggml_mix import gguf_name, tensor_type
+from lowbit.io.gguf import EXPORTER, export_gguf, gguf_names
+from lowbit.io.gguf_read import load_gguf
+from lowbit.methods.ggml_mix import tensor_type
+from lowbit.weights.ggml import dequantize_ggml, quantize_ggml
 from tests.conftest import build_tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +41,8 @@ def fields(reader: GGUFReader) -> dict:
 
 
 def hf_weight(model, gguf: str) -> torch.Tensor:
-    hf = {v: k for k, v in {n: gguf_name(n) for n, _ in model.named_parameters()}.items()}[gguf]
-    w = model.get_parameter(hf).detach().float()
+    hf = {g: h for h, g in gguf_names(model).items()}[gguf]
+    w = model.get_submodule(hf).weight.detach().float()
     if ".attn_q." in gguf:
         return convert_hf_permute(w, model.config.num_attention_heads)
     if ".attn_k." in gguf:
@@ -145,7 +141,7 @@ def test_export_is_deterministic_and_atomic(llama, tiny_tokenizer, tmp_path):
     b = export_gguf(llama, tmp_path / "b.gguf", type="Q8_0", tokenizer=tiny_tokenizer)
     assert a.read_bytes() == b.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "b.gguf"]
-    assert get_exporter("gguf") is export_gguf and get_importer("gguf") is load_gguf
+    assert get_exporter("gguf") is EXPORTER and get_importer("gguf") is load_gguf
 
 
 def test_export_refuses_what_llama_cpp_cannot_load(tiny_tokenizer, tmp_path):

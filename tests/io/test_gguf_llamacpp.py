@@ -17,12 +17,13 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
 
 from lowbit.errors import LowbitError
-from lowbit.io.gguf import export_gguf, load_gguf
-from lowbit.methods.ggml import BLOCK_TYPES, quantize_ggml
-from lowbit.methods.ggml_mix import FILE_TYPES, gguf_name, tensor_type
+from lowbit.io.gguf import export_gguf, gguf_names
+from lowbit.io.gguf_read import load_gguf
+from lowbit.methods.ggml_mix import FILE_TYPES, tensor_type
+from lowbit.weights.ggml import BLOCK_TYPES, quantize_ggml
 
 pytestmark = pytest.mark.interop
-llama_cpp = pytest.importorskip("llama_cpp")
+from tests.llamacpp import llama_cpp  # noqa: E402  (skips the module when llama-cpp-python is absent)
 
 N_CTX = 256
 RESULTS = os.environ.get("LOWBIT_INTEROP_RESULTS")   # optional JSON file collecting the measured numbers
@@ -180,9 +181,10 @@ def imatrix(bundled):
     model, tok = bundled
     ids = torch.tensor(tok(bundled_text("calibration")[:200000])["input_ids"][:32 * N_CTX]).reshape(-1, N_CTX)
     sums, counts, hooks = {}, {}, []
+    names = gguf_names(model)
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            def hook(mod, args, out, key=gguf_name(name)):
+        if isinstance(module, torch.nn.Linear) and name in names:
+            def hook(mod, args, out, key=names[name]):
                 x = args[0].detach().double().reshape(-1, args[0].shape[-1])
                 sums[key] = sums.get(key, 0) + (x * x).sum(0)
                 counts[key] = counts.get(key, 0) + x.shape[0]

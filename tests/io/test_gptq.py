@@ -71,7 +71,7 @@ SCHEMES = {
     "int3-g64-asym-actorder": GPTQ(bits=3, group_size=64, symmetric=False, act_order=True),
     "int2-g32": GPTQ(bits=2, group_size=32),
     "int8-channel": GPTQ(bits=8, group_size=None),
-    "rtn-int4-g128-asym": RTN(4, 128, False),
+    "rtn-int4-g128-asym": RTN(bits=4, group_size=128, symmetric=False),
 }
 
 
@@ -151,16 +151,16 @@ def test_export_refuses_what_the_layout_cannot_hold(tmp_path):
     with pytest.raises(LowbitError, match="one scheme per model"):
         export_gptq({"a": gptq_quantize(W, H, GPTQ()), "b": gptq_quantize(W, H, GPTQ(bits=3))}, tmp_path / "a")
     with pytest.raises(LowbitError, match="fp16 scales"):
-        export_gptq({"a": RTN(4, 128, scale_dtype="bf16").quantize_weight(W * 1e-4)}, tmp_path / "b")
+        export_gptq({"a": RTN(bits=4, group_size=128, scale_dtype="bf16").quantize_weight(W * 1e-4)}, tmp_path / "b")
     with pytest.raises(LowbitError, match="2, 3, 4 or 8-bit"):
-        export_gptq({"a": RTN(5, 128).quantize_weight(W)}, tmp_path / "c")
+        export_gptq({"a": RTN(bits=5, group_size=128).quantize_weight(W)}, tmp_path / "c")
     with pytest.raises(LowbitError, match="nothing to export"):
         export_gptq(torch.nn.Linear(4, 4), tmp_path / "d")
     assert not any(tmp_path.iterdir())   # nothing half-written
 
 
 def test_registered():
-    assert get_exporter("gptq") is export_gptq and get_importer("gptq") is import_gptq
+    assert get_exporter("gptq").name == "gptq" and get_importer("gptq") is import_gptq
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 from lowbit import api
 from lowbit.errors import LowbitError
 from lowbit.io.native import load, save
-from lowbit.methods import RTN
+from lowbit.methods import RTN, method_from_dict
 from lowbit.nn import QuantLinear
 from tests.conftest import build_tiny_model
 
@@ -28,7 +28,7 @@ def test_reload_gives_bit_identical_outputs(tmp_path, tiny_tokenizer, arch, conf
     assert {"model.safetensors", "lowbit_config.json", "config.json", "quant_report.json"} <= files
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     meta = json.loads((out / "lowbit_config.json").read_text())
-    assert meta["recipe"]["default"]["bits"] == config.bits
+    assert method_from_dict(meta["recipe"]["default"]) == config
     n_q = sum(isinstance(m, QuantLinear) for m in loaded.modules())
     assert n_q == len(meta["modules"]) > 0
 

@@ -9,10 +9,11 @@ from lowbit.core import quantize
 from lowbit.errors import LowbitError
 from lowbit.methods import RTN, parse_method
 from lowbit.methods.awq import AWQ, candidate_scales, clip_search
-from lowbit.methods.rtn import weight_spec
+from lowbit.core import QuantSpec
+from lowbit.methods.base import LayerInfo
 from lowbit.methods.stats import LayerStats
 from lowbit.nn import QuantLinear
-from lowbit.pipeline.fold import prepare_model
+from lowbit.pipeline.scaling import prepare_model
 from lowbit.pipeline.outliers import make_outlier_variant
 from tests.conftest import build_tiny_model
 
@@ -53,7 +54,7 @@ def test_without_search_or_clipping_awq_is_rtn():
     """alpha = 0 only (n_grid=1) gives s = 1, and no clipping: the same codes as asymmetric RTN."""
     base = build_tiny_model("llama")
     a = api.quantize(copy.deepcopy(base), AWQ(group_size=32, n_grid=1, clip=False), calibration=CALIB, progress=False)
-    r = api.quantize(copy.deepcopy(base), RTN(4, 32, symmetric=False), calibration=CALIB, progress=False)
+    r = api.quantize(copy.deepcopy(base), RTN(bits=4, group_size=32, symmetric=False), calibration=CALIB, progress=False)
     for (n, m), (_, m2) in zip(a.named_modules(), r.named_modules()):
         if isinstance(m, QuantLinear):
             assert torch.equal(m.qweight, m2.qweight) and torch.equal(m.scales, m2.scales), n
@@ -65,7 +66,7 @@ def test_clip_search_never_loses_to_no_clipping_on_the_true_output_error():
     x = torch.randn(300, 64, generator=GEN) * torch.rand(64, generator=GEN) * 3
     stats = LayerStats(64)
     stats.update(x)
-    spec = weight_spec(3, 32, False)
+    spec = QuantSpec("uint3", "group", 32, symmetric=False)
     clipped, ratios = clip_search(w, stats.xtx, spec, n_grid=20, max_shrink=0.5)
     q_clip, q_plain = quantize(clipped, spec).dequantize(), quantize(w, spec).dequantize()
     # per (row, group), measured directly on the input rows, not through the Gram matrix
@@ -83,18 +84,19 @@ def test_awq_beats_rtn_on_held_out_tokens(bits):
     # planted outlier channels (8x) make some input channels matter more, which is AWQ's premise
     base = make_outlier_variant(build_tiny_model("llama"), channels=(3, 17, 40), factor=8.0)
     ref = logits(base)
-    rtn = api.quantize(copy.deepcopy(base), RTN(bits, 32, symmetric=False), calibration=CALIB, progress=False)
-    awq = api.quantize(copy.deepcopy(base), AWQ(bits, 32, n_grid=10), calibration=CALIB, progress=False)
+    rtn = api.quantize(copy.deepcopy(base), RTN(bits=bits, group_size=32, symmetric=False), calibration=CALIB, progress=False)
+    awq = api.quantize(copy.deepcopy(base), AWQ(bits=bits, group_size=32, n_grid=10), calibration=CALIB, progress=False)
     e_rtn, e_awq = rel(logits(rtn), ref), rel(logits(awq), ref)
     assert e_awq < 0.8 * e_rtn, (e_awq, e_rtn)
 
 
 def test_q_and_k_clipping_can_be_left_out_as_autoawq_does():
-    assert AWQ().for_layer("model.layers.0.self_attn.q_proj", 2).clip
+    q, k, v = (LayerInfo(f"model.layers.0.self_attn.{x}_proj", f"attn_{x}", 0, 2) for x in "qkv")
+    assert AWQ().for_layer(q).clip
     autoawq = AWQ(clip_qk=False)
-    assert not autoawq.for_layer("model.layers.0.self_attn.q_proj", 2).clip
-    assert not autoawq.for_layer("model.layers.0.self_attn.k_proj", 2).clip
-    assert autoawq.for_layer("model.layers.0.self_attn.v_proj", 2).clip
+    assert not autoawq.for_layer(q).clip
+    assert not autoawq.for_layer(k).clip
+    assert autoawq.for_layer(v).clip
 
 
 def test_names_and_checks():
@@ -126,7 +128,7 @@ def test_awq_beats_rtn_on_the_bundled_model(bits):
     base, tok = api.load_model(None)
     ids = tokenize(tok, bundled_eval_text(), 16384)
     ppl = {}
-    for config in (RTN(bits, 128, symmetric=False), AWQ(bits)):
+    for config in (RTN(bits=bits, group_size=128, symmetric=False), AWQ(bits=bits)):
         model = api.quantize(copy.deepcopy(base), config, tokenizer=tok, progress=False)
         ppl[config.name] = perplexity(model, ids).perplexity
     assert ppl["awq"] < ppl["rtn"]   # measured: 46.60 vs 46.85 at int4, 47.76 vs 49.22 at int3 (fp32: 46.30)

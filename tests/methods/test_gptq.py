@@ -158,14 +158,15 @@ def test_float32_matches_float64_closely():
 
 @pytest.mark.parametrize("cfg", [GPTQ(), GPTQ(act_order=True), GPTQ(static_groups=True), GPTQ(bits=3),
                                  GPTQ(bits=2, group_size=64, act_order=True), GPTQ(symmetric=False),
-                                 GPTQ(group_size=None), GPTQ(mse=True), GPTQ(full_grid=False)],
+                                 GPTQ(group_size=None), GPTQ(mse=True), GPTQ(full_grid=False),
+                                 GPTQ(scheme="nf4-g64"), GPTQ(scheme="fp4_e2m1-g32")],
                          ids=lambda c: c.short_name() + ("" if c.full_grid else "-nofullgrid"))
 def test_output_error_about_half_of_rtn(cfg):
     W, H, _ = correlated_problem(128, 512, seed=3, spread=0.5, mixing=3.0)
     W, H = W.float(), H.float()
     gptq_err = output_error(W, gptq_quantize(W, H, cfg).dequantize(), H)
     same_grid_rtn = output_error(W, round_to_nearest(W, cfg).dequantize(), H)
-    core_rtn = output_error(W, RTN(cfg.bits, cfg.group_size, cfg.symmetric).quantize_weight(W).dequantize(), H)
+    core_rtn = output_error(W, RTN(scheme=cfg.scheme).quantize_weight(W).dequantize(), H)
     assert gptq_err < 0.65 * same_grid_rtn
     assert gptq_err < 0.65 * core_rtn
 
@@ -190,7 +191,7 @@ def test_without_full_grid_rtn_fallback_is_core_rtn():
     W = torch.randn(32, 256, generator=torch.Generator().manual_seed(0))
     for sym in (True, False):
         ours = round_to_nearest(W, GPTQ(full_grid=False, symmetric=sym))
-        core = RTN(4, 128, sym).quantize_weight(W)
+        core = RTN(bits=4, group_size=128, symmetric=sym).quantize_weight(W)
         assert torch.equal(ours.codes, core.codes) and torch.equal(ours.scale, core.scale)
         assert torch.equal(ours.zero, core.zero)
 
@@ -264,7 +265,7 @@ def test_quantize_weight_uses_layer_stats():
     qt = GPTQ(group_size=32).quantize_weight(W, stats)
     assert torch.equal(qt.codes, gptq_quantize(W, 2.0 / X.shape[0] * X.double().T @ X.double(), GPTQ(group_size=32)).codes)
     assert "warnings" not in qt.extras
-    assert stats.output_error(W, qt.dequantize()) < stats.output_error(W, RTN(4, 32).quantize_weight(W).dequantize())
+    assert stats.output_error(W, qt.dequantize()) < stats.output_error(W, RTN(bits=4, group_size=32).quantize_weight(W).dequantize())
 
 
 def test_bad_inputs_raise_lowbit_errors():
@@ -322,7 +323,7 @@ def test_bundled_model_every_layer_below_rtn():
         def quantize_weight(self, weight, stats=None):
             qt = super().quantize_weight(weight, stats)
             errors = [stats.output_error(weight, q.dequantize()) for q in
-                      (qt, RTN(self.bits, self.group_size).quantize_weight(weight), round_to_nearest(weight, self))]
+                      (qt, RTN(bits=self.bits, group_size=self.group_size).quantize_weight(weight), round_to_nearest(weight, self))]
             records.append(errors)
             return qt
 

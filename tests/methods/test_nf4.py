@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 from lowbit.errors import LowbitError
 from lowbit.methods import METHODS, method_from_dict, parse_method
-from lowbit.methods.nf4 import (NF4, FP4, Quantized4bit, code_table, dynamic_map, pack_nibbles, quantize_4bit,
-                                quantize_blockwise_8bit, unpack_nibbles)
+from lowbit.methods.nf4 import FP4, NF4, quantize_4bit
+from lowbit.weights.bnb4 import (Quantized4bit, code_table, dynamic_map, pack_nibbles, quantize_blockwise_8bit,
+                                 unpack_nibbles)
 
 bnb_f = pytest.importorskip("bitsandbytes.functional")
 

@@ -10,7 +10,10 @@ from lowbit.methods import parse_method
 from lowbit.methods.smoothquant import SmoothQuant, search_alpha, smoothed_error, smoothing_scales
 from lowbit.nn.w8a8 import W8A8Linear
 from lowbit.pipeline.arch import describe
-from lowbit.pipeline.fold import input_source, prepare_model
+from lowbit.methods.scaling import ScaleContext
+from lowbit.methods.stats import LayerStats
+from lowbit.pipeline.fold import input_source
+from lowbit.pipeline.scaling import prepare_model
 from lowbit.pipeline.outliers import make_outlier_variant
 from tests.conftest import build_tiny_model
 
@@ -78,10 +81,12 @@ def test_alpha_search_is_no_worse_than_the_default_on_its_objective():
     h.remove()
     x = torch.cat(rows)
     source = input_source(block, arch, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
-    alpha, err = search_alpha(x, linears, source, x.abs().amax(0), "token")
+    weights = [m.weight.detach() for m in linears]
+    ctx = ScaleContext(weights, LayerStats(64), source.index, source.width, source.kind)
+    alpha, err = search_alpha(x, ctx, x.abs().amax(0), "token")
     w_max = torch.stack([m.weight.abs().amax(0) for m in linears]).amax(0)
-    at_half = smoothed_error(x, linears, smoothing_scales(x.abs().amax(0), w_max, 0.5), "token", x.abs().amax(0))
-    no_smoothing = smoothed_error(x, linears, torch.ones(64), "token", x.abs().amax(0))
+    at_half = smoothed_error(x, weights, smoothing_scales(x.abs().amax(0), w_max, 0.5), "token", x.abs().amax(0))
+    no_smoothing = smoothed_error(x, weights, torch.ones(64), "token", x.abs().amax(0))
     assert err <= at_half + 1e-12 and err < no_smoothing / 5
     assert 0 <= alpha <= 1
 

@@ -7,6 +7,7 @@ from lowbit import api
 from lowbit.errors import LowbitError
 from lowbit.kernels.int8 import MAX_K, default_backend, int8_matmul, quantize_rows, quantize_with_scale
 from lowbit.methods import parse_method
+from lowbit.methods.awq import AWQ
 from lowbit.methods.w8a8 import W8A8, int8_weight
 from lowbit.nn.w8a8 import W8A8Linear
 from tests.conftest import build_tiny_model
@@ -136,14 +137,14 @@ def test_pipeline_quantises_and_native_format_reloads(name, tmp_path, tiny_token
 @pytest.mark.parametrize("method, expected", [("w8a8", W8A8("token")), ("w8a8-static", W8A8("tensor")),
                                               ("llm-int8", "LLMInt8(threshold=6.0)"),
                                               ("smoothquant", "SmoothQuant(activation='token', alpha=0.5"),
-                                              ("awq", "AWQ(bits=3, group_size=128, symmetric=False")])
+                                              ("awq", AWQ(bits=3))])
 def test_cli_method_names(method, expected):
     from lowbit.cli import build_parser
     from lowbit.pipeline.cli import method_from_args
 
     extra = ["--bits", "3"] if method == "awq" else []
     config = method_from_args(build_parser().parse_args(["quantize", "--method", method, *extra, "-o", "x"]))
-    assert config == expected if isinstance(expected, W8A8) else repr(config).startswith(expected)
+    assert config == expected if not isinstance(expected, str) else repr(config).startswith(expected)
 
 
 def test_cli_quantize_and_reload_w8a8(tmp_path, tiny_model_dir, capsys):

@@ -90,7 +90,7 @@ def test_bad_factor_is_a_lowbit_error(factor):
 def test_bundled_model_outlier_table():
     """Issue 5's acceptance numbers on the bundled model (about a minute on two idle cores)."""
     from lowbit.data import bundled_model_path
-    from lowbit.pipeline.outliers import outlier_comparison
+    from lowbit.eval.outliers import outlier_comparison
 
     try:
         bundled_model_path()

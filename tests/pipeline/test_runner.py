@@ -8,7 +8,8 @@ from torch import nn
 from lowbit import api
 from lowbit.methods import RTN
 from lowbit.methods.base import MethodConfig
-from lowbit.methods.rtn import rtn_quantize, weight_spec
+from lowbit.core import QuantSpec
+from lowbit.methods.rtn import rtn_quantize
 from lowbit.nn import QuantLinear
 from lowbit.pipeline.arch import block_list, describe
 from lowbit.pipeline.loading import conv1d_to_linear
@@ -54,7 +55,7 @@ def test_report_output_error_matches_direct_computation():
     h.remove()
     x = torch.cat(seen)
     w = original.get_submodule(target).weight.detach()
-    q = rtn_quantize(w, weight_spec(4, 32, True)).dequantize()
+    q = rtn_quantize(w, QuantSpec("int4", "group", 32)).dequantize()
     direct = float((x @ (w - q).T).norm() / (x @ w.T).norm())
     model = build_tiny_model("llama")
     api.quantize(model, RTN(bits=4, group_size=32), calibration=calib, progress=False)
@@ -72,7 +73,7 @@ class RecordingRTN(MethodConfig):
 
     def quantize_weight(self, weight, stats):
         self.log.append(stats)
-        return rtn_quantize(weight, weight_spec(4, 32, True))
+        return rtn_quantize(weight, QuantSpec("int4", "group", 32))
 
 
 def test_sequential_groups_follow_the_block_order(tiny_tokenizer):
@@ -87,7 +88,7 @@ def test_sequential_groups_follow_the_block_order(tiny_tokenizer):
 
 
 def test_skip_list_and_overrides(tiny_tokenizer):
-    from lowbit.pipeline.recipe import Recipe
+    from lowbit.methods.recipe import Recipe
 
     model = build_tiny_model("llama")
     recipe = Recipe(RTN(bits=4, group_size=32), overrides=[("*.mlp.down_proj", RTN(bits=8, group_size=None)),

@@ -13,6 +13,12 @@ from lowbit.errors import LowbitError
 from lowbit.formats import get_format
 
 _TORCH_SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def round_zero(zero: torch.Tensor, zero_dtype: str) -> torch.Tensor:
+    """A float zero point as stored at `zero_dtype` (round to nearest), back in float32."""
+    return zero.to(TORCH_FLOAT_DTYPES[zero_dtype]).float()
 
 
 def round_scale_up(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
@@ -52,6 +58,8 @@ def scale_and_zero(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple
     scale = round_scale_up(torch.where(scale > 0, scale, torch.ones_like(scale)), spec.scale_dtype)
     if spec.symmetric:
         zero = torch.full_like(scale, spec.implied_zero)
+    elif spec.float_zero:
+        zero = round_zero(fmt.qmin - lo / scale, spec.zero_dtype)
     else:
         zero = torch.clamp(fmt.qmin - torch.round(lo / scale), fmt.qmin, fmt.qmax)
     return scale, zero

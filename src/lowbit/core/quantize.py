@@ -18,7 +18,8 @@ class QuantizedTensor:
 
     codes: uint8 code per element, shaped like the original tensor (bit patterns of the format)
     scale: float32 [rows, blocks per row], already rounded to spec.scale_dtype
-    zero:  float32 [rows, blocks per row], integer-valued; implied (not stored) when symmetric
+    zero:  float32 [rows, blocks per row]: integer-valued, or a free float (spec.zero_dtype); implied
+           (not stored) when symmetric
     g_idx: optional int32 [columns]: the group of each column when groups are not contiguous
            (GPTQ with act-order); None means column c belongs to group c // group_size
     extras: method-specific tensors (codebooks, sparse outliers, ...) that travel with the weight

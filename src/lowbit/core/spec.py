@@ -8,6 +8,9 @@ from lowbit.formats import NumberFormat, canonical_name, get_format
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
 SCALE_DTYPES = {"fp32": 32, "fp16": 16, "bf16": 16, "e8m0": 8}
+# "int": an integer zero point on the grid, stored in `bits` bits; a float dtype: a free float zero point
+# (HQQ's), stored at that precision.
+ZERO_DTYPES = {"int": None, "fp32": 32, "fp16": 16, "bf16": 16}
 
 
 @dataclass(frozen=True)
@@ -19,9 +22,13 @@ class QuantSpec:
                  "group" (group_size consecutive elements of a row), "token" (one per row of
                  activations, i.e. every dim but the last)
     symmetric:   zero point fixed (0 on a signed grid, the middle code on an unsigned one) and not
-                 stored; asymmetric stores an integer zero point per block (integer formats only)
+                 stored; asymmetric stores a zero point per block (integer formats only)
     scale_dtype: how scales are stored (fp32, fp16, bf16, e8m0); scales are rounded up to it so the
                  stored scale never clips the block
+    zero_dtype:  how an asymmetric zero point is stored: "int" (on the grid, `bits` bits, as GPTQ and
+                 AWQ store it) or a float dtype (a free float zero point, as HQQ stores it)
+
+    This one value is the scheme every method receives; `lowbit.methods.names` spells it in short names.
     """
 
     format: str = "int8"
@@ -29,6 +36,7 @@ class QuantSpec:
     group_size: int | None = None
     symmetric: bool = True
     scale_dtype: str = "fp16"
+    zero_dtype: str = "int"
 
     def __post_init__(self):
         object.__setattr__(self, "format", canonical_name(self.format))
@@ -41,6 +49,8 @@ class QuantSpec:
             raise LowbitError(f"group_size is only meaningful with granularity='group', not {self.granularity!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise LowbitError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.zero_dtype not in ZERO_DTYPES:
+            raise LowbitError(f"zero_dtype must be one of {', '.join(ZERO_DTYPES)}, got {self.zero_dtype!r}")
         if not self.symmetric and not self.number_format.is_integer:
             raise LowbitError(f"asymmetric quantisation needs an integer grid; {self.format} is symmetric only")
 
@@ -57,9 +67,16 @@ class QuantSpec:
         return SCALE_DTYPES[self.scale_dtype]
 
     @property
+    def float_zero(self) -> bool:
+        """Whether the zero point is a free float (stored at zero_dtype) rather than a grid integer."""
+        return not self.symmetric and self.zero_dtype != "int"
+
+    @property
     def zero_bits(self) -> int:
         """Bits stored per block for the zero point (0 when it is implied by the spec)."""
-        return 0 if self.symmetric else self.bits
+        if self.symmetric:
+            return 0
+        return ZERO_DTYPES[self.zero_dtype] or self.bits
 
     @property
     def implied_zero(self) -> float:
@@ -73,10 +90,33 @@ class QuantSpec:
         """Storage bits per element for blocks of `block_size` elements, scale and zero included."""
         return self.bits + (self.scale_bits + self.zero_bits) / block_size
 
+    def updated(self, *, format: str | None = None, bits: int | None = None, group_size=..., symmetric=None,
+                scale_dtype: str | None = None, zero_dtype: str | None = None) -> "QuantSpec":
+        """This scheme with some fields changed. `bits` picks an integer grid of that width (signed when
+        symmetric, unsigned otherwise); `symmetric` alone moves an integer grid between int and uint;
+        `group_size` None means one scale per output channel, an int groups of that size."""
+        sym = self.symmetric if symmetric is None else bool(symmetric)
+        fmt = self.format if format is None else canonical_name(format)
+        is_int = get_format(fmt).is_integer
+        if bits is not None:
+            if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+                raise LowbitError(f"integer grids take 1..8 bits, got {bits!r}")
+            fmt, is_int = canonical_name(f"{'int' if sym else 'uint'}{bits}"), True
+        elif is_int and symmetric is not None:
+            fmt = canonical_name(f"{'int' if sym else 'uint'}{get_format(fmt).bits}")
+        granularity, group = self.granularity, self.group_size
+        if group_size is not ...:
+            granularity, group = ("channel", None) if group_size is None else ("group", group_size)
+        return QuantSpec(fmt, granularity, group, sym, scale_dtype or self.scale_dtype,
+                         zero_dtype or self.zero_dtype)
+
     def to_dict(self) -> dict:
         return {"format": self.format, "granularity": self.granularity, "group_size": self.group_size,
-                "symmetric": self.symmetric, "scale_dtype": self.scale_dtype}
+                "symmetric": self.symmetric, "scale_dtype": self.scale_dtype, "zero_dtype": self.zero_dtype}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
-        return cls(**{k: d[k] for k in ("format", "granularity", "group_size", "symmetric", "scale_dtype")})
+        if not isinstance(d, dict):
+            raise LowbitError(f"a scheme must be a dict of QuantSpec fields, got {type(d).__name__}")
+        keys = ("format", "granularity", "group_size", "symmetric", "scale_dtype", "zero_dtype")
+        return cls(**{k: d[k] for k in keys if k in d})

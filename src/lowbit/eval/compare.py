@@ -45,8 +45,10 @@ def parse_methods(methods) -> list[Planned]:
 
 
 def needs_calibration(config) -> bool:
-    """Whether a method reads calibration activations (its declared stats, or a per-block hook)."""
-    return bool(config.required_stats) or config.sequential or callable(getattr(config, "prepare_block", None))
+    """Whether a method reads calibration activations (its declared stats, or an input-scale search)."""
+    from lowbit.methods.scaling import InputScaling
+
+    return bool(config.required_stats) or config.sequential or isinstance(config, InputScaling)
 
 
 def stderr_progress(message: str) -> None:

@@ -10,10 +10,10 @@ Per quantised Linear with K inputs, N outputs and G = K / group_size groups (sha
 Within a word, nibble i (bits 4i..4i+3) holds output column 8*word + AWQ_ORDER[i], the interleave
 AutoAWQ's GEMM kernel expects. Dequantisation: (q - zero) * scale.
 
-The exporter reads QuantLinear modules holding 4-bit integer weights in contiguous groups (the AWQ
-method's output; any RTN/GPTQ int4 group weight without act-order fits too) and never re-quantises:
-a signed int4 grid is shifted by 8 into the unsigned one, zero points with it. Everything else is
-written at fp16. The importer rebuilds QuantLinear modules (uint4, asymmetric, fp16 scales) from the
+The exporter accepts 4-bit integer weights in contiguous groups with fp16 scales (the AWQ method's
+output; any RTN/GPTQ int4 group weight without act-order fits too) and never re-quantises them: a
+signed int4 grid is shifted by 8 into the unsigned one, zero points with it. Everything else is written
+at fp16. The importer rebuilds QuantLinear modules (uint4, asymmetric, fp16 scales) from the
 same tensors, so export -> import gives back the identical quantised values.
 """
 from __future__ import annotations
@@ -23,17 +23,17 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.core import QuantizedTensor, QuantSpec
 from lowbit.errors import LowbitError
-from lowbit.io import register_exporter, register_importer
-from lowbit.io.native import writing_folder
+from lowbit.io import Exporter, register_exporter, register_importer
+from lowbit.io.hf_folder import biases, empty_model, float_tensors, one_value, write_hf_folder
+from lowbit.nn import QuantLinear
+from lowbit.pipeline.loading import load_tokenizer, read_config, set_module
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 PACK = 8                      # 4-bit values per int32 word
-WEIGHTS_FILE = "model.safetensors"
 IMPORT_SPEC_FORMAT = "uint4"
 
 
@@ -67,26 +67,35 @@ def unpack_awq(words: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # QuantizedTensor <-> AWQ tensors
 
-def _check_exportable(name: str, q: QuantizedTensor) -> None:
+def awq_problem(q) -> str | None:
+    """Why the AWQ GEMM layout cannot hold `q` exactly, or None when it can."""
+    if not isinstance(q, QuantizedTensor):
+        return f"AWQ GEMM holds 4-bit integer weights, not {type(q).__name__}"
     spec = q.spec
     if not spec.number_format.is_integer or spec.bits != 4:
-        raise LowbitError(f"{name}: AWQ GEMM holds 4-bit integer weights only, this one is {spec.format}")
-    if spec.granularity != "group":
-        raise LowbitError(f"{name}: AWQ needs group-wise scales, this weight is per-{spec.granularity}")
+        return f"AWQ GEMM holds 4-bit integer weights only, this one is {spec.format}"
+    if spec.granularity != "group" or spec.float_zero:
+        return "AWQ needs group-wise scales and integer zero points"
     if q.g_idx is not None:
-        raise LowbitError(f"{name}: AWQ has no group index; act-order weights cannot be written in it")
+        return "AWQ has no group index; act-order weights cannot be written in it"
     if q.shape[0] % PACK:
-        raise LowbitError(f"{name}: AWQ packs 8 output channels per int32; {q.shape[0]} outputs is not a multiple")
+        return f"AWQ packs 8 output channels per int32; {q.shape[0]} outputs is not a multiple"
+    if not torch.equal(q.scale.half().float(), q.scale.float()):
+        return "AWQ stores fp16 scales and these are not all fp16 values"
+    zeros = q.zero.round() - q.spec.number_format.qmin
+    if bool(((zeros < 0) | (zeros > 15)).any()):
+        return "zero points outside 0..15 cannot be stored in AWQ's 4-bit qzeros"
+    return None
 
 
 def awq_tensors(name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
     """qweight, qzeros and scales of one quantised weight [N, K]."""
-    _check_exportable(name, q)
+    problem = awq_problem(q)
+    if problem:
+        raise LowbitError(f"{name}: {problem}")
     shift = -q.spec.number_format.qmin            # 8 for a signed int4 grid, 0 for uint4
     levels = q.spec.number_format.decode(q.codes).to(torch.int64) + shift
     zeros = q.zero.round().to(torch.int64) + shift
-    if bool(((zeros < 0) | (zeros > 15)).any()):
-        raise LowbitError(f"{name}: zero points outside 0..15 cannot be stored in AWQ's 4-bit qzeros")
     return {"qweight": pack_awq(levels.T.contiguous()), "qzeros": pack_awq(zeros.T.contiguous()),
             "scales": q.scale.T.contiguous().to(torch.float16)}
 
@@ -107,58 +116,34 @@ def quantized_from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torc
 # ---------------------------------------------------------------------------------------------------
 # Export
 
-def _awq_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from lowbit.nn import QuantLinear
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-def _other_tensors(model: nn.Module, skip_prefixes: set[str]) -> dict[str, torch.Tensor]:
-    """Every state-dict tensor outside the quantised modules, at fp16 when floating; tied tensors once."""
-    out, seen = {}, set()
-    for key, t in model.state_dict().items():
-        if key.rpartition(".")[0] in skip_prefixes:
-            continue
-        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ptr in seen:
-            continue  # a tied weight (lm_head sharing the embedding): transformers re-ties it on load
-        seen.add(ptr)
-        out[key] = (t.to(torch.float16) if t.is_floating_point() else t).contiguous().clone()
-    return out
-
-
 def _quantization_config(group_size: int, not_converted: list[str]) -> dict:
     return {"quant_method": "awq", "zero_point": True, "group_size": group_size, "bits": 4, "version": "gemm",
             "modules_to_not_convert": not_converted or None}
 
 
-def export_awq(model: nn.Module, out, tokenizer=None) -> Path:
-    """Write `model`'s 4-bit group-quantised Linears in the AWQ GEMM layout, with config.json and tokenizer."""
-    modules = _awq_modules(model)
-    if not modules:
-        raise LowbitError("no quantised Linears to export: quantise with AWQ (or RTN int4 g128) first")
-    tensors, group_sizes = {}, set()
-    for name, m in modules.items():
-        q = m.quantized()
-        for key, t in awq_tensors(name, q).items():
-            tensors[f"{name}.{key}"] = t
-        if m.bias is not None:
-            tensors[f"{name}.bias"] = m.bias.detach().to(torch.float16).contiguous().clone()
-        group_sizes.add(q.spec.group_size)
-    if len(group_sizes) != 1:
-        raise LowbitError(f"AWQ stores one group size per model; these Linears use {sorted(group_sizes)}")
-    tensors.update(_other_tensors(model, set(modules)))
-    not_converted = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
-    config = model.config.to_dict()
-    config["quantization_config"] = _quantization_config(group_sizes.pop(), not_converted)
-    config["torch_dtype"] = "float16"
-    out = Path(out)
-    with writing_folder(out) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    return out
+class AWQExporter(Exporter):
+    """The AWQ GEMM layout: 4-bit group-quantised Linears, everything else at fp16."""
+
+    name = "awq"
+    requantize_with = "rtn-uint4-g128"
+
+    def problem(self, weight) -> str | None:
+        return awq_problem(weight)
+
+    def write(self, model, weights, out, tokenizer=None, **_options) -> Path:
+        if not weights:
+            raise LowbitError("no quantised Linears to export: quantise with AWQ (or RTN int4 g128) first")
+        group_size = one_value(weights, "AWQ", "group size", lambda q: q.spec.group_size)
+        tensors = {**float_tensors(model, weights, torch.float16), **biases(model, weights, torch.float16)}
+        for name, q in weights.items():
+            tensors.update({f"{name}.{k}": t for k, t in awq_tensors(name, q).items()})
+        not_converted = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
+        qc = _quantization_config(group_size, not_converted)
+        return write_hf_folder(out, model, tensors, tokenizer, qc, torch.float16)
+
+
+EXPORTER = register_exporter(AWQExporter())
+export_awq = EXPORTER.export
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,21 +180,14 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _empty_model(path: Path) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    from lowbit.pipeline.loading import read_config
-
     config = read_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # built plain here; the quantised modules are swapped in below
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return empty_model(config, path).float()
 
 
 def import_awq(path):
     """(model, tokenizer or None) from an AWQ GEMM folder, its 4-bit Linears as lowbit QuantLinear."""
-    from lowbit.nn import QuantLinear
-    from lowbit.pipeline.loading import load_tokenizer, set_module
-
     path = Path(path)
     qc = _read_awq_config(path)
     group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
@@ -233,5 +211,4 @@ def import_awq(path):
     return model, load_tokenizer(path)
 
 
-register_exporter("awq", export_awq)
 register_importer("awq", import_awq)

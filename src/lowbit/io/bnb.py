@@ -11,8 +11,9 @@ state_dict writes (see ../shared/formats.md §6):
     <m>.weight.quant_state.bitsandbytes__<nf4|fp4>  uint8: JSON bytes of quant_type, blocksize, dtype,
                                                 shape (+ nested_blocksize, nested_dtype, nested_offset)
 
-Every other tensor is written as the model holds it. Export translates Linear4bit modules (NF4/FP4
-quantised by lowbit.methods.nf4); import rebuilds them bit for bit, so a round trip changes nothing.
+Every other tensor is written as the model holds it. Export translates Quantized4bit weights (NF4/FP4
+quantised by lowbit.methods.nf4) and accepts nothing else; import rebuilds them bit for bit, so a round
+trip changes nothing.
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.io import register_exporter, register_importer
-from lowbit.methods.nf4 import Quantized4bit, code_table, dynamic_map
+from lowbit.io import Exporter, register_exporter, register_importer
+from lowbit.io.hf_folder import empty_model, float_tensors, one_value, write_hf_folder
 from lowbit.nn.linear4bit import Linear4bit
+from lowbit.pipeline.loading import load_tokenizer, read_config, set_module
+from lowbit.weights.bnb4 import Quantized4bit, code_table, dynamic_map
 
-WEIGHTS_FILE = "model.safetensors"
 QUANT_STATE_PREFIX = "weight.quant_state.bitsandbytes__"
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 DTYPES_BY_NAME = {v: k for k, v in TORCH_DTYPE_NAMES.items()}
@@ -84,72 +86,48 @@ def quantized_from_bnb(tensors: dict[str, torch.Tensor], fields: dict, where: st
 # ---------------------------------------------------------------------------------------------------
 # Whole models
 
-def _linear4bit_modules(model: nn.Module) -> dict[str, Linear4bit]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
-
-
-def _uniform(modules: dict[str, Linear4bit], attr: str):
-    values = {getattr(m, attr) for m in modules.values()}
-    if len(values) > 1:
-        raise LowbitError(f"the bnb format holds one {attr} per model; this model mixes {sorted(map(str, values))}")
-    return values.pop()
-
-
 def quantization_config(modules: dict[str, Linear4bit], float_linears: list[str]) -> dict:
     """transformers' BitsAndBytesConfig as a dict; Linears left in float are listed as skipped."""
+    def one(attr):
+        return one_value(modules, "the bnb format", attr, lambda m: getattr(m, attr))
+
     return {
         "quant_method": "bitsandbytes", "_load_in_4bit": True, "_load_in_8bit": False,
         "load_in_4bit": True, "load_in_8bit": False,
-        "bnb_4bit_quant_type": _uniform(modules, "quant_type"),
-        "bnb_4bit_use_double_quant": _uniform(modules, "double_quant"),
-        "bnb_4bit_compute_dtype": TORCH_DTYPE_NAMES[_uniform(modules, "compute_dtype")],
+        "bnb_4bit_quant_type": one("quant_type"), "bnb_4bit_use_double_quant": one("double_quant"),
+        "bnb_4bit_compute_dtype": TORCH_DTYPE_NAMES[one("compute_dtype")],
         "bnb_4bit_quant_storage": "uint8",
         "llm_int8_threshold": 6.0, "llm_int8_skip_modules": float_linears or None,
         "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
     }
 
 
-def _float_tensors(model: nn.Module, quantized: dict[str, Linear4bit]) -> dict[str, torch.Tensor]:
-    """Every other tensor of the state dict; storage shared by tied weights is written once."""
-    inside = tuple(f"{n}." for n in quantized)
-    out, seen = {}, set()
-    for key, t in model.state_dict().items():
-        if key.startswith(inside) and not key.endswith(".bias"):
-            continue
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            continue
-        seen.add(ptr)
-        out[key] = t.detach().contiguous().clone()
-    return out
+class BnbExporter(Exporter):
+    """bitsandbytes' pre-quantised 4-bit folder (what transformers loads with load_in_4bit)."""
+
+    name = "bnb"
+    requantize_with = "nf4"
+
+    def problem(self, weight) -> str | None:
+        return None if isinstance(weight, Quantized4bit) else "bnb holds NF4/FP4 blockwise weights only"
+
+    def write(self, model, weights, out, tokenizer=None, **_options) -> Path:
+        if not weights:
+            raise LowbitError("the model holds no NF4/FP4 Linear to export in the bnb format (quantise with nf4 or fp4)")
+        if any(type(m).__name__ == "LoraLinear" for m in model.modules()):
+            raise LowbitError("the model carries LoRA adapters; export the base without them "
+                              "(adapters are saved on their own as a PEFT folder)")
+        modules = {n: model.get_submodule(n) for n in weights}
+        tensors = {**float_tensors(model, weights), **{f"{n}.bias": m.bias.detach().contiguous().clone()
+                                                       for n, m in modules.items() if m.bias is not None}}
+        for name, q in weights.items():
+            tensors.update(bnb_linear_tensors(name, q))
+        float_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+        return write_hf_folder(out, model, tensors, tokenizer, quantization_config(modules, float_linears))
 
 
-def export_bnb(model: nn.Module, out, tokenizer=None, **_options) -> Path:
-    """Write `model` (its Linears quantised with nf4/fp4) as a pre-quantised bnb-4bit model folder."""
-    from safetensors.torch import save_file
-
-    from lowbit.io.native import writing_folder
-
-    quantized = _linear4bit_modules(model)
-    if not quantized:
-        raise LowbitError("the model holds no NF4/FP4 Linear to export in the bnb format (quantise with nf4 or fp4)")
-    if any(type(m).__name__ == "LoraLinear" for m in model.modules()):
-        raise LowbitError("the model carries LoRA adapters; export the base without them "
-                          "(adapters are saved on their own as a PEFT folder)")
-    tensors = _float_tensors(model, quantized)
-    for name, module in quantized.items():
-        tensors.update(bnb_linear_tensors(name, module.quantized()))
-    float_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    out = Path(out)
-    with writing_folder(out) as tmp:
-        config = model.config.__class__.from_dict(model.config.to_dict())
-        config.quantization_config = quantization_config(quantized, float_linears)
-        config.architectures = config.architectures or [type(model).__name__]
-        config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    return out
+EXPORTER = register_exporter(BnbExporter())
+export_bnb = EXPORTER.export
 
 
 def _read_bnb_config(path: Path) -> dict:
@@ -172,22 +150,9 @@ def _group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, to
     return groups
 
 
-def _empty_model(config, path: Path) -> nn.Module:
-    import transformers
-
-    if not config.architectures:
-        return transformers.AutoModelForCausalLM.from_config(config)
-    cls = getattr(transformers, config.architectures[0], None)
-    if cls is None:
-        raise LowbitError(f"unknown model class {config.architectures[0]!r} in {path / 'config.json'}")
-    return cls(config)
-
-
 def import_bnb(path):
     """(model, tokenizer or None) from a pre-quantised bnb-4bit folder, its 4-bit Linears as Linear4bit."""
     from safetensors.torch import load_file
-
-    from lowbit.pipeline.loading import load_tokenizer, read_config, set_module
 
     path = Path(path)
     qc = _read_bnb_config(path)
@@ -198,7 +163,7 @@ def import_bnb(path):
     tensors = {k: v for f in files for k, v in load_file(str(f)).items()}
     config = read_config(path)
     config.quantization_config = None
-    model = _empty_model(config, path)
+    model = empty_model(config, path)
     for name, own in _group_by_module(tensors).items():
         qs_key = next(k for k in own if k.startswith("quant_state."))
         fields = json.loads(bytes(own.pop(qs_key).tolist()).decode("utf-8"))
@@ -226,7 +191,6 @@ def _is_quantized_buffer(model: nn.Module, key: str) -> bool:
         return False
 
 
-register_exporter("bnb", export_bnb)
 register_importer("bnb", import_bnb)
 
 __all__ = ["export_bnb", "import_bnb", "bnb_linear_tensors", "quantized_from_bnb", "quant_state_json",

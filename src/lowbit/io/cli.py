@@ -19,8 +19,11 @@ def _cmd_export(args) -> str:
         raise LowbitError("--type applies to --format gguf only")
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     options = {"type": args.type} if args.type else {}
-    written = exporter(model, out, tokenizer=tokenizer, **options)
-    return f"wrote {args.format} export to {written or out}"
+    weights, redone = exporter.prepare(model, args.requantize)
+    written = exporter.write(model, weights, out, tokenizer=tokenizer, requantize=args.requantize, **options)
+    note = (f"; {len(redone)} quantised weights were rounded again for {args.format} (--requantize): "
+            f"{', '.join(redone[:3])}{' ...' if len(redone) > 3 else ''}") if redone else ""
+    return f"wrote {args.format} export to {written or out}{note}"
 
 
 def _cmd_import(args) -> str:
@@ -44,6 +47,8 @@ def register(sub) -> None:
                    help="a lowbit-quantised folder (or a HF folder for gguf, which quantises itself); default: bundled model")
     p.add_argument("--format", required=True, help="gguf, gptq, awq or bnb")
     p.add_argument("--type", help="GGUF file type: Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q3_K_M, Q6_K, Q2_K, F16 ...")
+    p.add_argument("--requantize", action="store_true",
+                   help="round quantised weights the format cannot hold exactly again (default: refuse them)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(run=_cmd_export)

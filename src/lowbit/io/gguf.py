@@ -1,21 +1,20 @@
-"""GGUF v3: write Llama models as llama.cpp loads them, and read such files back into torch.
+"""GGUF v3: write Llama models as llama.cpp loads them (the reader is io/gguf_read.py).
 
-Writer: the container is gguf-py's GGUFWriter (llama.cpp's own library); the quantisation is ours
-(methods/ggml.py), with the per-tensor types of llama.cpp's file types (methods/ggml_mix.py). Weights
-already held as ggml blocks (GGMLLinear, from `lowbit quantize --method q4_k_m`) are copied as they are;
-float weights are quantised here. q and k rows are permuted from Hugging Face's rotate-half layout to
-the interleaved pairs llama.cpp's rope expects (what convert_hf_to_gguf.py does).
-
-Reader: a bounds-checked walk of the header first (a truncated or corrupt file is a one-line
-LowbitError, never an exception from deep inside a parser or a read past the end), then gguf-py's
-GGUFReader; quantised matrices become GGMLLinear modules holding the file's bytes.
+The container is gguf-py's GGUFWriter (llama.cpp's own library); the quantisation is ours
+(lowbit.weights.ggml), with the per-tensor types of llama.cpp's file types (methods/ggml_mix.py), the
+tensors named by the roles the model's Arch gives its modules. Weights already held as ggml blocks
+(`lowbit quantize --method q4_k_m`), or as affine integer groups that are exactly a legacy ggml type
+(an int4 g32 symmetric weight is Q4_0), are copied as they are; a quantised weight of another scheme is
+refused unless re-rounding is asked for; float weights are quantised here. q and k rows are permuted
+from Hugging Face's rotate-half layout to the interleaved pairs llama.cpp's rope expects (what
+convert_hf_to_gguf.py does).
 """
 from __future__ import annotations
 
 import json
 import os
-import struct
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,11 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.io import register_exporter, register_importer
-from lowbit.methods.ggml import BLOCK_TYPES, GGMLTensor, quantize_ggml
-from lowbit.methods.ggml_mix import FILE_TYPES, LAYER_ROLES, file_type, gguf_name, tensor_type
+from lowbit.io import Exporter, quantized_weights, register_exporter
+from lowbit.methods.ggml_mix import FILE_TYPES, file_type, tensor_type
+from lowbit.pipeline.arch import Arch, describe
+from lowbit.weights.ggml import GGMLTensor, quantize_ggml
+from lowbit.weights.ggml.affine import ggml_from_affine
 
 QUANTIZATION_VERSION = 2
 HF_JSON_KEY = "tokenizer.huggingface.json"
@@ -156,12 +157,19 @@ def _adds_bos(tokenizer) -> bool:
     return bos is not None and len(ids) > 0 and ids[0] == bos
 
 
-def _source(module: nn.Module):
-    """A weight as ggml blocks (GGMLTensor) when the module holds them, else as float32."""
-    if hasattr(module, "quantized") and isinstance(module.quantized(), GGMLTensor):
-        return module.quantized()
-    if hasattr(module, "dequantized_weight"):
-        return module.dequantized_weight().float()
+# ----------------------------------------------------------------------------------------------------
+# Tensors
+# ----------------------------------------------------------------------------------------------------
+def _as_ggml(weight) -> GGMLTensor | None:
+    return weight if isinstance(weight, GGMLTensor) else ggml_from_affine(weight)
+
+
+def _source(model: nn.Module, hf: str, weights: dict):
+    """A weight as ggml blocks when held so, else as float32 (a float module, or a weight to re-round)."""
+    held = weights.get(hf)
+    if held is not None:
+        return held
+    module = model.get_submodule(hf)
     return module.weight.detach().float()
 
 
@@ -172,427 +180,167 @@ def _permute(source, n_head: int):
     return source[idx]
 
 
-def _stored_bytes(name: str, source, choose_type, importance, search: bool) -> tuple[np.ndarray, str]:
-    """(uint8 array as GGUF stores it, ggml type): blocks are copied, float weights quantised."""
-    if isinstance(source, GGMLTensor):
-        return source.data.numpy(), source.type
-    if source.dim() == 1:
-        return quantize_ggml(source.reshape(1, -1), "F32").reshape(-1), "F32"
-    ggml_type = choose_type(name, source.shape[-1])
-    return quantize_ggml(source, ggml_type, importance, search), ggml_type
-
-
 def _is_tied(model) -> bool:
     out = model.get_output_embeddings()
     return out is None or getattr(out, "weight", None) is model.get_input_embeddings().weight
 
 
-def gguf_tensors(model, ftype: str, imatrix: dict | None = None, search: bool = True):
-    """(GGUF name, uint8 array, ggml type) for every tensor of a Llama model, in llama.cpp's order."""
-    config = model.config
+def tensor_names(model: nn.Module, arch: Arch) -> list[tuple[str, str]]:
+    """(Hugging Face module, GGUF tensor name) of every tensor, in llama.cpp's order."""
+    by_role = {role: name for name, role in arch.globals.items()}
+    names = [(by_role["token_embd"], "token_embd.weight")]
+    for i in range(model.config.num_hidden_layers):
+        names += [(f"model.layers.{i}.{suffix}", f"blk.{i}.{role}.weight") for suffix, role in arch.roles.items()]
+    names.append((by_role["output_norm"], "output_norm.weight"))
+    if not _is_tied(model):
+        names.append((by_role["output"], "output.weight"))
+    return names
+
+
+def gguf_names(model: nn.Module) -> dict[str, str]:
+    """{Hugging Face module name: GGUF tensor name} of every tensor the GGUF file of `model` holds."""
+    return dict(tensor_names(model, describe(model)))
+
+
+def _stored(name: str, source, target: str, importance, search: bool, keep_held: bool) -> tuple[np.ndarray, str]:
+    """(uint8 array as GGUF stores it, ggml type): held blocks are copied, float weights quantised."""
+    if isinstance(source, GGMLTensor):
+        if source.type == target or keep_held:
+            return source.data.numpy(), source.type
+        raise LowbitError(f"{name} holds {source.type} blocks but the file type asked for stores it as {target}; "
+                          "export without --type to keep the model's own types, or pass --requantize")
+    if source.dim() == 1:
+        return quantize_ggml(source.reshape(1, -1), "F32").reshape(-1), "F32"
+    return quantize_ggml(source, target, importance, search), target
+
+
+def gguf_tensors(model, ftype: str, weights: dict | None = None, imatrix: dict | None = None, search: bool = True,
+                 keep_held: bool = True):
+    """(GGUF name, uint8 array, ggml type) for every tensor of a Llama model, in llama.cpp's order.
+    weights: {module: GGMLTensor held, or a float tensor to round}; keep_held: held blocks keep their
+    type even where the file type would choose another (else that is an error)."""
+    config, arch = model.config, describe(model)
     n_layers, n_heads, n_kv = config.num_hidden_layers, config.num_attention_heads, _n_kv_heads(config)
     tied = _is_tied(model)
-
-    def choose_type(name, cols):
-        return tensor_type(ftype, name, n_layers, cols, n_heads // n_kv, tied, imatrix is not None)
-
-    names = ["model.embed_tokens"]
-    names += [f"model.layers.{i}.{suffix}" for i in range(n_layers) for suffix in LAYER_ROLES]
-    names += ["model.norm"] + ([] if tied else ["lm_head"])
-    for hf in names:
-        source = _source(model.get_submodule(hf))
-        if hf.endswith("q_proj") or hf.endswith("k_proj"):
-            source = _permute(source, n_heads if hf.endswith("q_proj") else n_kv)
-        name = gguf_name(hf + ".weight")
+    weights = weights or {}
+    for hf, name in tensor_names(model, arch):
+        source = _source(model, hf, weights)
+        role = name.split(".")[-2]
+        if role in ("attn_q", "attn_k"):
+            source = _permute(source, n_heads if role == "attn_q" else n_kv)
+        target = tensor_type(ftype, name, n_layers, source.shape[-1], n_heads // n_kv, tied, imatrix is not None)
         importance = None if imatrix is None else imatrix.get(hf)
-        data, stored = _stored_bytes(name, source, choose_type, importance, search)
-        yield name, data, stored
+        yield (name, *_stored(name, source, target, importance, search, keep_held))
 
 
-def export_gguf(model, out_path, tokenizer=None, type: str = "Q4_K_M", imatrix: dict | None = None,
-                search: bool = True, tokenizer_pre: str | None = None, name: str | None = None) -> Path:
+# ----------------------------------------------------------------------------------------------------
+# The file type
+# ----------------------------------------------------------------------------------------------------
+# The file type named after a block type, for models holding one type throughout.
+_FILE_TYPE_OF_BLOCK = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1", "Q8_0": "q8_0",
+                       "Q2_K": "q2_k", "Q3_K": "q3_k_s", "Q4_K": "q4_k_s", "Q5_K": "q5_k_s", "Q6_K": "q6_k"}
+DEFAULT_FILE_TYPE = "q4_k_m"
+
+
+def infer_file_type(model: nn.Module, weights: dict) -> str:
+    """The llama.cpp file type a quantised model already is: its recipe's (q4_k_m ...), else that of
+    the block type most of its weights hold; a float model gets DEFAULT_FILE_TYPE."""
+    recipe = getattr(model, "lowbit_recipe", None)
+    if recipe is not None and recipe.default.name in FILE_TYPES:
+        return recipe.default.name
+    held = Counter(w.type for w in weights.values() if isinstance(w, GGMLTensor))
+    if held:
+        return _FILE_TYPE_OF_BLOCK.get(held.most_common(1)[0][0], DEFAULT_FILE_TYPE)
+    return DEFAULT_FILE_TYPE
+
+
+# ----------------------------------------------------------------------------------------------------
+# The exporter
+# ----------------------------------------------------------------------------------------------------
+class GGUFExporter(Exporter):
+    """llama.cpp's GGUF. Holds ggml blocks of every type, and affine weights that are a legacy type
+    exactly; a quantised weight of any other scheme is re-rounded by the file type's rules only when
+    asked (requantize)."""
+
+    name = "gguf"
+
+    def problem(self, weight) -> str | None:
+        if _as_ggml(weight) is not None:
+            return None
+        return ("GGUF holds ggml blocks, and int4/int5/int8 g32 symmetric or uint4/uint5 g32 weights with fp16 "
+                "scales as Q4_0/Q5_0/Q8_0/Q4_1/Q5_1")
+
+    def prepare(self, model: nn.Module, requantize: bool = False) -> tuple[dict, list[str]]:
+        weights, redone = {}, []
+        for name, w in quantized_weights(model).items():
+            blocks = _as_ggml(w)
+            if blocks is not None:
+                weights[name] = blocks
+            elif requantize:
+                weights[name] = w.dequantize().float()      # rounded again by the file type's rules
+                redone.append(name)
+            else:
+                raise LowbitError(self.refusal(name, w, "pass --requantize to round it again by the file type's rules"))
+        return weights, redone
+
+    def write(self, model, weights, out, tokenizer=None, type: str | None = None, imatrix: dict | None = None,
+              search: bool = True, tokenizer_pre: str | None = None, name: str | None = None,
+              requantize: bool = False, **_options) -> Path:
+        from gguf import GGMLQuantizationType, GGUFWriter
+
+        if tokenizer is None:
+            raise LowbitError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
+        _check_llama(model.config)
+        ftype = file_type(type) if type else infer_file_type(model, weights)
+        keep_held = type is None     # an explicit file type must match held blocks, or re-round them
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        try:
+            writer = GGUFWriter(tmp, "llama")
+            source_name = Path(getattr(model.config, "_name_or_path", "") or "lowbit-model").name
+            _write_hparams(writer, model.config, ftype, name or source_name)
+            _write_tokenizer(writer, tokenizer, model.config.vocab_size, tokenizer_pre)
+            with torch.no_grad():
+                tensors = gguf_tensors(model, ftype, _regroup(weights, requantize and type), imatrix, search,
+                                       keep_held)
+                for tname, data, stored in tensors:
+                    writer.add_tensor(tname, data, raw_dtype=GGMLQuantizationType[stored])
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return out
+
+
+def _regroup(weights: dict, reround_held: bool) -> dict:
+    """With an explicit file type and requantize, held blocks of another type are rounded again from
+    their values: pass them as float."""
+    if not reround_held:
+        return weights
+    return {n: w.dequantize().float() if isinstance(w, GGMLTensor) else w for n, w in weights.items()}
+
+
+EXPORTER = register_exporter(GGUFExporter())
+
+
+def export_gguf(model, out_path, tokenizer=None, type: str | None = None, imatrix: dict | None = None,
+                search: bool = True, tokenizer_pre: str | None = None, name: str | None = None,
+                requantize: bool = False) -> Path:
     """Write `model` (a Llama model, or a path to one) as a GGUF file of llama.cpp file type `type`
-    ("Q4_K_M", "Q8_0", "F16", ...). Linears the pipeline already holds as ggml blocks are copied.
+    ("Q4_K_M", "Q8_0", "F16", ...; None: the type the model was quantised to, Q4_K_M for a float model).
 
     imatrix: optional {HF Linear name: mean squared input activation per column} (llama.cpp's imatrix).
-    search:  False quantises exactly as llama-quantize would; True searches further (methods/ggml.py).
+    search:  False quantises exactly as llama-quantize would; True searches further (lowbit.weights.ggml).
     """
-    from gguf import GGMLQuantizationType, GGUFWriter
-
     if isinstance(model, (str, os.PathLike)):
         from lowbit.api import load_model
         model, loaded_tok = load_model(model)
         tokenizer = tokenizer or loaded_tok
-    if tokenizer is None:
-        raise LowbitError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
-    _check_llama(model.config)
-    ftype = file_type(type)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        writer = GGUFWriter(tmp, "llama")
-        source_name = Path(getattr(model.config, "_name_or_path", "") or "lowbit-model").name
-        _write_hparams(writer, model.config, ftype, name or source_name)
-        _write_tokenizer(writer, tokenizer, model.config.vocab_size, tokenizer_pre)
-        with torch.no_grad():
-            for tname, data, stored in gguf_tensors(model, ftype, imatrix, search):
-                writer.add_tensor(tname, data, raw_dtype=GGMLQuantizationType[stored])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
-register_exporter("gguf", export_gguf)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reader: a bounds-checked walk of the header, then gguf-py's GGUFReader
-# ----------------------------------------------------------------------------------------------------
-# GGUF metadata value types -> struct formats (8 is a string, 9 an array).
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
-_SCALAR_SIZES = {k: struct.calcsize(f) for k, f in _SCALAR_FORMATS.items()}
-_STRING, _ARRAY = 8, 9
-MAX_DIMS = 4
-
-
-class _Header:
-    """Reads the header of a GGUF file with every length checked against what is left of the file."""
-
-    def __init__(self, data, path):
-        self.data, self.pos, self.path = data, 0, path
-
-    def fail(self, what: str):
-        raise LowbitError(f"{self.path}: {what} at byte {self.pos} (truncated or corrupt GGUF file)")
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            self.fail(f"needs {n} more bytes")
-        out = bytes(self.data[self.pos:self.pos + n])
-        self.pos += n
-        return out
-
-    def u32(self) -> int:
-        return struct.unpack("<I", self.take(4))[0]
-
-    def u64(self) -> int:
-        return struct.unpack("<Q", self.take(8))[0]
-
-    def left(self) -> int:
-        return len(self.data) - self.pos
-
-    def string(self) -> str:
-        n = self.u64()
-        if n > self.left():
-            self.fail(f"string of {n} bytes runs past the end")
-        try:
-            return self.take(n).decode("utf-8")
-        except UnicodeDecodeError:
-            self.fail("string is not UTF-8")
-
-    def value(self, vtype: int, depth: int = 0):
-        if vtype in _SCALAR_FORMATS:
-            return struct.unpack(_SCALAR_FORMATS[vtype], self.take(_SCALAR_SIZES[vtype]))[0]
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY and depth < 2:
-            item, count = self.u32(), self.u64()
-            if item in _SCALAR_SIZES:
-                if count * _SCALAR_SIZES[item] > self.left():
-                    self.fail(f"array of {count} items runs past the end")
-                self.take(count * _SCALAR_SIZES[item])
-                return None
-            if count * 8 > self.left():
-                self.fail(f"array of {count} items runs past the end")
-            for _ in range(count):
-                self.value(item, depth + 1)
-            return None
-        self.fail(f"unknown metadata value type {vtype}")
-
-
-def check_gguf_structure(path) -> None:
-    """Walk header, metadata and tensor table; check every tensor's bytes lie inside the file."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    path = Path(path)
-    if not path.is_file():
-        raise LowbitError(f"no such file: {path}")
-    if path.stat().st_size < 24:
-        raise LowbitError(f"{path}: too short to be a GGUF file ({path.stat().st_size} bytes)")
-    h = _Header(np.memmap(path, mode="r"), path)
-    if h.take(4) != b"GGUF":
-        raise LowbitError(f"{path}: not a GGUF file (bad magic)")
-    version = h.u32()
-    if version not in (2, 3):
-        h.fail(f"unsupported GGUF version {version}")
-    n_tensors, n_kv = h.u64(), h.u64()
-    if n_kv * 12 > h.left() or n_tensors * 28 > h.left():
-        h.fail(f"{n_kv} metadata entries / {n_tensors} tensors cannot fit in the file")
-    alignment = 32
-    for _ in range(n_kv):
-        key, vtype = h.string(), h.u32()
-        value = h.value(vtype)
-        if key == "general.alignment":
-            if vtype != 4 or not value or value & (value - 1):
-                h.fail("general.alignment must be a u32 power of two")
-            alignment = value
-    infos = []
-    for _ in range(n_tensors):
-        name, n_dims = h.string(), h.u32()
-        if not 1 <= n_dims <= MAX_DIMS:
-            h.fail(f"tensor {name!r} has {n_dims} dimensions")
-        dims = [h.u64() for _ in range(n_dims)]
-        raw_type, offset = h.u32(), h.u64()
-        infos.append((name, dims, raw_type, offset))
-    data_start = h.pos + (-h.pos) % alignment
-    for name, dims, raw_type, offset in infos:
-        try:
-            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type)]
-        except (ValueError, KeyError):
-            raise LowbitError(f"{path}: tensor {name!r} has unknown ggml type {raw_type}")
-        n = int(np.prod(dims, dtype=object))
-        if any(d == 0 for d in dims) or dims[0] % block or n > 1 << 48:
-            raise LowbitError(f"{path}: tensor {name!r} has impossible shape {dims} for its type")
-        if offset % alignment or data_start + offset + n // block * size > len(h.data):
-            raise LowbitError(f"{path}: tensor {name!r} lies outside the file (truncated or corrupt)")
-
-
-def open_gguf(path):
-    """gguf-py's reader on a file that has passed check_gguf_structure; its errors become LowbitError."""
-    from gguf import GGUFReader
-
-    check_gguf_structure(path)
-    try:
-        return GGUFReader(path, "r")
-    except Exception as e:  # gguf-py raises ValueError/KeyError/IndexError on malformed content
-        raise LowbitError(f"{path}: cannot parse GGUF file: {e}") from e
-
-
-def _fields(reader) -> dict:
-    out = {}
-    for key, field in reader.fields.items():
-        try:
-            out[key] = field.contents()
-        except Exception:   # undecodable values of keys we do not use are skipped
-            continue
-    return out
-
-
-def _need(meta: dict, key: str, kind=int, default=None):
-    """meta[key] as `kind`; `default` when absent (None: the key is required)."""
-    if key not in meta:
-        if default is None:
-            raise LowbitError(f"GGUF file lacks {key}")
-        return default
-    try:
-        return kind(meta[key])
-    except (TypeError, ValueError, OverflowError):
-        raise LowbitError(f"GGUF key {key} has an unusable value {str(meta[key])[:40]!r}")
-
-
-def llama_config_from_gguf(meta: dict, vocab: int, tied: bool):
-    """A transformers LlamaConfig from the llama.* keys (the vocabulary size from the embedding's rows)."""
-    from transformers import LlamaConfig
-
-    if meta.get("general.architecture") != "llama":
-        arch = meta.get("general.architecture")
-        raise LowbitError(f"lowbit reads GGUF files of the llama architecture, not {arch!r}")
-    hidden = _need(meta, "llama.embedding_length")
-    heads = _need(meta, "llama.attention.head_count")
-    kv = _need(meta, "llama.attention.head_count_kv", int, heads)
-    rope_dim = _need(meta, "llama.rope.dimension_count", int, hidden // max(heads, 1))
-    head_dim = _need(meta, "llama.attention.key_length", int, rope_dim)
-    if min(hidden, heads, kv, head_dim) <= 0 or heads % kv:
-        raise LowbitError(f"GGUF file has inconsistent attention sizes: {heads} heads, {kv} KV heads, dim {head_dim}")
-    if rope_dim != head_dim:
-        raise LowbitError("partial rotary embeddings are not supported")
-    token_id = lambda key: _need(meta, key, int, -1) if key in meta else None  # noqa: E731
-    return LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=_need(meta, "llama.feed_forward_length"),
-        num_hidden_layers=_need(meta, "llama.block_count"), num_attention_heads=heads, num_key_value_heads=kv,
-        head_dim=head_dim, rms_norm_eps=_need(meta, "llama.attention.layer_norm_rms_epsilon", float),
-        max_position_embeddings=_need(meta, "llama.context_length", int, 2048),
-        rope_parameters={"rope_type": "default", "rope_theta": _need(meta, "llama.rope.freq_base", float, 10000.0)},
-        tie_word_embeddings=tied, bos_token_id=token_id("tokenizer.ggml.bos_token_id"),
-        eos_token_id=token_id("tokenizer.ggml.eos_token_id"))
-
-
-def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    """GGUF name -> shape (rows, cols) as torch sees it."""
-    h, f, d = config.hidden_size, config.intermediate_size, config.head_dim
-    per_layer = {"attn_norm": (h,), "ffn_norm": (h,), "attn_q": (config.num_attention_heads * d, h),
-                 "attn_k": (config.num_key_value_heads * d, h), "attn_v": (config.num_key_value_heads * d, h),
-                 "attn_output": (h, config.num_attention_heads * d), "ffn_gate": (f, h), "ffn_up": (f, h),
-                 "ffn_down": (h, f)}
-    out = {"token_embd.weight": (config.vocab_size, h), "output_norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        out["output.weight"] = (config.vocab_size, h)
-    for i in range(config.num_hidden_layers):
-        out.update({f"blk.{i}.{role}.weight": shape for role, shape in per_layer.items()})
-    return out
-
-
-def _tensor_table(reader) -> dict:
-    from gguf import GGMLQuantizationType
-
-    table = {}
-    for t in reader.tensors:
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        table[t.name] = (shape, GGMLQuantizationType(t.tensor_type).name, t.data)
-    return table
-
-
-def _check_tensors(table: dict, config) -> None:
-    expected = _expected_shapes(config)
-    missing = [n for n in expected if n not in table]
-    extra = [n for n in table if n not in expected and not n.startswith("rope_freqs")]
-    if missing or extra:
-        raise LowbitError(f"GGUF tensors do not match a Llama model: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, shape in expected.items():
-        if table[name][0] != shape:
-            raise LowbitError(f"GGUF tensor {name} has shape {table[name][0]}, the metadata implies {shape}")
-
-
-def _float_weight(name: str, shape, ggml_type: str, data) -> torch.Tensor:
-    from gguf import GGMLQuantizationType, quants
-
-    if ggml_type in ("F32", "F16"):
-        w = torch.from_numpy(np.array(data, dtype=np.float32))
-    else:
-        try:
-            w = torch.from_numpy(np.array(quants.dequantize(np.array(data), GGMLQuantizationType[ggml_type])))
-        except NotImplementedError:
-            raise LowbitError(f"GGUF tensor {name} has type {ggml_type}, which cannot be dequantised here")
-    w = w.reshape(shape).float()
-    if not torch.isfinite(w).all():
-        raise LowbitError(f"GGUF tensor {name} contains NaN or infinite values")
-    return w
-
-
-def _linear_module(name: str, shape, ggml_type: str, data, rows: torch.Tensor | None, dequantize: bool) -> nn.Module:
-    from lowbit.nn.ggml_linear import GGMLLinear
-
-    if ggml_type in BLOCK_TYPES and not dequantize:
-        blocks = torch.from_numpy(np.array(data, dtype=np.uint8).reshape(shape[0], -1))
-        if rows is not None:
-            blocks = blocks[rows].contiguous()
-        module = GGMLLinear.from_tensor(GGMLTensor(blocks, ggml_type, torch.Size(shape)))
-        if not torch.isfinite(module.dequantized_weight()).all():
-            raise LowbitError(f"GGUF tensor {name} contains NaN or infinite values")
-        return module
-    w = _float_weight(name, shape, ggml_type, data)
-    linear = nn.Linear(shape[1], shape[0], bias=False)
-    linear.weight.data = w if rows is None else w[rows].contiguous()
-    return linear
-
-
-def gguf_tokenizer(meta: dict):
-    """The Hugging Face tokenizer of a GGUF file's metadata, or None when it has none we can rebuild."""
-    try:
-        return _gguf_tokenizer(meta)
-    except LowbitError:
-        raise
-    except Exception as e:   # tokenizers / transformers raise their own types on malformed vocabularies
-        raise LowbitError(f"GGUF tokenizer metadata is unusable: {str(e).splitlines()[0][:80]}") from e
-
-
-def _gguf_tokenizer(meta: dict):
-    """The stored tokenizer.json when present, else rebuilt from the byte-level BPE vocabulary and
-    merges (tokenizer.ggml.model 'gpt2')."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if HF_JSON_KEY in meta:
-        backend = Tokenizer.from_str(meta[HF_JSON_KEY])
-    elif meta.get("tokenizer.ggml.model") == "gpt2" and tokens and meta.get("tokenizer.ggml.pre") in GPT2_REGEX_PRES:
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-        backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        types = meta.get("tokenizer.ggml.token_type", [])
-        backend.add_special_tokens([t for t, k in zip(tokens, types) if k == TOKEN_CONTROL])
-        bos = meta.get("tokenizer.ggml.bos_token_id")
-        if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
-            backend.post_processor = processors.TemplateProcessing(
-                single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], bos)])
-    else:
-        return None
-    roles = {}
-    for role in ("bos", "eos", "pad", "unk"):
-        tid = meta.get(f"tokenizer.ggml.{role}_token_id")
-        if tokens and tid is not None and 0 <= tid < len(tokens):
-            roles[f"{role}_token"] = tokens[tid]
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **roles)
-
-
-def load_gguf(path, dequantize: bool = False):
-    """(model, tokenizer or None) from a GGUF file of a Llama model. Quantised matrices become GGMLLinear
-    modules holding the file's blocks (dequantize=True: plain float Linears); q/k rows are put back in
-    Hugging Face order."""
-    reader = open_gguf(path)
-    try:
-        meta, table = _fields(reader), _tensor_table(reader)
-    except Exception as e:
-        raise LowbitError(f"{path}: cannot parse GGUF file: {e}") from e
-    if "token_embd.weight" not in table:
-        raise LowbitError(f"{path}: GGUF file has no token_embd.weight")
-    config = llama_config_from_gguf(meta, table["token_embd.weight"][0][0], "output.weight" not in table)
-    _check_tensors(table, config)
-    model = _build_llama(config, table, dequantize)
-    return model, gguf_tokenizer(meta)
-
-
-def _norm(name: str, table: dict) -> nn.Parameter:
-    return nn.Parameter(_float_weight(name, *table[name]), requires_grad=False)
-
-
-def _build_llama(config, table: dict, dequantize: bool):
-    from transformers import LlamaForCausalLM
-
-    with torch.device("meta"):      # every tensor is replaced below: nothing to allocate twice
-        model = LlamaForCausalLM(config)
-    embedding = _float_weight("token_embd.weight", *table["token_embd.weight"])
-    model.model.embed_tokens = nn.Embedding.from_pretrained(embedding, freeze=True)
-    model.model.norm.weight = _norm("output_norm.weight", table)
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    for i, layer in enumerate(model.model.layers):
-        for suffix, role in LAYER_ROLES.items():
-            name = f"blk.{i}.{role}.weight"
-            if role.endswith("_norm"):
-                layer.get_submodule(suffix).weight = _norm(name, table)
-                continue
-            shape, ggml_type, data = table[name]
-            rows = unrope_permutation(shape[0], heads[role]) if role in heads else None
-            _set(layer, suffix, _linear_module(name, shape, ggml_type, data, rows, dequantize))
-    if config.tie_word_embeddings:
-        model.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        model.lm_head.weight = model.model.embed_tokens.weight
-    else:
-        model.lm_head = _linear_module("output.weight", *table["output.weight"], None, dequantize)
-    _materialise_buffers(model)
-    return model.eval()
-
-
-def _set(parent: nn.Module, dotted: str, module: nn.Module) -> None:
-    owner, _, leaf = dotted.rpartition(".")
-    setattr(parent.get_submodule(owner) if owner else parent, leaf, module)
-
-
-def _materialise_buffers(model) -> None:
-    """The model was built on the meta device; its rotary tables (computed, not stored) are rebuilt."""
-    rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config=model.config)
-    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftovers:
-        raise LowbitError(f"GGUF load left tensors unset: {leftovers[:3]}")
-
-
-register_importer("gguf", load_gguf)
+    return EXPORTER.export(model, out_path, tokenizer, requantize, type=type, imatrix=imatrix, search=search,
+                           tokenizer_pre=tokenizer_pre, name=name)

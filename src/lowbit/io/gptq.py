@@ -27,19 +27,17 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from lowbit.core import QuantizedTensor, QuantSpec, pack_bits, unpack_bits
 from lowbit.errors import LowbitError
-from lowbit.io import register_exporter, register_importer
+from lowbit.io import Exporter, register_exporter, register_importer
+from lowbit.io.hf_folder import (DTYPE_NAMES, DTYPES, WEIGHTS_FILE, biases, empty_model, float_tensors, one_value,
+                                 write_hf_folder, writing_folder)
 from lowbit.nn import QuantLinear
 
-WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "quantize_config.json"
 GPTQ_BITS = (2, 3, 4, 8)
 FORMATS = ("gptq", "gptq_v2")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -72,30 +70,33 @@ def _wrap_int32(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # One Linear
 
-def _check_gptq_spec(spec: QuantSpec, where: str) -> None:
-    fmt = spec.number_format
-    if not fmt.is_integer or spec.bits not in GPTQ_BITS:
-        raise LowbitError(f"{where}: the GPTQ layout holds 2, 3, 4 or 8-bit integer grids, not {spec.format}")
+def gptq_problem(qt) -> str | None:
+    """Why the GPTQ layout cannot hold `qt` exactly, or None when it can."""
+    if not isinstance(qt, QuantizedTensor):
+        return f"the GPTQ layout holds integer-grid weights, not {type(qt).__name__}"
+    spec = qt.spec
+    if not spec.number_format.is_integer or spec.bits not in GPTQ_BITS:
+        return f"the GPTQ layout holds 2, 3, 4 or 8-bit integer grids, not {spec.format}"
     if spec.granularity not in ("group", "channel"):
-        raise LowbitError(f"{where}: the GPTQ layout holds per-group or per-channel scales, not {spec.granularity}")
-
-
-def _fp16_scales(scale: torch.Tensor, where: str) -> torch.Tensor:
-    half = scale.half()
-    if not torch.equal(half.float(), scale.float()):
-        raise LowbitError(f"{where}: the GPTQ layout stores fp16 scales and these are not all fp16 values "
-                          "(quantise with scale_dtype='fp16')")
-    return half
+        return f"the GPTQ layout holds per-group or per-channel scales, not per {spec.granularity}"
+    if spec.float_zero:
+        return "the GPTQ layout stores integer zero points, not float ones"
+    n_out, n_in = qt.shape
+    if n_out * spec.bits % 32 or n_in * spec.bits % 32:
+        return f"a [{n_out}, {n_in}] weight of {spec.bits}-bit codes does not fill whole 32-bit words"
+    if not torch.equal(qt.scale.half().float(), qt.scale.float()):
+        return "the GPTQ layout stores fp16 scales and these are not all fp16 values (quantise with scale_dtype='fp16')"
+    return None
 
 
 def gptq_tensors(prefix: str, qt: QuantizedTensor, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
     """qweight, qzeros, scales, g_idx of one QuantizedTensor [N, K]."""
+    problem = gptq_problem(qt)
+    if problem:
+        raise LowbitError(f"{prefix}: {problem}")
     spec = qt.spec
-    _check_gptq_spec(spec, prefix)
     fmt, bits = spec.number_format, spec.bits
     n_out, n_in = qt.shape
-    if n_out * bits % 32:
-        raise LowbitError(f"{prefix}: {n_out} output channels of {bits} bits do not fill whole 32-bit words")
     q = fmt.decode(qt.codes).to(torch.int64) - fmt.qmin                       # [N, K] in [0, 2^bits)
     zero = qt.zero.to(torch.int64) - fmt.qmin                                  # [N, G]
     if checkpoint_format == "gptq":
@@ -108,7 +109,7 @@ def gptq_tensors(prefix: str, qt: QuantizedTensor, checkpoint_format: str = "gpt
     return {
         f"{prefix}.qweight": pack_int32(q.T, bits),
         f"{prefix}.qzeros": pack_int32(zero, bits).T.contiguous(),
-        f"{prefix}.scales": _fp16_scales(qt.scale, prefix).T.contiguous(),
+        f"{prefix}.scales": qt.scale.half().T.contiguous(),
         f"{prefix}.g_idx": g_idx.to(torch.int32).contiguous(),
     }
 
@@ -154,26 +155,14 @@ def quantized_from_gptq(tensors: dict[str, torch.Tensor], prefix: str, spec: Qua
 # ---------------------------------------------------------------------------------------------------
 # quantization_config
 
-def _uniform(qts: dict[str, QuantizedTensor], what: str, value_of) -> object:
-    values = {value_of(q) for q in qts.values()}
-    if len(values) > 1:
-        raise LowbitError(f"the GPTQ layout holds one {what} per model; these weights mix {sorted(map(str, values))}")
-    return values.pop()
-
-
-def _group_size(qt: QuantizedTensor) -> int:
-    return qt.spec.group_size if qt.spec.granularity == "group" else -1
-
-
 def quantization_config(qts: dict[str, QuantizedTensor], checkpoint_format: str) -> dict:
     """The dict transformers (config.json quantization_config), AutoGPTQ/GPTQModel (quantize_config.json)
     and vLLM read, plus a "lowbit" entry with what makes import exact."""
     from lowbit import __version__
 
-    spec = _uniform(qts, "scheme", lambda q: q.spec)
-    _uniform(qts, "group size", _group_size)
+    spec = one_value(qts, "the GPTQ layout", "scheme", lambda q: q.spec)
     desc_act = any(q.g_idx is not None for q in qts.values())
-    dtype = _uniform(qts, "compute dtype", lambda q: q.dtype)
+    dtype = one_value(qts, "the GPTQ layout", "compute dtype", lambda q: q.dtype)
     return {
         "quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size or -1,
         "desc_act": desc_act, "sym": spec.symmetric, "checkpoint_format": checkpoint_format,
@@ -200,69 +189,62 @@ def _choose_format(qts: dict[str, QuantizedTensor], requested: str | None) -> st
 # ---------------------------------------------------------------------------------------------------
 # Export
 
-def _quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+class GPTQExporter(Exporter):
+    """The HF GPTQ layout. checkpoint_format: "gptq" (v1, what every loader reads), "gptq_v2", or None:
+    v1 unless a zero point of 0 needs v2. dtype: what the other tensors and biases are stored in (None:
+    as held)."""
+
+    name = "gptq"
+    requantize_with = "rtn-int4-g128"
+
+    def problem(self, weight) -> str | None:
+        return gptq_problem(weight)
+
+    def write(self, model, weights, out, tokenizer=None, checkpoint_format: str | None = None,
+              dtype: str | None = "fp16", **_options) -> Path:
+        float_dtype = _float_dtype(dtype)
+        if not weights:
+            raise LowbitError("nothing to export in the GPTQ layout: no quantised Linear (quantise with gptq or rtn)")
+        fmt = _choose_format(weights, checkpoint_format)
+        qc = quantization_config(weights, fmt)
+        tensors = {**float_tensors(model, weights, float_dtype), **biases(model, weights, float_dtype)}
+        for name, qt in weights.items():
+            tensors.update(gptq_tensors(name, qt, fmt))
+        return write_hf_folder(out, model, tensors, tokenizer, qc, float_dtype, {CONFIG_FILE: qc})
 
 
-def _other_tensors(model: nn.Module, quantized: dict[str, QuantLinear], dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the state dict outside the quantised Linears (tied storage written once)."""
-    inside = tuple(f"{n}." for n in quantized)
-    out, seen = {}, set()
-    for key, t in model.state_dict().items():
-        if key.startswith(inside):
-            continue
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            continue
-        seen.add(ptr)
-        out[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().contiguous().clone()
-    return out
+def _float_dtype(dtype: str | None):
+    if dtype is not None and dtype not in DTYPES:
+        raise LowbitError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
+    return DTYPES.get(dtype)
+
+
+def write_gptq_tensors(weights: dict[str, QuantizedTensor], out, checkpoint_format: str | None = None) -> Path:
+    """Only the packed tensors and quantize_config.json of {name: QuantizedTensor} (no model around them)."""
+    from safetensors.torch import save_file
+
+    for name, qt in weights.items():
+        problem = gptq_problem(qt)
+        if problem:
+            raise LowbitError(f"{name}: {problem}")
+    fmt = _choose_format(weights, checkpoint_format)
+    qc = quantization_config(weights, fmt)
+    tensors = {k: v for name, qt in weights.items() for k, v in gptq_tensors(name, qt, fmt).items()}
+    with writing_folder(out) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(qc, indent=2))
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    return Path(out)
+
+
+EXPORTER = register_exporter(GPTQExporter())
 
 
 def export_gptq(model, out, tokenizer=None, checkpoint_format: str | None = None, dtype: str | None = "fp16",
-                **_options) -> Path:
-    """Write a model whose Linears are QuantLinear (or a dict {name: QuantizedTensor}) in the HF GPTQ
-    layout. checkpoint_format: "gptq" (v1, what every loader reads), "gptq_v2", or None: v1 unless a
-    zero point of 0 needs v2. dtype: what the other tensors and biases are stored in (None: as held)."""
-    from safetensors.torch import save_file
-
-    from lowbit.io.native import writing_folder
-
-    if dtype is not None and dtype not in DTYPES:
-        raise LowbitError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
-    float_dtype = DTYPES.get(dtype)
+                requantize: bool = False) -> Path:
+    """Write a quantised model (or a dict {name: QuantizedTensor}) in the HF GPTQ layout."""
     if isinstance(model, dict):
-        qts, biases, others, config = dict(model), {}, {}, None
-    else:
-        linears = _quant_linears(model)
-        qts = {n: m.quantized() for n, m in linears.items()}
-        biases = {n: m.bias for n, m in linears.items() if m.bias is not None}
-        others = _other_tensors(model, linears, float_dtype)
-        config = getattr(model, "config", None)
-    if not qts:
-        raise LowbitError("nothing to export in the GPTQ layout: no quantised Linear (quantise with gptq or rtn)")
-    fmt = _choose_format(qts, checkpoint_format)
-    qc = quantization_config(qts, fmt)
-    tensors = dict(others)
-    for name, qt in qts.items():
-        tensors.update(gptq_tensors(name, qt, fmt))
-        if name in biases:
-            b = biases[name].detach()
-            tensors[f"{name}.bias"] = (b.to(float_dtype) if float_dtype is not None else b).contiguous().clone()
-    out = Path(out)
-    with writing_folder(out) as tmp:
-        if config is not None:
-            cfg = config.__class__.from_dict(config.to_dict())
-            cfg.quantization_config = qc
-            cfg.architectures = cfg.architectures or [type(model).__name__]
-            if dtype is not None:
-                cfg.torch_dtype = DTYPE_NAMES[float_dtype]
-            cfg.save_pretrained(tmp)
-        (tmp / CONFIG_FILE).write_text(json.dumps(qc, indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    return out
+        return write_gptq_tensors(model, out, checkpoint_format)
+    return EXPORTER.export(model, out, tokenizer, requantize, checkpoint_format=checkpoint_format, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -333,18 +315,6 @@ def read_gptq(path) -> tuple[dict[str, QuantizedTensor], dict[str, torch.Tensor]
     return qts, tensors, qc
 
 
-def _empty_model(config, path: Path) -> nn.Module:
-    import transformers
-
-    archs = getattr(config, "architectures", None)
-    if not archs:
-        return transformers.AutoModelForCausalLM.from_config(config)
-    cls = getattr(transformers, archs[0], None)
-    if cls is None:
-        raise LowbitError(f"unknown model class {archs[0]!r} in {path / 'config.json'}")
-    return cls(config)
-
-
 def import_gptq(path):
     """(model, tokenizer or None) from a GPTQ folder, its quantised Linears as QuantLinear."""
     from lowbit.pipeline.loading import load_tokenizer, read_config, set_module
@@ -355,7 +325,7 @@ def import_gptq(path):
         raise LowbitError(f"{path} has no config.json: use read_gptq() for the tensors alone")
     config = read_config(path)
     config.quantization_config = None
-    model = _empty_model(config, path).float()
+    model = empty_model(config, path).float()
     for name, qt in qts.items():
         bias = tensors.pop(f"{name}.bias", None)
         set_module(model, name, QuantLinear.from_quantized(qt, None if bias is None else bias.float()))
@@ -370,5 +340,4 @@ def import_gptq(path):
     return model, load_tokenizer(path)
 
 
-register_exporter("gptq", export_gptq)
 register_importer("gptq", import_gptq)

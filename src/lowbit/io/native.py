@@ -9,16 +9,17 @@ Nothing is pickled. A save goes to a temporary folder that is renamed into place
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.io.hf_folder import write_metadata, writing_folder
+from lowbit.methods.recipe import Recipe
+from lowbit.nn import MODULES
+from lowbit.pipeline.loading import conv1d_to_linear, load_tokenizer, read_config, set_module
+from lowbit.pipeline.report import report_to_json
 
 FORMAT_NAME = "lowbit"
 FORMAT_VERSION = 1
@@ -29,35 +30,10 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if hasattr(m, "layer_config")}
 
 
-def atomic_folder(out: Path):
-    """A temporary sibling folder; call commit(tmp) to rename it to `out`."""
-    out = Path(out)
-    if out.exists():
-        raise LowbitError(f"output folder already exists: {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-
-
-@contextmanager
-def writing_folder(out):
-    """Write into a temporary sibling folder that becomes `out` only when the block completes."""
-    tmp = atomic_folder(out)
-    try:
-        yield tmp
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save(model: nn.Module, out, tokenizer=None) -> Path:
-    from lowbit.pipeline.report import report_to_json
-
     out = Path(out)
     with writing_folder(out) as tmp:
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_metadata(tmp, model, model.config, tokenizer)
         recipe = getattr(model, "lowbit_recipe", None)
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_class": type(model).__name__,
                 "recipe": recipe.to_dict() if recipe is not None else None,
@@ -86,8 +62,6 @@ def _read_meta(path: Path) -> dict:
 def _empty_model(path: Path, meta: dict):
     import transformers
 
-    from lowbit.pipeline.loading import read_config
-
     config = read_config(path)
     cls = getattr(transformers, meta.get("model_class", ""), None)
     if cls is None:
@@ -99,10 +73,6 @@ def _empty_model(path: Path, meta: dict):
 
 def load(path):
     """(model, tokenizer or None) from a native lowbit folder."""
-    from lowbit.nn import MODULES
-    from lowbit.pipeline.loading import conv1d_to_linear, load_tokenizer, set_module
-    from lowbit.pipeline.recipe import Recipe
-
     path = Path(path)
     if not is_native(path):
         raise LowbitError(f"not a lowbit model folder: {path} (no {CONFIG_FILE})")

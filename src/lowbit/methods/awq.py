@@ -9,9 +9,10 @@ at serving time and the full-precision model is unchanged. Per group of Linears 
 
 with alpha on the grid 0, 1/n_grid, ..., (n_grid-1)/n_grid chosen by the error of the *block's output*
 on calibration batches when the group's weights are replaced by Q(W diag(s)) diag(s)^-1 (without duo
-scaling alpha = 0 gives s = 1, plain RTN, so the search can only improve on it). That runs in
-`prepare_block`, before the pipeline gathers the statistics of the (now scaled) inputs. Each grid point
-costs one pass of the block over the search batches (`search_batches`, the first calibration batches);
+scaling alpha = 0 gives s = 1, plain RTN, so the search can only improve on it). The search is
+`input_scales` (methods/scaling.py): the pipeline folds what it returns, then gathers the statistics of
+the (now scaled) inputs. Each grid point costs one pass of the block over the search batches
+(`search_batches`, the first calibration batches);
 `objective="layer"` judges a group by its own outputs instead, through the Gram matrix of its input
 (exact over all tokens and far cheaper), and "mixed" does that only for groups fed by a Linear
 (o_proj, down_proj: AutoAWQ's choice for them; down_proj's output error is the block's).
@@ -32,18 +33,15 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-from torch import nn
 
 from lowbit.core import QuantizedTensor, QuantSpec, block_shape, fake_quantize, fake_quantize_blocks, quantize
 from lowbit.core import get_observer, scale_and_zero
 from lowbit.errors import LowbitError
-from lowbit.methods.base import MethodConfig, parse_int_scheme, register_method
-from lowbit.methods.rtn import weight_spec
-from lowbit.pipeline.fold import InputSource, block_linears, fold_scales, foldable_groups, group_input_stats
+from lowbit.methods.base import LayerInfo, SchemeMethod, register_method
+from lowbit.methods.scaling import InputScaling, ScaleContext
 
-# Layers whose outputs feed attention scores: AutoAWQ leaves them unclipped (clip_qk=False here).
-NO_CLIP_NAMES = ("q_proj", "k_proj", "query", "key", "qkv_proj", "c_attn", "wqkv")
-FLAGS = {"noclip": ("clip", False), "noclipqk": ("clip_qk", False), "duo": ("duo_scaling", True)}
+# Roles of the Linears whose outputs feed attention scores: AutoAWQ leaves them unclipped (clip_qk=False).
+NO_CLIP_ROLES = ("attn_q", "attn_k", "attn_qkv")
 # Scale search on the first 4 calibration batches (32 windows at the pipeline's batch size of 8): on the
 # bundled model 2, 4 and all 16 batches gave perplexities within 0.05 of each other at 2x-8x the cost.
 SEARCH_BATCHES = 4
@@ -54,9 +52,9 @@ OBJECTIVES = ("block", "layer", "mixed")
 # ---------------------------------------------------------------------------------------------------
 # Scale search
 
-def group_weight_mean(linears: list[nn.Linear], group_size: int | None) -> torch.Tensor:
+def group_weight_mean(weights: list[torch.Tensor], group_size: int | None) -> torch.Tensor:
     """AutoAWQ's w_mean: |w| / max|w| of its quantisation group, averaged over every output row."""
-    w = torch.cat([m.weight.detach().float() for m in linears]).abs()
+    w = torch.cat([w.detach().float() for w in weights]).abs()
     g = group_size or w.shape[1]
     blocks = w.reshape(w.shape[0], -1, g)
     return (blocks / (blocks.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
@@ -70,14 +68,6 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: f
     return s / (s.max() * s.min()).sqrt()
 
 
-def block_output_error(block, batches, run_block, targets) -> float:
-    err = 0.0
-    with torch.no_grad():
-        for x, t in zip(batches, targets):
-            err += float((run_block(block, x).double() - t.double()).pow(2).sum())
-    return err
-
-
 def layer_output_error(originals: list[torch.Tensor], approx: list[torch.Tensor], xtx: torch.Tensor) -> float:
     """sum over the group's Linears of ||X (W - W_hat)^T||^2 = tr(D X^T X D^T), exact over every token."""
     err = 0.0
@@ -88,36 +78,25 @@ def layer_output_error(originals: list[torch.Tensor], approx: list[torch.Tensor]
 
 
 @torch.no_grad()
-def search_scales(linears: list[nn.Linear], source: InputSource, stats, config: "AWQ",
-                  block_error=None) -> tuple[torch.Tensor, float, float]:
+def search_scales(ctx: ScaleContext, config: "AWQ", block_error=None) -> tuple[torch.Tensor, float, float]:
     """(s in producer space, alpha, error) with the smallest error over the alpha grid. The error is the
-    block's output error (block_error(), with the group's weights set to their quantised values) or,
-    without block_error, the group's own output error through its input Gram matrix."""
-    x_mean = source.reduce(stats.act_absmean(), "mean")
+    block's output error (block_error(approx weights)) or, without block_error, the group's own output
+    error through its input Gram matrix."""
+    x_mean = ctx.reduce(ctx.stats.act_absmean(), "mean")
     positive = x_mean[x_mean > 0]
     # a channel silent on calibration data keeps a moderate scale rather than an extreme one
     x_mean = x_mean.clamp(min=float(positive.min()) if positive.numel() else 1.0)
-    w_mean = source.reduce(group_weight_mean(linears, config.group_size), "mean") if config.duo_scaling else None
-    spec = config.spec()
-    originals = [m.weight.detach().clone() for m in linears]
+    w_mean = ctx.reduce(group_weight_mean(ctx.weights, config.group_size), "mean") if config.duo_scaling else None
+    originals = [w.detach() for w in ctx.weights]
     best = (math.inf, None, 0.0)
-    try:
-        for i in range(config.n_grid):
-            alpha = i / config.n_grid
-            s = candidate_scales(x_mean, w_mean, alpha)
-            s_cols = source.expand(s).float()
-            approx = [(fake_quantize(w0.float() * s_cols, spec) / s_cols).to(w0.dtype) for w0 in originals]
-            if block_error is None:
-                err = layer_output_error(originals, approx, stats.xtx)
-            else:
-                for m, w1 in zip(linears, approx):
-                    m.weight.data = w1
-                err = block_error()
-            if err < best[0]:
-                best = (err, s, alpha)
-    finally:
-        for m, w0 in zip(linears, originals):
-            m.weight.data = w0
+    for i in range(config.n_grid):
+        alpha = i / config.n_grid
+        s = candidate_scales(x_mean, w_mean, alpha)
+        s_cols = ctx.expand(s).float()
+        approx = [(fake_quantize(w0.float() * s_cols, config.scheme) / s_cols).to(w0.dtype) for w0 in originals]
+        err = layer_output_error(originals, approx, ctx.stats.xtx) if block_error is None else block_error(approx)
+        if err < best[0]:
+            best = (err, s, alpha)
     return best[1], best[2], best[0]
 
 
@@ -163,18 +142,18 @@ def clip_search(weight: torch.Tensor, xtx: torch.Tensor, spec: QuantSpec, n_grid
 
 @register_method
 @dataclass(frozen=True)
-class AWQ(MethodConfig):
-    """bits, group_size, symmetric: the integer scheme (AWQ's default: asymmetric uint4, g128, fp16 scales).
-    n_grid: alpha grid points; duo_scaling: divide by the weight's group-normalised magnitude too (AutoAWQ's
-    default, not the paper's); clip / clip_qk / max_shrink: the clipping search (clip_qk=False leaves q/k
-    unclipped, as AutoAWQ does); search_batches: calibration batches the scale search runs on (None: all);
-    objective: what the scale search minimises, "block" output, each group's "layer" output, or "mixed"."""
+class AWQ(InputScaling, SchemeMethod):
+    """scheme: the grid (AWQ's default: asymmetric uint4, g128, fp16 scales). n_grid: alpha grid points;
+    duo_scaling: divide by the weight's group-normalised magnitude too (AutoAWQ's default, not the
+    paper's); clip / clip_qk / max_shrink: the clipping search (clip_qk=False leaves q/k unclipped, as
+    AutoAWQ does); search_batches: calibration batches the scale search runs on (None: all); objective:
+    what the scale search minimises, "block" output, each group's "layer" output, or "mixed"."""
 
     name = "awq"
+    default_scheme = "uint4-g128"
     required_stats = ("hessian",)
-    bits: int = 4
-    group_size: int | None = 128
-    symmetric: bool = False
+    words = {"noclip": {"clip": False}, "noclipqk": {"clip_qk": False}, "duo": {"duo_scaling": True},
+             "layer": {"objective": "layer"}, "mixed": {"objective": "mixed"}, "block": {"objective": "block"}}
     n_grid: int = 20
     duo_scaling: bool = False
     clip: bool = True
@@ -182,10 +161,9 @@ class AWQ(MethodConfig):
     max_shrink: float = 0.5
     search_batches: int | None = SEARCH_BATCHES
     objective: str = "block"
-    scale_dtype: str = "fp16"
 
     def __post_init__(self):
-        self.spec()
+        super().__post_init__()
         if not isinstance(self.n_grid, int) or self.n_grid < 1:
             raise LowbitError(f"AWQ n_grid must be a positive integer, got {self.n_grid!r}")
         if not (isinstance(self.max_shrink, (int, float)) and 0 <= self.max_shrink < 1):
@@ -193,60 +171,28 @@ class AWQ(MethodConfig):
         if self.objective not in OBJECTIVES:
             raise LowbitError(f"AWQ objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
 
-    def spec(self) -> QuantSpec:
-        return weight_spec(self.bits, self.group_size, self.symmetric, self.scale_dtype)
+    @property
+    def uses_block_error(self) -> bool:
+        return self.objective != "layer"
 
-    def prepare_block(self, block, arch, inputs, run_block, block_index=0) -> None:
-        """Search and fold the activation-aware scales of every foldable group in the block."""
-        linears = block_linears(block)
-        groups = foldable_groups(block, arch, list(linears))
-        batches = list(inputs if self.search_batches is None else inputs[:self.search_batches])
-        if not groups or not batches:
-            return
-        stats = group_input_stats(block, batches, groups, linears)
-        block_error = None
-        if self.objective != "layer":
-            with torch.no_grad():
-                targets = [run_block(block, x) for x in batches]
-            block_error = lambda: block_output_error(block, batches, run_block, targets)  # noqa: E731
-        for group, source in groups:
-            if stats[group[0]].n_tokens == 0:
-                continue
-            use_block = self.objective == "block" or (self.objective == "mixed" and source.kind == "norm")
-            mods = [linears[n] for n in group]
-            s, _, _ = search_scales(mods, source, stats[group[0]], self, block_error if use_block else None)
-            fold_scales(source, mods, s)
+    @property
+    def scale_search_batches(self) -> int | None:
+        return self.search_batches
 
-    def for_layer(self, name: str, n_layers: int) -> "AWQ":
-        leaf = name.rpartition(".")[2].lower()
-        if self.clip and not self.clip_qk and leaf in NO_CLIP_NAMES:
+    def input_scales(self, ctx: ScaleContext) -> torch.Tensor | None:
+        """The activation-aware scales of one group (producer space)."""
+        use_block = self.objective == "block" or (self.objective == "mixed" and ctx.producer == "norm")
+        s, _, _ = search_scales(ctx, self, ctx.block_error if use_block else None)
+        return s
+
+    def for_layer(self, layer: LayerInfo) -> "AWQ":
+        if self.clip and not self.clip_qk and layer.role in NO_CLIP_ROLES:
             return replace(self, clip=False)
         return self
 
     def quantize_weight(self, weight, stats=None) -> QuantizedTensor:
-        spec = self.spec()
+        spec = self.scheme
         w = weight
         if self.clip and stats is not None and stats.n_tokens and stats.xtx is not None:
             w, _ = clip_search(weight, stats.xtx, spec, self.n_grid, self.max_shrink)
         return quantize(w, spec, "minmax")
-
-    def short_name(self) -> str:
-        words = ["awq", f"int{self.bits}"]
-        if self.group_size:
-            words.append(f"g{self.group_size}")
-        if self.symmetric:
-            words.append("sym")
-        words += [w for w, (field, value) in FLAGS.items() if getattr(self, field) == value]
-        if self.objective != "block":
-            words.append(self.objective)
-        return "-".join(words)
-
-    @classmethod
-    def from_short_name(cls, rest):
-        """"awq" alone is int4 g128 asymmetric; as for RTN, a width without gN means per channel."""
-        kwargs = dict(FLAGS[w] for w in rest if w in FLAGS)
-        kwargs.update({"objective": w for w in rest if w in OBJECTIVES})
-        scheme = parse_int_scheme([w for w in rest if w not in FLAGS and w not in OBJECTIVES])
-        if "bits" in scheme:
-            scheme.setdefault("group_size", None)
-        return cls(**kwargs, **scheme)

@@ -1,8 +1,14 @@
 """Method configs and their registry.
 
-A method is a frozen dataclass (its settings) with `quantize_weight(weight, stats) -> QuantizedTensor`,
-which calls the method's pure tensor function. `required_stats` says what the pipeline must gather.
-Short names ("rtn-int4-g128", "gptq-int3-g128-actorder") are shared by the CLI, the API and reports.
+A method is a frozen dataclass (its settings) with `quantize_weight(weight, stats) -> a weight type of
+lowbit.weights`, which calls the method's pure tensor function. `required_stats` says what the pipeline
+must gather; `for_layer(LayerInfo)` may specialise the config for one Linear (by its role, never by its
+name). A method never chooses a module, touches a model or writes a file: nn/ picks the module for the
+weight type, the pipeline plumbs, io/ writes.
+
+Methods that choose values on a grid take the scheme as one value (`SchemeMethod.scheme`, a QuantSpec);
+`GPTQ(bits=3, group_size=64)` is shorthand for changing the method's default scheme. Short names
+("rtn-int4-g128", "gptq-int3-g128-actorder") follow one grammar (methods/names.py).
 """
 from __future__ import annotations
 
@@ -11,11 +17,27 @@ from typing import ClassVar
 
 import torch
 
-from lowbit.core import QuantizedTensor
+from lowbit.core import QuantSpec
 from lowbit.errors import LowbitError
+from lowbit.methods import names
 from lowbit.methods.stats import LayerStats
 
 METHODS: dict[str, type["MethodConfig"]] = {}
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What the pipeline tells a method about the Linear it quantises, from the model's Arch.
+
+    role: the tensor's role in GGUF's vocabulary ("attn_q", "attn_k", "attn_v", "attn_qkv",
+    "attn_output", "ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down", "output"), None when the Arch names
+    none; layer: the block index (None outside the blocks); n_gqa: query heads per key/value head."""
+
+    name: str
+    role: str | None = None
+    layer: int | None = None
+    n_layers: int = 1
+    n_gqa: int = 1
 
 
 @dataclass(frozen=True)
@@ -25,26 +47,129 @@ class MethodConfig:
     # Whether sub-layers of a block are quantised one group at a time, each seeing the outputs of the
     # already-quantised groups before it (GPTQ's "true sequential"). Costs one pass per group.
     sequential: ClassVar[bool] = False
+    # The method's own short-name words (methods/names.py): word -> field values, or prefix -> field.
+    words: ClassVar[dict] = {}
 
-    def quantize_weight(self, weight: torch.Tensor, stats: LayerStats | None) -> QuantizedTensor:
+    def quantize_weight(self, weight: torch.Tensor, stats: LayerStats | None):
         raise NotImplementedError
 
+    def for_layer(self, layer: LayerInfo) -> "MethodConfig":
+        """The config to use for one Linear; the same config unless the method treats roles differently."""
+        return self
+
+    def module_options(self) -> dict:
+        """Options for the module nn/ builds around this method's weights (e.g. a compute dtype)."""
+        return {}
+
     def short_name(self) -> str:
-        return self.name
+        return "-".join([self.name, *self._scheme_words(), *names.method_words(self)])
+
+    def _scheme_words(self) -> list[str]:
+        return []
 
     def to_dict(self) -> dict:
         return {"method": self.name, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MethodConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        d = {k: v for k, v in d.items() if k != "method"}
+        accepted = {f.name for f in fields(cls)} | set(getattr(cls, "shorthand", ()))
+        unknown = sorted(set(d) - accepted)
+        if unknown:
+            raise LowbitError(f"{cls.name} has no setting {unknown[0]!r}")
+        return cls(**d)
 
     @classmethod
     def from_short_name(cls, rest: list[str]) -> "MethodConfig":
-        """Build from the dash-separated words after the method name, e.g. ["int4", "g128"]."""
-        raise LowbitError(f"method {cls.name!r} takes no options in its short name")
+        """Build from the dash-separated words after the method name, e.g. ["actorder"]."""
+        return cls(**names.parse_words(cls, rest, "-".join([cls.name, *rest])))
 
+
+# ---------------------------------------------------------------------------------------------------
+# Methods over a scheme
+
+SHORTHAND = ("format", "bits", "group_size", "symmetric", "scale_dtype", "zero_dtype")
+
+
+class _SchemeShorthand(type):
+    """Lets `GPTQ(bits=3, group_size=64)` stand for a change of the default scheme: the keywords are
+    folded into `scheme` before the dataclass sees them (so `dataclasses.replace` works the same way)."""
+
+    def __call__(cls, *args, **kwargs):
+        short = {k: kwargs.pop(k) for k in SHORTHAND if k in kwargs}
+        if short:
+            base = kwargs.pop("scheme", None)
+            kwargs["scheme"] = resolve_scheme(base, cls.default_scheme).updated(**short)
+        return super().__call__(*args, **kwargs)
+
+
+def resolve_scheme(scheme, default: str) -> QuantSpec:
+    """A QuantSpec from a QuantSpec, its dict, its short words ("int4-g128") or None (the default)."""
+    if isinstance(scheme, QuantSpec):
+        return scheme
+    if isinstance(scheme, dict):
+        return QuantSpec.from_dict(scheme)
+    if scheme is None or isinstance(scheme, str):
+        base, rest = names.parse_scheme(default.split("-"), QuantSpec())
+        if scheme:
+            base, rest = names.parse_scheme(scheme.lower().split("-"), base)
+        if rest:
+            raise LowbitError(f"unrecognised scheme word {rest[0]!r} in {scheme!r}; expected {names.SCHEME_WORDS}")
+        return base
+    raise LowbitError(f"a scheme is a QuantSpec or its short words such as 'int4-g128', got {type(scheme).__name__}")
+
+
+@dataclass(frozen=True)
+class SchemeMethod(MethodConfig, metaclass=_SchemeShorthand):
+    """A method that chooses values on a given scheme (QuantSpec): RTN, GPTQ, AWQ, ...
+
+    scheme: a QuantSpec, or its short words ("int4-g128", "uint4-g128", "nf4-b64"); the keywords bits,
+    group_size, symmetric, format, scale_dtype and zero_dtype change the method's default scheme."""
+
+    default_scheme: ClassVar[str] = "int4-g128"
+    shorthand: ClassVar[tuple[str, ...]] = SHORTHAND
+    scheme: QuantSpec | str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "scheme", resolve_scheme(self.scheme, self.default_scheme))
+        fmt = self.scheme.number_format
+        if fmt.is_integer and fmt.bits < 2:
+            raise LowbitError(f"{self.name} takes integer grids of 2..8 bits, not {self.scheme.format}")
+
+    @property
+    def bits(self) -> int:
+        return self.scheme.bits
+
+    @property
+    def group_size(self) -> int | None:
+        return self.scheme.group_size
+
+    @property
+    def symmetric(self) -> bool:
+        return self.scheme.symmetric
+
+    @property
+    def scale_dtype(self) -> str:
+        return self.scheme.scale_dtype
+
+    def spec(self) -> QuantSpec:
+        return self.scheme
+
+    def _scheme_words(self) -> list[str]:
+        return names.scheme_words(self.scheme, resolve_scheme(None, self.default_scheme))
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "scheme": self.scheme.to_dict()}
+
+    @classmethod
+    def from_short_name(cls, rest: list[str]) -> "SchemeMethod":
+        scheme, rest_words = names.parse_scheme(rest, resolve_scheme(None, cls.default_scheme))
+        kwargs = names.parse_words(cls, rest_words, "-".join([cls.name, *rest]))
+        return cls(scheme=scheme, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The registry
 
 def register_method(cls: type[MethodConfig]) -> type[MethodConfig]:
     METHODS[cls.name] = cls
@@ -52,6 +177,8 @@ def register_method(cls: type[MethodConfig]) -> type[MethodConfig]:
 
 
 def method_from_dict(d: dict) -> MethodConfig:
+    if not isinstance(d, dict):
+        raise LowbitError(f"a method config must be a dict, got {type(d).__name__}")
     name = d.get("method")
     if name not in METHODS:
         raise LowbitError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
@@ -59,37 +186,14 @@ def method_from_dict(d: dict) -> MethodConfig:
 
 
 def parse_method(short: str) -> MethodConfig:
-    """'rtn-int4-g128' -> RTN(bits=4, group_size=128). The method name is the first dash-separated word
-    (or the whole string, for names such as 'nf4' or 'q4_k_m' registered whole)."""
+    """'rtn-int4-g128' -> RTN(scheme=int4 g128). The method name is the longest leading run of
+    dash-separated words that names a registered method ('llm-int8-t4', 'q4_k_m-imatrix')."""
     short = short.strip().lower()
     if short in METHODS:
         return METHODS[short].from_short_name([])
     words = short.split("-")
-    # the longest leading words that name a method, so dashed names ("llm-int8-t4") take options too
     for k in range(len(words) - 1, 0, -1):
         head = "-".join(words[:k])
         if head in METHODS:
             return METHODS[head].from_short_name(words[k:])
     raise LowbitError(f"unknown method {short!r}; known methods: {', '.join(sorted(METHODS))}")
-
-
-def parse_int_scheme(words: list[str]) -> dict:
-    """Common words of integer weight schemes: int4 / uint4, g128, asym|sym. Returns config kwargs."""
-    out: dict = {}
-    for w in words:
-        if w.startswith("uint") and w[4:].isdigit():
-            out["bits"] = int(w[4:])
-            out["symmetric"] = False
-        elif w.startswith("int") and w[3:].isdigit():
-            out["bits"] = int(w[3:])
-        elif w.startswith("g") and w[1:].isdigit():
-            out["group_size"] = int(w[1:])
-        elif w in ("asym", "sym"):
-            out["symmetric"] = w == "sym"
-        else:
-            raise LowbitError(f"unrecognised word {w!r} in method name (expected intN, gN, asym or sym)")
-    return out
-
-
-def int_scheme_name(bits: int, group_size: int | None, symmetric: bool) -> str:
-    return f"int{bits}" + (f"-g{group_size}" if group_size else "") + ("" if symmetric else "-asym")

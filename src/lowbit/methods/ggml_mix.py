@@ -2,18 +2,21 @@
 
 Q4_K_M is not "Q4_K everywhere": llama-quantize (llama_tensor_get_type_impl in llama-quant.cpp) gives
 the output matrix Q6_K, and a share of the attention-value and feed-forward-down matrices more bits.
-Here those rules are data (RULES) read by one small function (tensor_type), for the dense Llama family;
-the rules for Falcon, mixture-of-experts and the 70B special case are left out.
+Here those rules are data (RULES) read by one small function (role_type), for dense models; the rules
+for Falcon, mixture-of-experts and the 70B special case are left out.
 
-Tensor names are GGUF's ("blk.3.attn_v.weight"); `gguf_name` maps Hugging Face Llama names onto them.
+Rules are keyed by GGUF's tensor roles ("attn_v", "ffn_down", "output"); the model's Arch says which
+role each Linear plays (the pipeline passes it in LayerInfo). `tensor_type` reads GGUF tensor names
+("blk.3.attn_v.weight"), for the GGUF writer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
-from lowbit.methods.base import MethodConfig, register_method
-from lowbit.methods.ggml import GGMLConfigMixin, GGMLQuant, block_size, fit_type
+from lowbit.methods.base import LayerInfo, MethodConfig, register_method
+from lowbit.methods.ggml_quant import GGML_WORDS, GGMLConfigMixin, GGMLQuant
+from lowbit.weights.ggml import block_size, fit_type
 
 
 @dataclass(frozen=True)
@@ -61,30 +64,6 @@ IMATRIX_RULES: dict[str, dict] = {
     "q5_0": {"ffn_down": lambda i, n, gqa: "Q5_1" if i < n // 8 else None},
 }
 
-# Hugging Face Llama module names -> GGUF tensor roles.
-LAYER_ROLES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-}
-GLOBAL_ROLES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-
-
-def gguf_name(hf_name: str) -> str:
-    """'model.layers.3.self_attn.v_proj(.weight)' -> 'blk.3.attn_v.weight'; raises on other names."""
-    base, _, suffix = hf_name.rpartition(".")
-    if suffix not in ("weight", "bias"):
-        base, suffix = hf_name, "weight"
-    if base in GLOBAL_ROLES:
-        return f"{GLOBAL_ROLES[base]}.{suffix}"
-    parts = base.split(".")
-    if len(parts) >= 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
-        role = LAYER_ROLES.get(".".join(parts[3:]))
-        if role:
-            return f"blk.{int(parts[2])}.{role}.{suffix}"
-    raise LowbitError(f"no GGUF name for tensor {hf_name!r} (only Llama-architecture names are mapped)")
-
-
 def split_name(name: str) -> tuple[str, int | None]:
     """'blk.3.attn_v.weight' -> ('attn_v', 3); 'output.weight' -> ('output', None)."""
     parts = name.split(".")
@@ -115,12 +94,18 @@ def _rule_type(ftype: str, role: str, layer: int | None, n_layers: int, n_gqa: i
 
 def tensor_type(ftype: str, name: str, n_layers: int, n_cols: int | None = None, n_gqa: int = 1,
                 tied_embeddings: bool = False, imatrix: bool = False) -> str:
-    """The ggml type llama-quantize gives tensor `name` (GGUF naming) of a dense Llama model."""
-    key = file_type(ftype)
-    default = FILE_TYPES[key].default
+    """The ggml type llama-quantize gives tensor `name` (GGUF naming) of a dense model."""
     role, layer = split_name(name)
     if role.endswith("_norm") or not name.endswith(".weight"):
         return "F32"     # norms and biases are never quantised
+    return role_type(ftype, role, layer, n_layers, n_cols, n_gqa, tied_embeddings, imatrix)
+
+
+def role_type(ftype: str, role: str | None, layer: int | None, n_layers: int, n_cols: int | None = None,
+              n_gqa: int = 1, tied_embeddings: bool = False, imatrix: bool = False) -> str:
+    """The ggml type of a weight matrix playing `role` in block `layer` (None outside the blocks)."""
+    key = file_type(ftype)
+    default = FILE_TYPES[key].default
     if default in ("F32", "F16", "BF16"):
         return default
     if role == "output" or (role == "token_embd" and tied_embeddings):
@@ -135,6 +120,7 @@ class GGMLMix(GGMLConfigMixin, MethodConfig):
     """A llama.cpp file type: the per-tensor type is chosen by `for_layer` (the pipeline asks before
     quantising each Linear). Registered once per file type: 'q4_k_m', 'q4_k_m-imatrix', 'q8_0-ref' ..."""
 
+    words = GGML_WORDS
     imatrix: bool = False
     search: bool = True
 
@@ -143,21 +129,15 @@ class GGMLMix(GGMLConfigMixin, MethodConfig):
         t = tensor_type(self.name, gguf_tensor, n_layers, n_cols, n_gqa, tied_embeddings, self.imatrix)
         return GGMLQuant(type=t, imatrix=self.imatrix, search=self.search)
 
-    def for_layer(self, name: str, n_layers: int, n_gqa: int = 1, **model_info) -> GGMLQuant:
-        """The concrete per-tensor config for the Hugging Face Linear `name` of a model of n_layers."""
-        return self.layer_config(gguf_name(name), n_layers, None, n_gqa)
+    def for_layer(self, layer: LayerInfo) -> GGMLQuant:
+        """The concrete per-tensor config for a Linear of the role and block the Arch gives it."""
+        t = role_type(self.name, layer.role, layer.layer, layer.n_layers, None, layer.n_gqa, False, self.imatrix)
+        return GGMLQuant(type=t, imatrix=self.imatrix, search=self.search)
 
     def quantize_weight(self, weight, stats=None):
         """Without a layer name: the file type's default type (as llama-quantize --pure)."""
         return GGMLQuant(type=FILE_TYPES[self.name].default, imatrix=self.imatrix,
                          search=self.search).quantize_weight(weight, stats)
-
-    def short_name(self) -> str:
-        return self.name + self._suffix()
-
-    @classmethod
-    def from_short_name(cls, rest):
-        return cls(**cls._switches(rest))
 
 
 def _register_file_types() -> dict[str, type]:

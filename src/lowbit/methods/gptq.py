@@ -30,8 +30,7 @@ import torch
 from lowbit.core import QuantizedTensor, QuantSpec, check_tensor, fake_quantize_blocks, scale_and_zero
 from lowbit.core.qparams import symmetric_capacity
 from lowbit.errors import LowbitError
-from lowbit.methods.base import MethodConfig, int_scheme_name, parse_int_scheme, register_method
-from lowbit.methods.rtn import weight_spec
+from lowbit.methods.base import SchemeMethod, register_method
 
 SUB_BLOCK = 16              # columns per rank-1 sub-block inside a lazy-update block
 DAMP_RETRIES = 6            # each retry multiplies the dampening by 10
@@ -40,40 +39,37 @@ MSE_GRID, MSE_MAX_SHRINK, MSE_NORM = 100, 0.8, 2.4   # the reference GPTQ's clip
 
 @register_method
 @dataclass(frozen=True)
-class GPTQ(MethodConfig):
-    """bits, group_size (None: one scale per output channel), symmetric: the integer scheme.
-    act_order: visit columns by decreasing H_ii. static_groups: compute every group's scale from the
-    original weights before the column loop. damp: fraction of the mean diagonal of H added to it.
-    block_size: columns per lazy update. mse: search each group's clipping range for the smallest
-    ||w - q||^2.4 (as the reference does) instead of using min-max. full_grid (symmetric only): the
-    scale is 2 absmax / (2^bits - 1), as in GPTQ, AutoGPTQ and llm-compressor: all 2^bits codes span
-    [-absmax, absmax] (a 7% finer step at 4 bits; the absmax, half a step above the top code, rounds
-    onto it), where False gives core's and RTN's symmetric scale, absmax / (2^(bits-1) - 1), whose
-    most negative code then stays unused. Every weight stays within half a step either way."""
+class GPTQ(SchemeMethod):
+    """scheme: the grid (default int4 g128 symmetric; any integer grid, code book or float format of a
+    QuantSpec, per channel or group). act_order: visit columns by decreasing H_ii. static_groups:
+    compute every group's scale from the original weights before the column loop. damp: fraction of the
+    mean diagonal of H added to it. block_size: columns per lazy update. mse: search each group's
+    clipping range for the smallest ||w - q||^2.4 (as the reference does) instead of using min-max.
+    full_grid (symmetric integer grids): the scale is 2 absmax / (2^bits - 1), as in GPTQ, AutoGPTQ and
+    llm-compressor: all 2^bits codes span [-absmax, absmax] (a 7% finer step at 4 bits; the absmax, half
+    a step above the top code, rounds onto it), where False gives core's and RTN's symmetric scale,
+    absmax / (2^(bits-1) - 1), whose most negative code then stays unused. Every weight stays within
+    half a step either way."""
 
     name = "gptq"
     required_stats = ("hessian",)
     sequential = True
-    bits: int = 4
-    group_size: int | None = 128
-    symmetric: bool = True
+    words = {"actorder": {"act_order": True}, "static": {"static_groups": True}, "mse": {"mse": True}}
     act_order: bool = False
     static_groups: bool = False
     damp: float = 0.01
     block_size: int = 128
     mse: bool = False
     full_grid: bool = True
-    scale_dtype: str = "fp16"
 
     def __post_init__(self):
-        self.spec()
+        super().__post_init__()
+        if self.scheme.granularity not in ("channel", "group"):
+            raise LowbitError(f"GPTQ quantises per channel or per group, not per {self.scheme.granularity}")
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp and math.isfinite(self.damp)):
             raise LowbitError(f"damp must be a finite number >= 0, got {self.damp!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise LowbitError(f"block_size must be a positive integer, got {self.block_size!r}")
-
-    def spec(self) -> QuantSpec:
-        return weight_spec(self.bits, self.group_size, self.symmetric, self.scale_dtype)
 
     def quantize_weight(self, weight, stats=None) -> QuantizedTensor:
         if stats is None or stats.n_tokens == 0:
@@ -82,19 +78,6 @@ class GPTQ(MethodConfig):
                 "gptq: no calibration tokens reached this layer; rounded to nearest (RTN) instead")
             return qt
         return gptq_quantize(weight, stats.hessian(), self)
-
-    def short_name(self) -> str:
-        flags = [f for f, on in (("actorder", self.act_order), ("static", self.static_groups),
-                                 ("mse", self.mse)) if on]
-        return "-".join(["gptq", int_scheme_name(self.bits, self.group_size, self.symmetric), *flags])
-
-    @classmethod
-    def from_short_name(cls, rest):
-        flags = {"actorder": "act_order", "static": "static_groups", "mse": "mse"}
-        kwargs = parse_int_scheme([w for w in rest if w not in flags])
-        kwargs.setdefault("group_size", None)   # "gptq-int4" means per channel, as for RTN
-        kwargs.update({flags[w]: True for w in rest if w in flags})
-        return cls(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,7 +89,7 @@ def group_range(cols: torch.Tensor, spec: QuantSpec, full_grid: bool) -> tuple[t
     if not spec.symmetric:
         return lo, hi
     amax = torch.maximum(lo.abs(), hi.abs())
-    if full_grid:
+    if full_grid and spec.number_format.is_integer:
         # scale_and_zero divides a symmetric range by the top code's level c; shrinking the range by
         # c / (c + 1/2) makes the scale absmax / (c + 1/2): the absmax then rounds onto the top code,
         # an error of at most half a step, as for every other element.
@@ -240,11 +223,11 @@ def gptq_loop(w_orig: torch.Tensor, r: torch.Tensor, spec: QuantSpec, groups: _G
     [n_groups, out]), the scales of dynamic groups in the order the groups were reached."""
     n_in, n_out = w_orig.shape
     fmt = spec.number_format
-    qmin, qmax = float(fmt.qmin), float(fmt.qmax)
     has_zero = not spec.symmetric or spec.implied_zero != 0
     block, sub = _aligned_blocks(n_in, groups.size, block_size)
     w = w_orig.clone()                      # updated weights; row j is final when column j is reached
-    levels = torch.empty(n_in, n_out, dtype=torch.int16)
+    # integer levels fit int16; other formats keep their (exact) float values
+    levels = torch.empty(n_in, n_out, dtype=torch.int16 if fmt.is_integer else torch.float32)
     scales = torch.empty(n_in // groups.size, n_out, dtype=torch.float32)
     zeros = torch.empty_like(scales)
     diff = torch.empty(block, n_out, dtype=w.dtype)   # w_orig - q of the current block's columns
@@ -264,7 +247,7 @@ def gptq_loop(w_orig: torch.Tensor, r: torch.Tensor, spec: QuantSpec, groups: _G
                 lv = w[j].div(scale)
                 if has_zero:
                     lv.add_(zero)
-                lv.round_().clamp_(qmin, qmax)
+                lv = round_levels(lv, fmt)
                 levels[j] = lv
                 d = diff[j - b1]
                 torch.sub(lv, zero, out=d) if has_zero else d.copy_(lv)
@@ -315,7 +298,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ) -> 
     _check_weight(weight)
     n_out, n_in = weight.shape
     _check_hessian(hessian, n_in)
-    spec = config.spec()
+    spec = config.scheme
     group = _group_size(config.group_size, n_in)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     warnings: list[str] = []
@@ -346,10 +329,20 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ) -> 
     return qt
 
 
+def round_levels(x: torch.Tensor, fmt) -> torch.Tensor:
+    """x rounded onto the format's values, in place for integer grids (the hot path)."""
+    if fmt.is_integer:
+        return x.round_().clamp_(float(fmt.qmin), float(fmt.qmax))
+    return fmt.round(x).to(x.dtype)
+
+
 def _assemble(levels, scale, zero, spec: QuantSpec, dtype, g_idx) -> QuantizedTensor:
-    """A QuantizedTensor from integer levels [out, in] (in the format's range) and scale, zero
-    [out, n_groups]. An integer format's code is its level's low `bits` bits (two's complement)."""
-    codes = (levels.to(torch.int16) & ((1 << spec.bits) - 1)).to(torch.uint8)
+    """A QuantizedTensor from levels [out, in] (values of the format) and scale, zero [out, n_groups].
+    An integer format's code is its level's low `bits` bits (two's complement)."""
+    if spec.number_format.is_integer:
+        codes = (levels.to(torch.int16) & ((1 << spec.bits) - 1)).to(torch.uint8)
+    else:
+        codes = spec.number_format.encode(levels.float())
     scale = scale.contiguous().float()
     zero = zero.contiguous().float() if not spec.symmetric else torch.full_like(scale, spec.implied_zero)
     return QuantizedTensor(codes, scale, zero, spec, dtype, g_idx)
@@ -358,12 +351,11 @@ def _assemble(levels, scale, zero, spec: QuantSpec, dtype, g_idx) -> QuantizedTe
 def round_to_nearest(weight: torch.Tensor, config: GPTQ) -> QuantizedTensor:
     """GPTQ's grid without error feedback: what a layer gets when it saw no calibration tokens."""
     _check_weight(weight)
-    spec = config.spec()
+    spec = config.scheme
     n_out, n_in = weight.shape
     group = _group_size(config.group_size, n_in)
     w = weight.detach().float()
     scale, zero = static_group_params(w, spec, group, config.full_grid, config.mse)
     blocks = w.reshape(n_out, n_in // group, group)
-    levels = torch.clamp(torch.round(blocks / scale.T[..., None] + zero.T[..., None]),
-                         spec.number_format.qmin, spec.number_format.qmax).to(torch.int16)
+    levels = round_levels(blocks / scale.T[..., None] + zero.T[..., None], spec.number_format)
     return _assemble(levels.reshape(n_out, n_in), scale.T, zero.T, spec, weight.dtype, None)

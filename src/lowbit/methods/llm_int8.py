@@ -1,7 +1,7 @@
 """LLM.int8() (Dettmers et al., 2022): vector-wise int8 with mixed-precision decomposition.
 
 Weights: int8, one absmax scale per output channel (the rows of W; "columns" in the paper's X W
-notation). At run time (lowbit.nn.Int8MixedLinear) every input feature column in which some |x| reaches
+notation). At run time (lowbit.nn.Int8MixedLinear, holding a MixedInt8Weight) every input feature column in which some |x| reaches
 `threshold` (6.0 in the paper and bitsandbytes) is multiplied in floating point; the rest is quantised
 per row and multiplied in int8. The module counts the fraction of columns it kept in floating point
 (lowbit.nn.w8a8.outlier_fraction); the calibration tokens give a first estimate, recorded per layer.
@@ -11,12 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
-from lowbit.core import QuantizedTensor
 from lowbit.errors import LowbitError
 from lowbit.methods.base import MethodConfig, register_method
 from lowbit.methods.w8a8 import int8_weight
+from lowbit.weights.int8 import MixedInt8Weight
 
 DEFAULT_THRESHOLD = 6.0
 
@@ -28,37 +26,17 @@ class LLMInt8(MethodConfig):
 
     name = "llm-int8"
     required_stats = ("act_absmax",)
+    words = {"t": "threshold"}
     threshold: float = DEFAULT_THRESHOLD
 
     def __post_init__(self):
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
             raise LowbitError(f"the LLM.int8() threshold must be a finite number >= 0, got {self.threshold!r}")
 
-    def quantize_weight(self, weight, stats=None) -> QuantizedTensor:
+    def quantize_weight(self, weight, stats=None) -> MixedInt8Weight:
         q = int8_weight(weight)
         if stats is not None and stats.n_tokens and self.threshold > 0:
             # a column counts when its calibration absmax reaches the threshold (an upper bound on what a
             # single forward sees: there only the tokens of that call count)
             q.extras["calibration_outlier_fraction"] = float((stats.act_absmax() >= self.threshold).float().mean())
-        return q
-
-    def make_module(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
-        from lowbit.nn.w8a8 import Int8MixedLinear
-
-        return Int8MixedLinear.from_quantized(q, bias, self.threshold)
-
-    def short_name(self) -> str:
-        return self.name if self.threshold == DEFAULT_THRESHOLD else f"{self.name}-t{self.threshold:g}"
-
-    @classmethod
-    def from_short_name(cls, rest):
-        kwargs = {}
-        for w in rest:
-            try:
-                if not w.startswith("t"):
-                    raise ValueError
-                kwargs["threshold"] = float(w[1:])
-            except ValueError:
-                raise LowbitError(f"unrecognised word {w!r} in llm-int8 method name (expected tN, e.g. t6 for "
-                                  "the outlier threshold)") from None
-        return cls(**kwargs)
+        return MixedInt8Weight(q, self.threshold)

@@ -1,4 +1,8 @@
-"""Round-to-nearest: the baseline every other method must beat. Needs no calibration."""
+"""Round-to-nearest: the baseline every other method must beat. Needs no calibration.
+
+Any scheme: integer grids (symmetric or with a zero point, integer or float), code books (NF4, FP4 ...)
+and float formats, per tensor, channel or group, with the block ranges chosen by an observer.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,18 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.core import QuantizedTensor, QuantSpec, quantize
+from lowbit.core.observers import OBSERVERS
 from lowbit.errors import LowbitError
-from lowbit.methods.base import MethodConfig, int_scheme_name, parse_int_scheme, register_method
-
-
-def weight_spec(bits: int, group_size: int | None, symmetric: bool, scale_dtype: str = "fp16") -> QuantSpec:
-    """The integer scheme of a Linear weight [out, in]: per output channel, or groups along the input."""
-    if not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise LowbitError(f"weight bits must be 2..8, got {bits!r}")
-    fmt = f"int{bits}" if symmetric else f"uint{bits}"
-    if group_size:
-        return QuantSpec(fmt, "group", group_size, symmetric, scale_dtype)
-    return QuantSpec(fmt, "channel", None, symmetric, scale_dtype)
+from lowbit.methods.base import SchemeMethod, register_method
 
 
 def rtn_quantize(weight: torch.Tensor, spec: QuantSpec, observer: str = "minmax") -> QuantizedTensor:
@@ -26,32 +21,17 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantSpec, observer: str = "minmax"
 
 @register_method
 @dataclass(frozen=True)
-class RTN(MethodConfig):
+class RTN(SchemeMethod):
+    """scheme (default int4 g128 symmetric, fp16 scales); observer: minmax, mse or percentile."""
+
     name = "rtn"
-    bits: int = 4
-    group_size: int | None = 128
-    symmetric: bool = True
+    words = {"mse": {"observer": "mse"}, "percentile": {"observer": "percentile"}, "minmax": {"observer": "minmax"}}
     observer: str = "minmax"
-    scale_dtype: str = "fp16"
 
     def __post_init__(self):
-        self.spec()  # validate early: bad bits or group size fail at construction
-
-    def spec(self) -> QuantSpec:
-        return weight_spec(self.bits, self.group_size, self.symmetric, self.scale_dtype)
+        super().__post_init__()
+        if self.observer not in OBSERVERS:
+            raise LowbitError(f"observer must be one of {', '.join(sorted(OBSERVERS))}, got {self.observer!r}")
 
     def quantize_weight(self, weight, stats=None) -> QuantizedTensor:
-        return rtn_quantize(weight, self.spec(), self.observer)
-
-    def short_name(self) -> str:
-        return "rtn-" + int_scheme_name(self.bits, self.group_size, self.symmetric) + (
-            "" if self.observer == "minmax" else f"-{self.observer}")
-
-    @classmethod
-    def from_short_name(cls, rest):
-        observers = [w for w in rest if w in ("mse", "percentile", "minmax")]
-        kwargs = parse_int_scheme([w for w in rest if w not in observers])
-        kwargs.setdefault("group_size", None)  # "rtn-int8" means per-channel
-        if observers:
-            kwargs["observer"] = observers[0]
-        return cls(**kwargs)
+        return rtn_quantize(weight, self.scheme, self.observer)

@@ -13,14 +13,13 @@ from lowbit.core import QuantizedTensor, quantize
 from lowbit.errors import LowbitError
 from lowbit.methods.base import MethodConfig, register_method
 from lowbit.methods.stats import LayerStats
+from lowbit.weights.int8 import ACTIVATIONS, WEIGHT_SPEC, ActQuantWeight
 
-ACTIVATION_WORDS = {"static": "tensor", "dynamic": "token"}
+ACTIVATION_WORDS = {"static": {"activation": "tensor"}, "dynamic": {"activation": "token"}}
 
 
 def int8_weight(weight: torch.Tensor) -> QuantizedTensor:
     """Symmetric int8 per output channel with float32 scales: absmax / 127 per row."""
-    from lowbit.nn.w8a8 import WEIGHT_SPEC
-
     return quantize(weight, WEIGHT_SPEC, "minmax")
 
 
@@ -33,7 +32,7 @@ def static_input_scale(stats: LayerStats | None, method: str) -> float:
 
 
 def check_activation(activation: str) -> None:
-    if activation not in ("token", "tensor"):
+    if activation not in ACTIVATIONS:
         raise LowbitError(f"activation quantisation must be 'token' (per-token dynamic) or 'tensor' "
                           f"(per-tensor static), got {activation!r}")
 
@@ -45,34 +44,12 @@ class W8A8(MethodConfig):
 
     name = "w8a8"
     required_stats = ("act_absmax",)
+    words = ACTIVATION_WORDS
     activation: str = "token"
 
     def __post_init__(self):
         check_activation(self.activation)
 
-    def quantize_weight(self, weight, stats=None) -> QuantizedTensor:
-        q = int8_weight(weight)
-        if self.activation == "tensor":
-            q.extras["input_scale"] = static_input_scale(stats, self.short_name())
-        return q
-
-    def make_module(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
-        from lowbit.nn.w8a8 import W8A8Linear
-
-        return W8A8Linear.from_quantized(q, bias, self.activation, q.extras.get("input_scale"))
-
-    def short_name(self) -> str:
-        return self.name + ("-static" if self.activation == "tensor" else "")
-
-    @classmethod
-    def from_short_name(cls, rest):
-        return cls(**parse_activation_words(rest, cls.name))
-
-
-def parse_activation_words(rest: list[str], method: str) -> dict:
-    kwargs = {}
-    for w in rest:
-        if w not in ACTIVATION_WORDS:
-            raise LowbitError(f"unrecognised word {w!r} in {method} method name (expected static or dynamic)")
-        kwargs["activation"] = ACTIVATION_WORDS[w]
-    return kwargs
+    def quantize_weight(self, weight, stats=None) -> ActQuantWeight:
+        scale = static_input_scale(stats, self.short_name()) if self.activation == "tensor" else None
+        return ActQuantWeight(int8_weight(weight), self.activation, scale)

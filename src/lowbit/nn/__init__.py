@@ -1,20 +1,13 @@
-"""Modules that hold quantised weights and run them.
+"""Modules that hold quantised weights and run them, chosen by weight type (nn/registry.py):
 
-MODULES maps the name recorded in a saved model's lowbit_config.json to the class that rebuilds the
-module (`from_layer_config`); each module class adds itself here.
+    QuantizedTensor -> QuantLinear        Quantized4bit -> Linear4bit        GGMLTensor -> GGMLLinear
+    ActQuantWeight  -> W8A8Linear         MixedInt8Weight -> Int8MixedLinear
 """
+from lowbit.nn.ggml_linear import GGMLLinear
 from lowbit.nn.linear import QuantLinear
+from lowbit.nn.linear4bit import Linear4bit
+from lowbit.nn.registry import MODULES, WEIGHT_MODULES, module_for, register_module
+from lowbit.nn.w8a8 import Int8MixedLinear, W8A8Linear
 
-MODULES = {"QuantLinear": QuantLinear}
-
-
-def register_module(cls):
-    MODULES[cls.__name__] = cls
-    return cls
-
-
-__all__ = ["QuantLinear", "MODULES", "register_module"]
-
-from lowbit.nn import linear4bit  # noqa: E402,F401  (registers Linear4bit; needs register_module above)
-from lowbit.nn import w8a8  # noqa: E402,F401  (registers W8A8Linear and Int8MixedLinear)
-from lowbit.nn import ggml_linear  # noqa: E402,F401  (registers GGMLLinear)
+__all__ = ["QuantLinear", "Linear4bit", "GGMLLinear", "W8A8Linear", "Int8MixedLinear", "MODULES", "WEIGHT_MODULES",
+           "module_for", "register_module"]

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.methods.ggml import GGMLTensor, canonical_type, dequantize_ggml, row_nbytes
-from lowbit.nn import register_module
+from lowbit.nn.registry import register_module
+from lowbit.weights.ggml import GGMLTensor, canonical_type, dequantize_ggml, row_nbytes
 
 
-@register_module
+@register_module(GGMLTensor)
 class GGMLLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, type_name: str, bias: bool = False,
                  compute_dtype: torch.dtype = torch.float32):
@@ -32,6 +32,10 @@ class GGMLLinear(nn.Module):
         if bias is not None:
             m.bias.data = bias.detach().clone()
         return m
+
+    @classmethod
+    def from_weight(cls, qt: GGMLTensor, bias: torch.Tensor | None = None, **options) -> "GGMLLinear":
+        return cls.from_tensor(qt, bias)
 
     def quantized(self) -> GGMLTensor:
         return GGMLTensor(self.blocks, self.type, torch.Size([self.out_features, self.in_features]), self.compute_dtype)

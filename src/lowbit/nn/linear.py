@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core import QuantizedTensor, QuantSpec, block_shape, pack_bits, unpack_bits
+from lowbit.core.qparams import TORCH_FLOAT_DTYPES
 from lowbit.formats import get_format
 from lowbit.kernels.dequant import dequantize_int_packed
+from lowbit.nn.registry import register_module
 
 _SCALE_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -28,6 +30,7 @@ def load_scales(stored: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     return stored.float()
 
 
+@register_module(QuantizedTensor)
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
                  has_g_idx: bool = False, compute_dtype: torch.dtype = torch.float32):
@@ -41,6 +44,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(rows, groups, dtype=scale_dtype))
         if spec.symmetric:
             self.zeros = None
+        elif spec.float_zero:
+            self.register_buffer("zeros", torch.zeros(rows, groups, dtype=TORCH_FLOAT_DTYPES[spec.zero_dtype]))
         else:
             self.register_buffer("zeros", torch.zeros((rows * groups * spec.bits + 7) // 8, dtype=torch.uint8))
         # None (no buffer) unless groups are not contiguous; assigning None first would block the buffer.
@@ -53,13 +58,19 @@ class QuantLinear(nn.Module):
         m = cls(in_features, out_features, q.spec, bias is not None, q.g_idx is not None, q.dtype)
         m.qweight.copy_(pack_bits(q.codes, q.spec.bits))
         m.scales.copy_(store_scales(q.scale, q.spec.scale_dtype))
-        if m.zeros is not None:
+        if m.zeros is not None and q.spec.float_zero:
+            m.zeros.copy_(q.zero)
+        elif m.zeros is not None:
             m.zeros.copy_(pack_bits(q.zero.to(torch.int64) - q.spec.number_format.qmin, q.spec.bits))
         if q.g_idx is not None:
             m.g_idx.copy_(q.g_idx.to(torch.int32))
         if bias is not None:
             m.bias.data = bias.detach().clone()
         return m
+
+    @classmethod
+    def from_weight(cls, q: QuantizedTensor, bias: torch.Tensor | None = None, **options) -> "QuantLinear":
+        return cls.from_quantized(q, bias)
 
     def quantized(self) -> QuantizedTensor:
         """The QuantizedTensor this module holds (what exporters read)."""
@@ -78,6 +89,8 @@ class QuantLinear(nn.Module):
     def _zero_levels(self, scale: torch.Tensor) -> torch.Tensor:
         if self.zeros is None:
             return torch.full_like(scale, self.spec.implied_zero)
+        if self.spec.float_zero:
+            return self.zeros.float()
         zero = unpack_bits(self.zeros, self.spec.bits, scale.numel()).reshape(scale.shape).float()
         return zero + self.spec.number_format.qmin
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.methods.nf4 import (COMPUTE_DTYPES, DTYPE_NAMES, NESTED_BLOCK_SIZE, Quantized4bit, check_block_size,
-                                check_quant_type)
-from lowbit.nn import register_module
+from lowbit.nn.registry import register_module
+from lowbit.weights.bnb4 import (COMPUTE_DTYPES, DTYPE_NAMES, NESTED_BLOCK_SIZE, Quantized4bit, check_block_size,
+                                 check_quant_type)
 
 _WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,7 +23,7 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@register_module
+@register_module(Quantized4bit)
 class Linear4bit(nn.Module):
     def __init__(self, in_features: int, out_features: int, quant_type: str = "nf4", block_size: int = 64,
                  double_quant: bool = False, bias: bool = False, compute_dtype: torch.dtype = torch.bfloat16,
@@ -60,6 +60,11 @@ class Linear4bit(nn.Module):
         if bias is not None:
             m.bias.data = bias.detach().clone()
         return m
+
+    @classmethod
+    def from_weight(cls, q: Quantized4bit, bias: torch.Tensor | None = None,
+                    compute_dtype: torch.dtype = torch.bfloat16, **options) -> "Linear4bit":
+        return cls.from_quantized(q, bias, compute_dtype)
 
     def quantized(self) -> Quantized4bit:
         """The Quantized4bit this module holds (what exporters read)."""

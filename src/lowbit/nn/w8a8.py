@@ -17,13 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.core import QuantizedTensor, QuantSpec
+from lowbit.core import QuantizedTensor
 from lowbit.errors import LowbitError
 from lowbit.kernels.int8 import int8_matmul, quantize_rows, quantize_with_scale
-from lowbit.nn import register_module
-
-WEIGHT_SPEC = QuantSpec("int8", "channel", None, True, "fp32")
-ACTIVATIONS = ("token", "tensor")
+from lowbit.nn.registry import register_module
+from lowbit.weights.int8 import ACTIVATIONS, WEIGHT_SPEC, ActQuantWeight, MixedInt8Weight, check_int8_weight
 
 
 class _Int8WeightLinear(nn.Module):
@@ -38,16 +36,14 @@ class _Int8WeightLinear(nn.Module):
         self.backend: str | None = None  # None: lowbit.kernels.int8 picks per device
 
     def _load_weight(self, q: QuantizedTensor, bias: torch.Tensor | None) -> None:
-        if q.spec.format != "int8" or q.spec.granularity != "channel" or not q.spec.symmetric:
-            raise LowbitError(f"an int8 Linear takes int8 symmetric per-channel weights, got {q.spec.format} "
-                              f"{q.spec.granularity}{'' if q.spec.symmetric else ' asymmetric'}")
+        check_int8_weight(q)
         self.weight.copy_(q.codes.view(torch.int8))
         self.weight_scale.copy_(q.scale.reshape(-1).float())
         if bias is not None:
             self.bias.data = bias.detach().float().clone()
 
-    def quantized(self) -> QuantizedTensor:
-        """The weight as a QuantizedTensor (what exporters and the per-layer report read)."""
+    def int8_weight(self) -> QuantizedTensor:
+        """The int8 weight as a QuantizedTensor."""
         scale = self.weight_scale[:, None].clone()
         return QuantizedTensor(self.weight.view(torch.uint8).clone(), scale, torch.zeros_like(scale), WEIGHT_SPEC)
 
@@ -65,7 +61,7 @@ class _Int8WeightLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-@register_module
+@register_module(ActQuantWeight)
 class W8A8Linear(_Int8WeightLinear):
     def __init__(self, in_features: int, out_features: int, activation: str = "token", bias: bool = False):
         super().__init__(in_features, out_features, bias)
@@ -89,6 +85,15 @@ class W8A8Linear(_Int8WeightLinear):
                 raise LowbitError("static (per-tensor) activation quantisation needs a positive calibrated input scale")
             m.input_scale.fill_(float(input_scale))
         return m
+
+    @classmethod
+    def from_weight(cls, w: ActQuantWeight, bias: torch.Tensor | None = None, **options) -> "W8A8Linear":
+        return cls.from_quantized(w.weight, bias, w.activation, w.input_scale)
+
+    def quantized(self) -> ActQuantWeight:
+        """The weight this module runs (what exporters read)."""
+        scale = None if self.input_scale is None else float(self.input_scale)
+        return ActQuantWeight(self.int8_weight(), self.activation, scale)
 
     def quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 codes [T, K], float32 scales [T]) of the flattened input."""
@@ -115,7 +120,7 @@ class W8A8Linear(_Int8WeightLinear):
         return f"in={self.in_features}, out={self.out_features}, int8 weights per channel, int8 activations {acts}"
 
 
-@register_module
+@register_module(MixedInt8Weight)
 class Int8MixedLinear(_Int8WeightLinear):
     def __init__(self, in_features: int, out_features: int, threshold: float = 6.0, bias: bool = False):
         super().__init__(in_features, out_features, bias)
@@ -131,6 +136,14 @@ class Int8MixedLinear(_Int8WeightLinear):
         m = cls(in_features, out_features, threshold, bias is not None)
         m._load_weight(q, bias)
         return m
+
+    @classmethod
+    def from_weight(cls, w: MixedInt8Weight, bias: torch.Tensor | None = None, **options) -> "Int8MixedLinear":
+        return cls.from_quantized(w.weight, bias, w.threshold)
+
+    def quantized(self) -> MixedInt8Weight:
+        """The weight this module runs (what exporters read)."""
+        return MixedInt8Weight(self.int8_weight(), self.threshold)
 
     def reset_outlier_count(self) -> None:
         self.columns_seen = 0          # input columns over all forward calls

@@ -4,7 +4,12 @@ precedes them. A few lines per family; no copied model code, no graph tracing.
 Names are relative to one block. `groups` lists the sub-layers in execution order, each a tuple of
 Linears that read the same input (quantised together under "true sequential"); `norms` names the norm
 whose output feeds a group (where input scalings can be folded); `prev` names the op whose output is a
-group's input when it is another Linear (AWQ folds o_proj scales into v_proj, down_proj into up_proj).
+group's input when it is another Linear (AWQ folds o_proj scales into v_proj, down_proj into up_proj);
+`linear_prev` lists the groups whose `prev` reaches them through linear operations only (attention is
+linear in V, a gated MLP in its up branch), the others only through an activation, which must then be
+homogeneous (ReLU) for a fold. `roles` gives each module's role in GGUF's vocabulary (attn_q ...
+ffn_down, attn_norm, ffn_norm) and `globals` the same for modules outside the blocks: methods see roles
+(LayerInfo), exporters name tensors by them. These tables are the only place layer names appear.
 """
 from __future__ import annotations
 
@@ -22,40 +27,69 @@ class Arch:
     groups: tuple[tuple[str, ...], ...] = ()
     norms: dict = field(default_factory=dict)      # first Linear of a group -> norm module name
     prev: dict = field(default_factory=dict)       # first Linear of a group -> preceding Linear
+    linear_prev: tuple = ()                        # groups whose `prev` reaches them linearly
+    roles: dict = field(default_factory=dict)      # module name in a block -> GGUF role
+    globals: dict = field(default_factory=dict)    # module name in the model -> GGUF role
     norm_offset: float = 0.0                       # Gemma's RMSNorm multiplies by (1 + weight)
     causal: bool = True
+
+    def role(self, name: str) -> str | None:
+        """The role of a module, by its name relative to a block or (outside the blocks) to the model."""
+        return self.roles.get(name) or self.globals.get(name)
 
 
 _LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                  ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 _LLAMA_NORMS = {"self_attn.q_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm"}
 _LLAMA_PREV = {"self_attn.o_proj": "self_attn.v_proj", "mlp.down_proj": "mlp.up_proj"}
+_LLAMA_ROLES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_LLAMA_GLOBALS = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _DECODER_PATHS = ("model.layers", "layers", "model.language_model.layers")
 
 
-def _llama_like(family: str, norm_offset: float = 0.0) -> Arch:
-    return Arch(family, _DECODER_PATHS, _LLAMA_GROUPS, _LLAMA_NORMS, _LLAMA_PREV, norm_offset)
+def _llama_like(family: str, norm_offset: float = 0.0, norms: dict = _LLAMA_NORMS) -> Arch:
+    return Arch(family, _DECODER_PATHS, _LLAMA_GROUPS, norms, _LLAMA_PREV, tuple(_LLAMA_PREV), _LLAMA_ROLES,
+                _LLAMA_GLOBALS, norm_offset)
 
+
+# Gemma-2/3 wrap attention and MLP in "sandwich" norms: post_attention_layernorm normalises the attention
+# *output*; the MLP reads pre_feedforward_layernorm.
+_GEMMA2_NORMS = {"self_attn.q_proj": "input_layernorm", "mlp.gate_proj": "pre_feedforward_layernorm"}
+_PHI3_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
+_PHI3_ROLES = {"self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_OPT_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_BERT_GROUPS = (("attention.self.query", "attention.self.key", "attention.self.value"),
+                ("attention.output.dense",), ("intermediate.dense",), ("output.dense",))
+_BERT_ROLES = {"attention.self.query": "attn_q", "attention.self.key": "attn_k", "attention.self.value": "attn_v",
+               "attention.output.dense": "attn_output", "intermediate.dense": "ffn_up", "output.dense": "ffn_down"}
 
 ARCHES: dict[str, Arch] = {
     **{name: _llama_like(name) for name in ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")},
     "gemma": _llama_like("gemma", 1.0),
-    "gemma2": _llama_like("gemma2", 1.0),
-    "phi3": Arch("phi3", _DECODER_PATHS,
-                 (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
-                 {"self_attn.qkv_proj": "input_layernorm", "mlp.gate_up_proj": "post_attention_layernorm"}),
+    "gemma2": _llama_like("gemma2", 1.0, _GEMMA2_NORMS),
+    "phi3": Arch("phi3", _DECODER_PATHS, _PHI3_GROUPS,
+                 {"self_attn.qkv_proj": "input_layernorm", "mlp.gate_up_proj": "post_attention_layernorm"},
+                 roles=_PHI3_ROLES, globals=_LLAMA_GLOBALS),
     "gpt2": Arch("gpt2", ("transformer.h", "h"),
                  (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
-                 {"attn.c_attn": "ln_1", "mlp.c_fc": "ln_2"}, {"mlp.c_proj": "mlp.c_fc"}),
+                 {"attn.c_attn": "ln_1", "mlp.c_fc": "ln_2"}, {"mlp.c_proj": "mlp.c_fc"},
+                 roles={"attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up",
+                        "mlp.c_proj": "ffn_down", "ln_1": "attn_norm", "ln_2": "ffn_norm"},
+                 globals={"transformer.wte": "token_embd", "transformer.ln_f": "output_norm", "lm_head": "output"}),
     "opt": Arch("opt", ("model.decoder.layers", "decoder.layers"),
-                (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
-                 ("fc1",), ("fc2",)),
+                (_OPT_ATTN, ("self_attn.out_proj",), ("fc1",), ("fc2",)),
                 {"self_attn.q_proj": "self_attn_layer_norm", "fc1": "final_layer_norm"},
-                {"self_attn.out_proj": "self_attn.v_proj", "fc2": "fc1"}),
+                {"self_attn.out_proj": "self_attn.v_proj", "fc2": "fc1"}, ("self_attn.out_proj",),
+                roles={**dict(zip(_OPT_ATTN, ("attn_q", "attn_k", "attn_v"))), "self_attn.out_proj": "attn_output",
+                       "fc1": "ffn_up", "fc2": "ffn_down", "self_attn_layer_norm": "attn_norm",
+                       "final_layer_norm": "ffn_norm"},
+                globals={"model.decoder.embed_tokens": "token_embd", "lm_head": "output"}),
     # Encoders are post-norm: no norm feeds the Linears directly, so nothing is folded there.
-    **{name: Arch(name, ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"),
-                  (("attention.self.query", "attention.self.key", "attention.self.value"),
-                   ("attention.output.dense",), ("intermediate.dense",), ("output.dense",)), causal=False)
+    **{name: Arch(name, ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"), _BERT_GROUPS,
+                  roles=_BERT_ROLES, causal=False)
        for name in ("bert", "roberta", "xlm-roberta")},
 }
 

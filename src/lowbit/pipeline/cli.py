@@ -17,7 +17,7 @@ def method_from_args(args):
     cls = METHODS[name]
     given = {"bits": args.bits, "group_size": args.group_size, "observer": args.observer,
              "symmetric": False if args.asym else None}
-    names = {f.name for f in fields(cls)}
+    names = {f.name for f in fields(cls)} | set(getattr(cls, "shorthand", ()))
     kwargs = {k: v for k, v in given.items() if v is not None and k in names}
     if args.group_size == 0 and "group_size" in names:
         kwargs["group_size"] = None  # --group-size 0: per channel
@@ -26,7 +26,7 @@ def method_from_args(args):
 
 def _cmd_quantize(args) -> str:
     from lowbit import api
-    from lowbit.pipeline.recipe import DEFAULT_SKIP, Recipe
+    from lowbit.methods.recipe import DEFAULT_SKIP, Recipe
     from lowbit.pipeline.report import summarize
 
     out = Path(args.output)

@@ -10,8 +10,9 @@ channels than o_proj has inputs: each key/value head is read by several query he
 feeds several o_proj columns and `index` maps every consumer column to its producer channel.
 
 Only ops that commute with a positive per-channel scale are folded through: a norm's affine output,
-attention (linear in V), a gated MLP's up branch (act(gate) * up is linear in up) and ReLU (homogeneous).
-GELU or SiLU between two Linears does not commute, so such a pair is not folded.
+attention (linear in V), a gated MLP's up branch (act(gate) * up is linear in up) — the Arch lists these
+as `linear_prev` — and ReLU (homogeneous). GELU or SiLU between two Linears does not commute, so such a
+pair is not folded.
 """
 from __future__ import annotations
 
@@ -21,10 +22,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.pipeline.arch import Arch
+from lowbit.pipeline.arch import Arch, sequential_groups
 
-# Producers whose output reaches the consumer linearly, whatever the activation function.
-_LINEAR_PRODUCERS = ("v_proj", "value", "up_proj", "w3")
 _HOMOGENEOUS_ACTIVATIONS = (nn.ReLU,)
 _IDENTITY_IN_EVAL = (nn.Dropout, nn.Identity)
 
@@ -44,17 +43,6 @@ class InputSource:
         """A producer-space vector as the consumer's input columns see it."""
         return s if self.index is None else s[self.index]
 
-    def reduce(self, per_column: torch.Tensor, how: str = "max") -> torch.Tensor:
-        """A statistic of the consumer's input columns, pooled onto the producer's channels."""
-        if self.index is None:
-            return per_column
-        out = torch.zeros(self.width, dtype=per_column.dtype)
-        if how == "max":
-            return out.scatter_reduce(0, self.index, per_column, reduce="amax", include_self=False)
-        if how == "mean":
-            return out.scatter_reduce(0, self.index, per_column, reduce="mean", include_self=False)
-        raise ValueError(how)
-
 
 def _child(block: nn.Module, name: str) -> nn.Module | None:
     try:
@@ -68,9 +56,8 @@ def _parent(block: nn.Module, name: str) -> nn.Module:
     return block.get_submodule(parent_name) if parent_name else block
 
 
-def _commutes_with_scale(block: nn.Module, producer: str) -> bool:
-    if producer.rpartition(".")[2] in _LINEAR_PRODUCERS:
-        return True
+def _homogeneous_activation(block: nn.Module, producer: str) -> bool:
+    """Whether every activation next to the producer commutes with a positive scale (ReLU)."""
     acts = [m for m in _parent(block, producer).children()
             if not isinstance(m, (nn.Linear, *_IDENTITY_IN_EVAL)) and not list(m.parameters())
             and not list(m.children())]
@@ -110,7 +97,8 @@ def input_source(block: nn.Module, arch: Arch, group: list[str] | tuple[str, ...
         return InputSource("norm", arch.norms[first], norm, norm.weight.shape[0], None, arch.norm_offset)
     if first in arch.prev:
         producer = _child(block, arch.prev[first])
-        if not isinstance(producer, nn.Linear) or not _commutes_with_scale(block, arch.prev[first]):
+        commutes = first in arch.linear_prev or _homogeneous_activation(block, arch.prev[first])
+        if not isinstance(producer, nn.Linear) or not commutes:
             return None
         try:
             index = _consumer_index(block, producer, first, consumer.in_features)
@@ -156,48 +144,9 @@ def fold_scales(source: InputSource, linears: list[nn.Linear], s: torch.Tensor) 
 
 def foldable_groups(block: nn.Module, arch: Arch, linear_names: list[str]) -> list[tuple[list[str], InputSource]]:
     """The block's groups of Linears (execution order) whose shared input can take a folded scale."""
-    from lowbit.pipeline.arch import sequential_groups
-
     out = []
     for group in sequential_groups(arch, linear_names):
         source = input_source(block, arch, group)
         if source is not None:
             out.append((group, source))
     return out
-
-
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in block.named_modules() if type(m) is nn.Linear}
-
-
-def group_input_stats(block: nn.Module, inputs, groups, linears: dict[str, nn.Linear], keep_inputs: bool = False):
-    """LayerStats of each group's shared input (recorded on its first Linear), from one pass of the block."""
-    from lowbit.pipeline.runner import collect_stats
-
-    firsts = {g[0]: linears[g[0]] for g, _ in groups}
-    return collect_stats(block, list(inputs), firsts, keep_inputs)
-
-
-def sample_rows(x: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
-    """At most n rows of x, a seeded random choice (all of them when there are fewer)."""
-    if x.shape[0] <= n:
-        return x
-    return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]]
-
-
-def prepare_model(model: nn.Module, config, calibration: torch.Tensor, batch_size: int = 8) -> nn.Module:
-    """Run only a config's `prepare_block` (its scale search and folding) over every block, without
-    quantising: the model keeps its full-precision weights, with the scales folded in."""
-    from lowbit.pipeline.arch import block_list, describe
-    from lowbit.pipeline.runner import capture_block_inputs, run_block
-
-    model.eval()
-    arch = describe(model)
-    _, blocks = block_list(model, arch)
-    inputs = capture_block_inputs(model, blocks[0], list(calibration.split(batch_size)))
-    for i, block in enumerate(blocks):
-        config.prepare_block(block=block, arch=arch, inputs=inputs, run_block=run_block, block_index=i)
-        with torch.no_grad():
-            for x in inputs:
-                x.hidden = run_block(block, x)
-    return model

@@ -15,14 +15,14 @@ rounding; the activations entering the Linears carry max|x| about `factor` times
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.pipeline.arch import block_list, describe
-from lowbit.pipeline.fold import block_linears, foldable_groups, fold_scales
+from lowbit.pipeline.blocks import block_linears
+from lowbit.pipeline.fold import foldable_groups, fold_scales
 from lowbit.pipeline.loading import conv1d_to_linear
 
 DEFAULT_CHANNELS = (7, 61, 133, 202)     # 4 of 256 hidden channels, about the share seen in OPT-6.7B
@@ -74,55 +74,3 @@ def make_outlier_variant(model: nn.Module, channels=DEFAULT_CHANNELS, factor: fl
         raise LowbitError(f"no foldable Linear groups in this {arch.family} model: cannot plant outliers")
     model.lowbit_outliers = {"factor": float(factor), "planted": planted}
     return model
-
-
-# ---------------------------------------------------------------------------------------------------
-# The demo: int8 activation methods on the bundled model and on its outlier variant
-
-DEMO_METHODS = ("w8a8-static", "w8a8", "llm-int8", "smoothquant")
-
-
-def outlier_comparison(model_path=None, methods=DEMO_METHODS, channels=DEFAULT_CHANNELS,
-                       factor: float = DEFAULT_FACTOR, n_samples: int = 32, max_eval_tokens: int = 16384,
-                       progress=None) -> list[dict]:
-    """Held-out perplexity of each method on the model and on its outlier variant: one row per
-    (model, method), with the change against that model's full precision and, for LLM.int8(), the
-    fraction of input columns it multiplied in floating point during the evaluation."""
-    from lowbit import api
-    from lowbit.eval.evaluate import bundled_eval_text, tokenize
-    from lowbit.eval.perplexity import perplexity
-    from lowbit.methods import parse_method
-    from lowbit.nn.w8a8 import Int8MixedLinear, outlier_fraction, reset_outlier_counts
-
-    configs = [parse_method(m) for m in methods]   # a typo fails before any work
-    say = progress or (lambda message: None)
-    base, tokenizer = api.load_model(model_path)
-    ids = tokenize(tokenizer, bundled_eval_text(), max_eval_tokens)
-    rows = []
-    for label, model in (("plain", base), (f"outliers x{factor:g}", make_outlier_variant(base, channels, factor))):
-        fp = perplexity(model, ids).perplexity
-        rows.append({"model": label, "method": "fp32", "perplexity": fp, "change": 0.0, "float_columns": None})
-        for config in configs:
-            say(f"{label}: {config.short_name()}")
-            q = api.quantize(copy.deepcopy(model), config, tokenizer=tokenizer, n_samples=n_samples, progress=False)
-            reset_outlier_counts(q)
-            ppl = perplexity(q, ids).perplexity
-            mixed = any(isinstance(m, Int8MixedLinear) for m in q.modules())
-            rows.append({"model": label, "method": config.short_name(), "perplexity": ppl, "change": ppl / fp - 1,
-                         "float_columns": outlier_fraction(q) if mixed else None})
-    return rows
-
-
-def render_outlier_comparison(rows: list[dict]) -> str:
-    from lowbit.table import format_table
-
-    table = [[r["model"], r["method"], r["perplexity"], f"{100 * r['change']:+.2f}%",
-              "" if r["float_columns"] is None else f"{100 * r['float_columns']:.2f}%"] for r in rows]
-    return format_table(["model", "method", "perplexity", "vs fp32", "columns in float"], table)
-
-
-def render_demo() -> str:
-    rows = outlier_comparison(progress=lambda m: print(m, file=sys.stderr, flush=True))
-    return ("Int8 activations and emergent outliers: the bundled model, and its variant whose Linears all read "
-            f"channels {list(DEFAULT_CHANNELS)} of their input\nscaled x{DEFAULT_FACTOR:g} (the same full-precision "
-            "function; held-out perplexity, 16K tokens)\n" + render_outlier_comparison(rows))

@@ -9,6 +9,7 @@ import torch
 
 from lowbit.core import QuantizedTensor, block_shape
 from lowbit.methods.stats import LayerStats
+from lowbit.weights import ActQuantWeight, MixedInt8Weight
 from lowbit.table import format_table
 
 
@@ -27,6 +28,8 @@ class LayerReport:
 
 
 def clipped_fraction(q, weight: torch.Tensor, approx: torch.Tensor) -> float | None:
+    if isinstance(q, (ActQuantWeight, MixedInt8Weight)):
+        q = q.weight
     if not isinstance(q, QuantizedTensor) or not q.spec.number_format.is_integer or q.g_idx is not None:
         return None
     rows, groups, size = block_shape(q.shape, q.spec)

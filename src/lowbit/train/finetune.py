@@ -18,7 +18,8 @@ def quantized_base(model, quant: str, compute_dtype: str | None):
     """The model with its Linears in NF4/FP4: as loaded if it already is, else quantised with `quant`."""
     from lowbit.api import quantize
     from lowbit.methods import parse_method
-    from lowbit.methods.nf4 import COMPUTE_DTYPES, NF4
+    from lowbit.methods.nf4 import NF4
+    from lowbit.weights.bnb4 import COMPUTE_DTYPES
     from lowbit.nn.linear4bit import Linear4bit
 
     held = [m for m in model.modules() if isinstance(m, Linear4bit)]

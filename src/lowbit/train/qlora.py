@@ -132,7 +132,7 @@ def save_adapter(model: nn.Module, out, base_model_name_or_path: str | None = No
     """Write the adapters of `model` as a PEFT folder (renamed into place when complete)."""
     from safetensors.torch import save_file
 
-    from lowbit.io.native import writing_folder
+    from lowbit.io.hf_folder import writing_folder
 
     settings = getattr(model, "lowbit_lora", None)
     if settings is None or not lora_modules(model):

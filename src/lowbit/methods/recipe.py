@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 
-from lowbit.methods.base import MethodConfig, method_from_dict
+from lowbit.errors import LowbitError
+from lowbit.methods.base import MethodConfig, method_from_dict, parse_method
 
 # Kept in full precision unless a recipe says otherwise: the output head is small next to the blocks
 # and its errors land directly on the logits. (Embeddings are not Linears and are never quantised here.)
@@ -13,9 +14,26 @@ DEFAULT_SKIP = ("lm_head", "*.lm_head", "embed_out", "output")
 
 @dataclass
 class Recipe:
+    """default: the config of every Linear no pattern names; overrides: [(fnmatch pattern, config or None
+    for full precision)], first match wins; skip: patterns kept in full precision. Configs may be given
+    as short names ("rtn-int8")."""
+
     default: MethodConfig
-    overrides: list = field(default_factory=list)   # [(pattern, config or None)]; first match wins
+    overrides: list = field(default_factory=list)
     skip: tuple = DEFAULT_SKIP
+
+    def __post_init__(self):
+        self.default = _config(self.default)
+        self.overrides = [(p, None if c is None else _config(c)) for p, c in self.overrides]
+        self.skip = tuple(self.skip)
+
+    def configs(self) -> list[MethodConfig]:
+        """Every distinct config the recipe uses, default first."""
+        out = [self.default]
+        for _, c in self.overrides:
+            if c is not None and c not in out:
+                out.append(c)
+        return out
 
     def config_for(self, name: str) -> MethodConfig | None:
         for pattern, config in self.overrides:
@@ -32,9 +50,19 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
+        if not isinstance(d, dict) or "default" not in d:
+            raise LowbitError("a recipe must be a dict with a 'default' method config")
         return cls(method_from_dict(d["default"]),
                    [(p, None if c is None else method_from_dict(c)) for p, c in d.get("overrides", [])],
                    tuple(d.get("skip", DEFAULT_SKIP)))
+
+
+def _config(c) -> MethodConfig:
+    if isinstance(c, MethodConfig):
+        return c
+    if isinstance(c, str):
+        return parse_method(c)
+    raise LowbitError(f"expected a method config or a method name, got {type(c).__name__}")
 
 
 def as_recipe(config_or_recipe) -> Recipe:
@@ -42,8 +70,6 @@ def as_recipe(config_or_recipe) -> Recipe:
         return config_or_recipe
     if isinstance(config_or_recipe, MethodConfig):
         return Recipe(config_or_recipe)
-    from lowbit.methods import parse_method
-
     if isinstance(config_or_recipe, str):
         return Recipe(parse_method(config_or_recipe))
-    raise TypeError(f"expected a method config, a Recipe or a method name, got {type(config_or_recipe).__name__}")
+    raise LowbitError(f"expected a method config, a Recipe or a method name, got {type(config_or_recipe).__name__}")

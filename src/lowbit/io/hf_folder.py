@@ -1,0 +1,128 @@
+"""Hugging Face model folders, written once for every format: config.json (with a quantization_config),
+generation_config.json, the tokenizer, model.safetensors, into a temporary sibling folder renamed into
+place only when everything is written; and the tensors outside the quantised modules.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+WEIGHTS_FILE = "model.safetensors"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def atomic_folder(out: Path) -> Path:
+    """A temporary sibling folder of `out` (which must not exist yet)."""
+    out = Path(out)
+    if out.exists():
+        raise LowbitError(f"output folder already exists: {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+
+
+@contextmanager
+def writing_folder(out):
+    """Write into a temporary sibling folder that becomes `out` only when the block completes."""
+    tmp = atomic_folder(out)
+    try:
+        yield tmp
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def float_tensors(model: nn.Module, skip: set[str] | dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every state-dict tensor outside the modules named in `skip` (the quantised ones), floating-point
+    ones cast to `dtype` when given; storage shared by tied weights is written once (loaders re-tie)."""
+    inside = tuple(f"{n}." for n in skip)
+    out, seen = {}, set()
+    for key, t in model.state_dict().items():
+        if key.startswith(inside):
+            continue
+        where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if where in seen:
+            continue
+        seen.add(where)
+        t = t.detach()
+        out[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous().clone()
+    return out
+
+
+def biases(model: nn.Module, names, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """{"<name>.bias": bias} of the named modules that have one, cast to `dtype` when given."""
+    out = {}
+    for name in names:
+        b = getattr(model.get_submodule(name), "bias", None)
+        if b is not None:
+            b = b.detach()
+            out[f"{name}.bias"] = (b.to(dtype) if dtype is not None else b).contiguous().clone()
+    return out
+
+
+def one_value(items: dict, layout: str, what: str, value_of):
+    """The value every item shares (a layout that stores one per model), or a one-line error."""
+    values = {value_of(v) for v in items.values()}
+    if len(values) > 1:
+        raise LowbitError(f"{layout} holds one {what} per model; these weights mix {sorted(map(str, values))}")
+    return values.pop()
+
+
+def empty_model(config, path: Path) -> nn.Module:
+    """The transformers model a folder's config describes, built empty (weights loaded afterwards)."""
+    import transformers
+
+    archs = getattr(config, "architectures", None)
+    if not archs:
+        return transformers.AutoModelForCausalLM.from_config(config)
+    cls = getattr(transformers, archs[0], None)
+    if cls is None:
+        raise LowbitError(f"unknown model class {archs[0]!r} in {Path(path) / 'config.json'}")
+    return cls(config)
+
+
+def model_config(model: nn.Module, quantization_config: dict | None, dtype: torch.dtype | None = None):
+    """A copy of the model's transformers config carrying `quantization_config` (None: none)."""
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.quantization_config = quantization_config
+    if quantization_config is None:
+        del config.quantization_config
+    config.architectures = config.architectures or [type(model).__name__]
+    if dtype is not None:
+        config.torch_dtype = DTYPE_NAMES[dtype]
+    return config
+
+
+def write_metadata(tmp: Path, model: nn.Module, config, tokenizer=None) -> None:
+    """config.json, generation_config.json (when the model has one) and the tokenizer files."""
+    config.save_pretrained(tmp)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+def write_hf_folder(out, model: nn.Module, tensors: dict[str, torch.Tensor], tokenizer=None,
+                    quantization_config: dict | None = None, dtype: torch.dtype | None = None,
+                    extra_json: dict[str, dict] | None = None) -> Path:
+    """A complete model folder at `out`: metadata, `tensors` in model.safetensors, and `extra_json`
+    ({file name: dict}) such as quantize_config.json."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    with writing_folder(out) as tmp:
+        write_metadata(tmp, model, model_config(model, quantization_config, dtype), tokenizer)
+        for name, content in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
+        save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    return out

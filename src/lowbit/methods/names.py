@@ -1,0 +1,147 @@
+"""One grammar for short method names, shared by the CLI, the Python API, saved files and reports.
+
+    <method>[-<scheme words>][-<method words>]       gptq-int4-g128-actorder, rtn-nf4-b64, awq-uint4-g128
+
+Scheme words change the method's default scheme (a QuantSpec):
+    intN / uintN      an integer grid of N bits (uintN: asymmetric); a format name (nf4, fp4, fp8_e4m3 ...)
+    gN / bN           groups (blocks) of N inputs;  channel / tensor: one scale per output row / per tensor
+    sym / asym        a fixed or a stored zero point
+A grid word without a group word means per channel ("rtn-int8"). Method words are each method's own,
+in the order its `words` table lists them: a word -> the field values it sets ({"actorder": {"act_order":
+True}}), or a prefix -> the field its number sets ({"a": "alpha"} reads "a0.8"). Any other word is a
+one-line error naming the words the method takes.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import MISSING, fields
+
+from lowbit.core import QuantSpec
+from lowbit.errors import LowbitError
+from lowbit.formats import canonical_name, get_format
+
+SCHEME_WORDS = "intN, uintN, a format name (nf4, fp4, fp8_e4m3, ...), gN, bN, channel, tensor, sym, asym"
+_INT = re.compile(r"(u?)int(\d+)")
+_GROUP = re.compile(r"[gb](\d+)")
+_NUMBER = re.compile(r"-?\d+(\.\d*)?(e-?\d+)?")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scheme words
+
+def _format_word(word: str) -> str | None:
+    """The canonical format a word names, or None (integer grids are read by _INT)."""
+    try:
+        name = canonical_name(word)
+    except LowbitError:
+        return None
+    return None if get_format(name).is_integer else name
+
+
+def parse_scheme(words: list[str], default: QuantSpec) -> tuple[QuantSpec, list[str]]:
+    """(the scheme the words describe on top of `default`, the words that are not scheme words)."""
+    changes: dict = {}
+    grid = group = False
+    rest = []
+    for w in words:
+        m_int, m_group, fmt = _INT.fullmatch(w), _GROUP.fullmatch(w), None
+        if m_int:
+            changes["bits"], grid = int(m_int.group(2)), True
+            if m_int.group(1):
+                changes["symmetric"] = False
+        elif m_group:
+            changes["group_size"], group = int(m_group.group(1)), True
+        elif w in ("channel", "tensor"):
+            group = True
+            changes["group_size"] = None
+            changes["granularity"] = w
+        elif w in ("sym", "asym"):
+            changes["symmetric"] = w == "sym"
+        elif (fmt := _format_word(w)) is not None:
+            changes["format"], grid = fmt, True
+            changes.setdefault("symmetric", True)
+        else:
+            rest.append(w)
+    if grid and not group:
+        changes["group_size"] = None
+    return _apply(default, changes), rest
+
+
+def _apply(default: QuantSpec, changes: dict) -> QuantSpec:
+    granularity = changes.pop("granularity", None)
+    spec = default.updated(**changes) if changes else default
+    if granularity == "tensor":
+        spec = QuantSpec(spec.format, "tensor", None, spec.symmetric, spec.scale_dtype, spec.zero_dtype)
+    return spec
+
+
+def scheme_words(spec: QuantSpec, default: QuantSpec) -> list[str]:
+    """The words that spell `spec` for a method whose default scheme is `default`."""
+    fmt = spec.number_format
+    words = [f"int{fmt.bits}" if fmt.is_integer else spec.format]
+    if spec.granularity == "group":
+        words.append(f"g{spec.group_size}")
+    elif spec.granularity == "tensor":
+        words.append("tensor")
+    if spec.symmetric != default.symmetric:
+        words.append("sym" if spec.symmetric else "asym")
+    return words
+
+
+# ---------------------------------------------------------------------------------------------------
+# Method words
+
+def _defaults(cls) -> dict:
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _number(text: str, like):
+    if not _NUMBER.fullmatch(text):
+        return None
+    value = float(text)
+    return int(value) if isinstance(like, int) and not isinstance(like, bool) and value.is_integer() else value
+
+
+def parse_words(cls, words: list[str], full_name: str) -> dict:
+    """Field values of `cls` from its method words."""
+    kwargs: dict = {}
+    defaults = _defaults(cls)
+    valued = {p: f for p, f in cls.words.items() if isinstance(f, str)}
+    for w in words:
+        if isinstance(cls.words.get(w), dict):
+            kwargs.update(cls.words[w])
+            continue
+        prefix = next((p for p in valued if w.startswith(p) and _number(w[len(p):], 0) is not None), None)
+        if prefix is None:
+            raise LowbitError(f"unrecognised word {w!r} in method name {full_name!r}; {cls.name} takes "
+                              f"{expected_words(cls)}")
+        kwargs[valued[prefix]] = _number(w[len(prefix):], defaults.get(valued[prefix]))
+    return kwargs
+
+
+def expected_words(cls) -> str:
+    parts = [SCHEME_WORDS] if hasattr(cls, "default_scheme") else []
+    parts += [w if isinstance(v, dict) else f"{w}N" for w, v in cls.words.items()]
+    return ", ".join(parts) if parts else "no words"
+
+
+def method_words(config) -> list[str]:
+    """The method words of a config: a flag word when the config holds its values and they are not the
+    defaults; a valued word when its field differs from the default."""
+    defaults = _defaults(type(config))
+    out = []
+    for word, values in type(config).words.items():
+        if isinstance(values, str):
+            value = getattr(config, values)
+            if value is not None and value != defaults.get(values):
+                out.append(f"{word}{value:g}")
+        elif all(getattr(config, k) == v for k, v in values.items()) and any(
+                defaults.get(k, MISSING) != v for k, v in values.items()):
+            out.append(word)
+    return out

@@ -1,0 +1,1 @@
+"""Model plumbing: architectures as data, block-by-block calibration, folding, loading."""

@@ -1,0 +1,89 @@
+"""The scaling step: for every group of Linears whose configs rescale input channels (AWQ, SmoothQuant;
+methods/scaling.py), ask the method for the scales and fold them into the producer (pipeline/fold.py).
+
+It runs for whichever config the recipe gives a group, default or override alike: a group takes the
+first InputScaling config among its Linears'.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.methods.recipe import Recipe, as_recipe
+from lowbit.methods.scaling import InputScaling, ScaleContext
+from lowbit.pipeline.arch import Arch, block_list, describe
+from lowbit.pipeline.blocks import BlockInput, advance, block_linears, capture_block_inputs, collect_stats, run_block
+from lowbit.pipeline.fold import InputSource, fold_scales, foldable_groups
+from lowbit.pipeline.loading import conv1d_to_linear
+
+
+def _scaling_plan(block: nn.Module, arch: Arch, recipe: Recipe, prefix: str):
+    """[(config, group, source)] for the block's foldable groups whose configs rescale inputs."""
+    plan = []
+    for group, source in foldable_groups(block, arch, list(block_linears(block))):
+        configs = [recipe.config_for(f"{prefix}.{n}") for n in group]
+        config = next((c for c in configs if isinstance(c, InputScaling)), None)
+        if config is not None:
+            plan.append((config, group, source))
+    return plan
+
+
+def _block_error(block, batches, targets, linears: list[nn.Linear], approx: list[torch.Tensor]) -> float:
+    """Squared error of the block's outputs against `targets` with the Linears' weights set to `approx`."""
+    held = [m.weight.data for m in linears]
+    try:
+        for m, w in zip(linears, approx):
+            m.weight.data = w
+        with torch.no_grad():
+            return sum(float((run_block(block, x).double() - t.double()).pow(2).sum()) for x, t in zip(batches, targets))
+    finally:
+        for m, w in zip(linears, held):
+            m.weight.data = w
+
+
+def _context(block, linears, group, source: InputSource, stats, batches, targets, seed) -> ScaleContext:
+    mods = [linears[n] for n in group]
+    error = None
+    if targets is not None:
+        def error(approx, mods=mods):
+            return _block_error(block, batches, targets, mods, approx)
+    return ScaleContext([m.weight.detach() for m in mods], stats, source.index, source.width, source.kind, error,
+                        seed)
+
+
+@torch.no_grad()
+def scale_block(block: nn.Module, arch: Arch, inputs: list[BlockInput], recipe: Recipe, prefix: str,
+                block_index: int = 0) -> None:
+    """Search and fold the input scales of every group of the block whose config asks for them."""
+    plan = _scaling_plan(block, arch, recipe, prefix)
+    linears = block_linears(block)
+    for config in dict.fromkeys(c for c, _, _ in plan):
+        mine = [(g, s) for c, g, s in plan if c == config]
+        n = config.scale_search_batches
+        batches = list(inputs if n is None else inputs[:n])
+        if not batches:
+            continue
+        stats = collect_stats(block, batches, {g[0]: linears[g[0]] for g, _ in mine}, config.keeps_inputs)
+        targets = [run_block(block, x) for x in batches] if config.uses_block_error else None
+        for group, source in mine:
+            if stats[group[0]].n_tokens == 0:
+                continue
+            ctx = _context(block, linears, group, source, stats[group[0]], batches, targets, block_index)
+            s = config.input_scales(ctx)
+            if s is not None:
+                fold_scales(source, [linears[n] for n in group], s)
+
+
+def prepare_model(model: nn.Module, config, calibration: torch.Tensor, batch_size: int = 8) -> nn.Module:
+    """Run only the scaling step of a config (or recipe) over every block, without quantising: the model
+    keeps its full-precision weights, with the scales folded in."""
+    recipe = as_recipe(config)
+    model.eval()
+    conv1d_to_linear(model)
+    arch = describe(model)
+    path, blocks = block_list(model, arch)
+    inputs = capture_block_inputs(model, blocks[0], list(calibration.split(batch_size)))
+    for i, block in enumerate(blocks):
+        scale_block(block, arch, inputs, recipe, f"{path}.{i}", i)
+        advance(block, inputs)
+    return model

@@ -1,0 +1,21 @@
+"""Quantised-weight types and their byte layouts, below methods/ and nn/: imports only formats/, core/
+and errors. A method returns one of these; nn/ picks the module that runs it by its type; io/ writes
+it, copying it bit for bit where a format can hold it.
+
+    QuantizedTensor   codes, scales and zero points (integer or float) under a QuantSpec, with an
+                      optional group index (act-order): every affine integer grid, code books
+                      (NF4, FP4) and float formats on per-tensor/channel/group scales (lowbit.core)
+    Quantized4bit     bitsandbytes' NF4/FP4 blocks, optionally with double-quantised absmax (bnb4.py)
+    GGMLTensor        llama.cpp's ggml blocks, one class per block type (ggml/)
+    ActQuantWeight    an int8 weight whose Linear also quantises its input (W8A8) (int8.py)
+    MixedInt8Weight   an int8 weight with LLM.int8()'s float outlier columns (int8.py)
+
+A new weight type (codebooks and signs for QuiP#/AQLM, sparse outliers for SpQR) is a module here with
+dequantize(), shape, dtype, storage_bits/bits_per_element/nbytes, plus a module registered for it in nn/.
+"""
+from lowbit.core import QuantizedTensor
+from lowbit.weights.bnb4 import Quantized4bit
+from lowbit.weights.ggml import GGMLTensor
+from lowbit.weights.int8 import ActQuantWeight, MixedInt8Weight
+
+__all__ = ["QuantizedTensor", "Quantized4bit", "GGMLTensor", "ActQuantWeight", "MixedInt8Weight"]
