@@ -15,7 +15,7 @@ from lowbit.io import EXPORTERS, IMPORTERS, load_format_modules, quantized_weigh
 from lowbit.methods import METHODS, parse_method
 
 # One short name per registered method (several where a method makes more than one kind of weight).
-METHOD_NAMES = ("rtn-int4-g32", "rtn-int8-g32", "rtn-uint4-g64", "rtn-int3-g32", "rtn-nf4-g64", "gptq-int4-g32",
+METHOD_NAMES = ("rtn-int4-g32", "rtn-int8-g32", "rtn-fp8_e4m3-channel", "rtn-uint4-g64", "rtn-int3-g32", "rtn-nf4-g64", "gptq-int4-g32",
                 "gptq-int4-g32-actorder", "gptq-int8", "awq-uint4-g32", "nf4", "nf4-dq", "fp4", "w8a8", "w8a8-static",
                 "llm-int8", "smoothquant", "ggml-q4_0", "ggml-q8_0", "ggml-q4_k", "q4_k_m", "q3_k_s")
 load_format_modules()
@@ -84,9 +84,10 @@ def test_the_expected_pairs_are_accepted(quantised):
         held = quantized_weights(quantised(method)).values()
         return sorted(f for f in FORMATS if all(EXPORTERS[f].accepts(w) for w in held))
 
-    assert accepted("rtn-int4-g32") == ["awq", "gguf", "gptq"]
-    assert accepted("rtn-int8-g32") == ["gguf", "gptq"]
+    assert accepted("rtn-int4-g32") == ["awq", "compressed-tensors", "gguf", "gptq"]
+    assert accepted("rtn-int8-g32") == ["compressed-tensors", "gguf", "gptq"]
     assert accepted("gptq-int4-g32-actorder") == ["gptq"]
     assert accepted("nf4") == accepted("nf4-dq") == ["bnb"]
     assert accepted("q4_k_m") == ["gguf"]
-    assert accepted("w8a8") == []
+    assert accepted("w8a8") == accepted("w8a8-static") == ["compressed-tensors"]
+    assert accepted("rtn-fp8_e4m3-channel") == ["compressed-tensors"]

@@ -26,7 +26,8 @@ EXPORTERS: dict[str, "Exporter"] = {}
 IMPORTERS: dict[str, Callable] = {}
 
 # Format modules register themselves on import; listed here so `lowbit export --format X` finds them.
-FORMAT_MODULES = ("lowbit.io.gguf", "lowbit.io.gguf_read", "lowbit.io.gptq", "lowbit.io.awq", "lowbit.io.bnb")
+FORMAT_MODULES = ("lowbit.io.gguf", "lowbit.io.gguf_read", "lowbit.io.gptq", "lowbit.io.awq", "lowbit.io.bnb",
+                  "lowbit.io.compressed_tensors")
 
 
 def quantized_weights(model: nn.Module) -> dict[str, object]:

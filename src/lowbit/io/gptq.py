@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit._version import __version__
 from lowbit.core import QuantizedTensor, QuantSpec, pack_bits, unpack_bits
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, register_exporter, register_importer
@@ -158,8 +159,6 @@ def quantized_from_gptq(tensors: dict[str, torch.Tensor], prefix: str, spec: Qua
 def quantization_config(qts: dict[str, QuantizedTensor], checkpoint_format: str) -> dict:
     """The dict transformers (config.json quantization_config), AutoGPTQ/GPTQModel (quantize_config.json)
     and vLLM read, plus a "lowbit" entry with what makes import exact."""
-    from lowbit import __version__
-
     spec = one_value(qts, "the GPTQ layout", "scheme", lambda q: q.spec)
     desc_act = any(q.g_idx is not None for q in qts.values())
     dtype = one_value(qts, "the GPTQ layout", "compute dtype", lambda q: q.dtype)
