@@ -91,3 +91,22 @@ def test_the_expected_pairs_are_accepted(quantised):
     assert accepted("q4_k_m") == ["gguf"]
     assert accepted("w8a8") == accepted("w8a8-static") == ["compressed-tensors"]
     assert accepted("rtn-fp8_e4m3-channel") == ["compressed-tensors"]
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_planned_weights_are_what_the_method_makes(quantised, tiny_tokenizer, method):
+    """The placeholders engine checks read before calibration (planned_weight) have the type and scheme
+    of the weights the method then makes: every exporter accepts both or neither."""
+    from lowbit.pipeline.runner import planned_weights
+
+    planned, _ = planned_weights(small_llama(), method)
+    held = quantized_weights(quantised(method))
+    assert planned.keys() == held.keys()
+    for name, w in held.items():
+        assert type(planned[name]) is type(w) and planned[name].shape == w.shape
+        ours, theirs = ({f for f in FORMATS if EXPORTERS[f].accepts(x)} for x in (planned[name], w))
+        if not getattr(getattr(w, "spec", None), "symmetric", True):
+            # GGUF holds an asymmetric g32 weight as Q4_1/Q5_1 only when its values make d*z an fp16 value
+            # (the llama.cpp target check therefore refuses asymmetric grids up front)
+            ours, theirs = ours - {"gguf"}, theirs - {"gguf"}
+        assert ours == theirs, name

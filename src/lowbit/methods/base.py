@@ -21,6 +21,7 @@ from lowbit.core import QuantSpec
 from lowbit.errors import LowbitError
 from lowbit.methods import names
 from lowbit.methods.stats import LayerStats
+from lowbit.weights import placeholders
 
 METHODS: dict[str, type["MethodConfig"]] = {}
 
@@ -56,6 +57,12 @@ class MethodConfig:
     def for_layer(self, layer: LayerInfo) -> "MethodConfig":
         """The config to use for one Linear; the same config unless the method treats roles differently."""
         return self
+
+    def planned_weight(self, shape: torch.Size, layer: LayerInfo):
+        """The weight this config will produce for a Linear of `shape` [out, in], as a placeholder (its type,
+        scheme and shapes; no values): what export and engine checks read before calibrating. None when
+        the method cannot say."""
+        return None
 
     def module_options(self) -> dict:
         """Options for the module nn/ builds around this method's weights (e.g. a compute dtype)."""
@@ -154,6 +161,9 @@ class SchemeMethod(MethodConfig, metaclass=_SchemeShorthand):
 
     def spec(self) -> QuantSpec:
         return self.scheme
+
+    def planned_weight(self, shape: torch.Size, layer: LayerInfo):
+        return placeholders.affine(shape, self.scheme)
 
     def _scheme_words(self) -> list[str]:
         return names.scheme_words(self.scheme, resolve_scheme(None, self.default_scheme))

@@ -31,6 +31,7 @@ from lowbit.core import QuantizedTensor, QuantSpec, check_tensor, fake_quantize_
 from lowbit.core.qparams import symmetric_capacity
 from lowbit.errors import LowbitError
 from lowbit.methods.base import SchemeMethod, register_method
+from lowbit.weights import placeholders
 
 SUB_BLOCK = 16              # columns per rank-1 sub-block inside a lazy-update block
 DAMP_RETRIES = 6            # each retry multiplies the dampening by 10
@@ -78,6 +79,10 @@ class GPTQ(SchemeMethod):
                 "gptq: no calibration tokens reached this layer; rounded to nearest (RTN) instead")
             return qt
         return gptq_quantize(weight, stats.hessian(), self)
+
+    def planned_weight(self, shape, layer):
+        group_index = self.act_order and not self.static_groups and self.scheme.granularity == "group"
+        return placeholders.affine(shape, self.scheme, g_idx=group_index)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -129,6 +129,13 @@ def block_list(model: nn.Module, arch: Arch) -> tuple[str, nn.ModuleList]:
     raise LowbitError(f"unsupported architecture {arch.family!r}: no decoder blocks at {', '.join(arch.block_paths)}")
 
 
+def shared_input_groups(model: nn.Module) -> list[list[str]]:
+    """Full names of every group of two or more Linears that read one input (q/k/v, gate/up)."""
+    arch = describe(model)
+    path, blocks = block_list(model, arch)
+    return [[f"{path}.{i}.{n}" for n in g] for i in range(len(blocks)) for g in arch.groups if len(g) > 1]
+
+
 def sequential_groups(arch: Arch, linear_names: list[str]) -> list[list[str]]:
     """The arch's groups restricted to Linears present, then any Linears it does not name, one group."""
     present = set(linear_names)

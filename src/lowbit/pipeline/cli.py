@@ -36,7 +36,7 @@ def _cmd_quantize(args) -> str:
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     recipe = Recipe(config, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
     api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer, n_samples=args.samples,
-                 seq_len=args.seq_len, seed=args.seed, progress=not args.quiet)
+                 seq_len=args.seq_len, seed=args.seed, progress=not args.quiet, target=args.target)
     api.save(model, out, tokenizer=tokenizer)
     return f"{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to {out}"
 
@@ -54,6 +54,8 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seq-len", type=int, help="tokens per window (default min(context, 256))")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", choices=["vllm", "llama.cpp", "transformers"],
+                   help="check, before any work, that this engine can serve the result (kernel limits per layer)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist)")

@@ -18,7 +18,7 @@ from lowbit.methods.base import LayerInfo
 from lowbit.methods.recipe import Recipe, as_recipe
 from lowbit.methods.stats import LayerStats
 from lowbit.nn import module_for
-from lowbit.pipeline.arch import Arch, block_list, describe, sequential_groups
+from lowbit.pipeline.arch import Arch, block_list, describe, sequential_groups, shared_input_groups
 from lowbit.pipeline.blocks import (BlockInput, advance, block_linears, capture_block_inputs, collect_stats,
                                     model_kwargs)
 from lowbit.pipeline.loading import conv1d_to_linear, set_module
@@ -89,6 +89,37 @@ def _quantize_outside_blocks(model, arch: Arch, blocks_path, recipe, batches, n_
         set_module(model, n, new)
         reports.append(rep)
     return reports
+
+
+def layer_plan(model: nn.Module, config_or_recipe) -> tuple[dict, list[list[str]]]:
+    """Before any work: ({Linear name: (its config for that layer, LayerInfo)} for every Linear the recipe
+    quantises, [the names of each group of Linears that share an input]). Reads shapes only."""
+    recipe = as_recipe(config_or_recipe)
+    conv1d_to_linear(model)
+    arch = describe(model)
+    path, blocks = block_list(model, arch)
+    n_gqa, plan = _gqa(model), {}
+    for i, block in enumerate(blocks):
+        prefix = f"{path}.{i}"
+        for n in block_linears(block):
+            config = recipe.config_for(f"{prefix}.{n}")
+            if config is not None:
+                info = LayerInfo(f"{prefix}.{n}", arch.roles.get(n), i, len(blocks), n_gqa)
+                plan[info.name] = (config.for_layer(info), info)
+    for n, m in _linears(model).items():
+        if not n.startswith(path + ".") and recipe.config_for(n) is not None:
+            info = LayerInfo(n, arch.globals.get(n), None, len(blocks), n_gqa)
+            plan[n] = (recipe.config_for(n).for_layer(info), info)
+    return plan, shared_input_groups(model)
+
+
+def planned_weights(model: nn.Module, config_or_recipe) -> tuple[dict, list[list[str]]]:
+    """({Linear name: placeholder of the weight its config will produce}, fused groups), for checks that
+    must run before calibration (engine limits)."""
+    plan, groups = layer_plan(model, config_or_recipe)
+    shapes = dict(model.named_modules())
+    out = {n: cfg.planned_weight(shapes[n].weight.shape, info) for n, (cfg, info) in plan.items()}
+    return {n: w for n, w in out.items() if w is not None}, groups
 
 
 def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor | None,
