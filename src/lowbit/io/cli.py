@@ -25,7 +25,12 @@ def _cmd_export(args) -> str:
     written = exporter.write(model, weights, out, tokenizer=tokenizer, requantize=args.requantize, **options)
     note = (f"; {len(redone)} quantised weights were rounded again for {args.format} (--requantize): "
             f"{', '.join(redone[:3])}{' ...' if len(redone) > 3 else ''}") if redone else ""
-    return f"wrote {args.format} export to {written or out}{note}"
+    lines = [f"wrote {args.format} export to {written or out}{note}"]
+    if args.verify:
+        from lowbit.io.verify import verify
+
+        lines.append(verify(args.format, written or out, model, tokenizer))
+    return "\n".join(lines)
 
 
 def _check_target(target: str, fmt: str, weights: dict, model) -> None:
@@ -63,6 +68,9 @@ def register(sub) -> None:
                    help="round quantised weights the format cannot hold exactly again (default: refuse them)")
     p.add_argument("--target", choices=["vllm", "llama.cpp", "transformers"],
                    help="check that this engine's kernels can serve the exported weights")
+    p.add_argument("--verify", action="store_true",
+                   help="load the written files with their consumer (llama.cpp, transformers, vLLM) when installed "
+                        "and print its agreement with this model on held-out text")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(run=_cmd_export)

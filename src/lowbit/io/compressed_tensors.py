@@ -31,9 +31,9 @@ from lowbit._version import __version__
 from lowbit.core import QuantizedTensor, QuantSpec, pack_bits, unpack_bits
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, register_exporter, register_importer
-from lowbit.io.hf_folder import DTYPES, empty_model, float_tensors, write_hf_folder
+from lowbit.io.hf_folder import DTYPES, finish_import, float_tensors, plain_model, read_tensors, write_hf_folder
 from lowbit.nn import module_for
-from lowbit.pipeline.loading import load_tokenizer, read_config, set_module
+from lowbit.pipeline.loading import set_module
 from lowbit.weights import ActQuantWeight
 
 QUANT_METHOD = "compressed-tensors"
@@ -278,17 +278,10 @@ def quantized_from_tensors(tensors: dict, name: str, group: dict):
 
 def import_compressed_tensors(path):
     """(model, tokenizer or None) from a compressed-tensors folder, its quantised Linears as lowbit modules."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     qc = read_quantization_config(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise LowbitError(f"no .safetensors weights in {path}")
-    tensors = {k: v for f in files for k, v in load_file(str(f)).items()}
-    config = read_config(path)
-    del config.quantization_config
-    model = empty_model(config, path).float()
+    tensors = read_tensors(path)
+    model = plain_model(path)
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         group = scheme_of(qc, name, module)
         if group is None or f"{name}.weight_scale" not in tensors:
@@ -296,20 +289,7 @@ def import_compressed_tensors(path):
         w = quantized_from_tensors(tensors, name, group)
         bias = tensors.pop(f"{name}.bias", None)
         set_module(model, name, module_for(w, None if bias is None else bias.float()))
-    missing, unexpected = model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                                 for k, v in tensors.items()}, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not _inside_quantized(model, k)]
-    if missing or unexpected:
-        raise LowbitError(f"{path} does not match the model: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return model.eval(), load_tokenizer(path)
-
-
-def _inside_quantized(model: nn.Module, key: str) -> bool:
-    owner = model.get_submodule(key.rpartition(".")[0])
-    return callable(getattr(owner, "quantized", None))
+    return finish_import(model, tensors, path)
 
 
 register_importer(QUANT_METHOD, import_compressed_tensors)

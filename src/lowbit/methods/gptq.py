@@ -65,8 +65,6 @@ class GPTQ(SchemeMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.scheme.granularity not in ("channel", "group"):
-            raise LowbitError(f"GPTQ quantises per channel or per group, not per {self.scheme.granularity}")
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp and math.isfinite(self.damp)):
             raise LowbitError(f"damp must be a finite number >= 0, got {self.damp!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:

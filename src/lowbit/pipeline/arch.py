@@ -33,10 +33,6 @@ class Arch:
     norm_offset: float = 0.0                       # Gemma's RMSNorm multiplies by (1 + weight)
     causal: bool = True
 
-    def role(self, name: str) -> str | None:
-        """The role of a module, by its name relative to a block or (outside the blocks) to the model."""
-        return self.roles.get(name) or self.globals.get(name)
-
 
 _LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                  ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))

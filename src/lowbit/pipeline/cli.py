@@ -12,12 +12,19 @@ def method_from_args(args):
     from lowbit.methods import METHODS, parse_method
 
     name = args.method.lower()
-    if name not in METHODS:
-        return parse_method(name)
-    cls = METHODS[name]
     given = {"bits": args.bits, "group_size": args.group_size, "observer": args.observer,
              "symmetric": False if args.asym else None}
+    flags = {k: v for k, v in given.items() if v is not None}
+    if name not in METHODS:
+        if flags:
+            raise LowbitError(f"--bits/--group-size/--asym/--observer go with a bare method name (rtn, gptq ...); "
+                              f"{args.method!r} already names its scheme: write the change into it (e.g. rtn-int3-g64)")
+        return parse_method(name)
+    cls = METHODS[name]
     names = {f.name for f in fields(cls)} | set(getattr(cls, "shorthand", ()))
+    ignored = sorted(k for k in flags if k not in names)
+    if ignored:
+        raise LowbitError(f"{cls.name} takes no {ignored[0].replace('_', '-')} setting")
     kwargs = {k: v for k, v in given.items() if v is not None and k in names}
     if args.group_size == 0 and "group_size" in names:
         kwargs["group_size"] = None  # --group-size 0: per channel
