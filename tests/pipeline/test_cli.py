@@ -70,3 +70,27 @@ def test_encoder_model_quantised_weight_only_and_reloaded(tmp_path, tiny_model_d
         a, b = original(input_ids=ids).last_hidden_state, loaded(input_ids=ids).last_hidden_state
     assert type(loaded).__name__ == "BertModel"
     assert float((a - b).norm() / a.norm()) < 0.02  # int8 per-channel weights only
+
+
+def test_calibration_free_method_reads_no_text_and_runs_no_forward_pass(tmp_path, tiny_model_dir, capsys,
+                                                                         monkeypatch):
+    from lowbit import api
+    from lowbit.pipeline import blocks, calibration, runner
+
+    def never(*args, **kwargs):
+        raise AssertionError("a calibration-free method ran a forward pass or read calibration text")
+
+    def no_batches(model, first_block, batches):
+        assert batches == [], "a calibration-free method ran the model on calibration batches"
+        return []
+
+    monkeypatch.setattr(blocks, "run_block", never)
+    monkeypatch.setattr(runner, "capture_block_inputs", no_batches)
+    monkeypatch.setattr(api, "calibration_batch", never)
+    monkeypatch.setattr(calibration, "read_texts", never)
+    rc, out, err = run(capsys, "quantize", tiny_model_dir("llama"), "--method", "hqq-int4-g64", "--quiet",
+                       "-o", tmp_path / "q")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    assert len(report) == 14 and all(r["n_tokens"] == 0 and not r["warnings"] for r in report)
+    assert all(r["method"] == "hqq-int4-g64" and r["bits_per_weight"] == 4.5 for r in report)

@@ -15,6 +15,7 @@ from typing import Callable
 from lowbit.errors import LowbitError
 from lowbit.eval.evaluate import DEFAULT_MAX_EVAL_TOKENS, eval_windows, evaluate
 from lowbit.eval.fidelity import DEFAULT_MAX_FIDELITY_TOKENS, build_reference
+from lowbit.pipeline.calibration import needs_calibration
 
 # Unquantised rows: the base model itself, its memory counted at this many bytes per weight.
 BASELINES = {"fp16": 2, "fp32": 4}
@@ -42,13 +43,6 @@ def parse_methods(methods) -> list[Planned]:
     if len(set(names)) != len(names):
         raise LowbitError(f"method listed twice in {','.join(names)}")
     return [Planned(n, None if n in BASELINES else parse_method(n)) for n in names]
-
-
-def needs_calibration(config) -> bool:
-    """Whether a method reads calibration activations (its declared stats, or an input-scale search)."""
-    from lowbit.methods.scaling import InputScaling
-
-    return bool(config.required_stats) or config.sequential or isinstance(config, InputScaling)
 
 
 def stderr_progress(message: str) -> None:
