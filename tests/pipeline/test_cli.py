@@ -94,3 +94,4 @@ def test_calibration_free_method_reads_no_text_and_runs_no_forward_pass(tmp_path
     report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
     assert len(report) == 14 and all(r["n_tokens"] == 0 and not r["warnings"] for r in report)
     assert all(r["method"] == "hqq-int4-g64" and r["bits_per_weight"] == 4.5 for r in report)
+    assert (tmp_path / "q" / "tokenizer.json").is_file()

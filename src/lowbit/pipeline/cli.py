@@ -37,9 +37,8 @@ def _cmd_quantize(args) -> str:
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     recipe = Recipe(config, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
     calibrate = needs_calibration(recipe) or args.calibration or args.samples or args.seq_len
-    if not calibrate:
-        tokenizer = None   # a calibration-free method reads no text and runs no forward pass
-    api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer,
+    # a calibration-free method reads no text and runs no forward pass unless asked (for the report)
+    api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer if calibrate else None,
                  n_samples=args.samples or api.DEFAULT_SAMPLES, seq_len=args.seq_len, seed=args.seed,
                  progress=not args.quiet)
     api.save(model, out, tokenizer=tokenizer)
