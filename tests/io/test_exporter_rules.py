@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from lowbit import api
 from lowbit.errors import LowbitError

@@ -96,3 +96,28 @@ def test_a_malformed_native_config_is_a_one_line_error(tmp_path, tiny_model_dir,
     (tmp_path / "q" / "lowbit_config.json").write_text(json.dumps(meta))
     rc, out, err = run(capsys, "eval", tmp_path / "q", "--no-speed", "--max-eval-tokens", "256")
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_calibration_free_method_reads_no_text_and_runs_no_forward_pass(tmp_path, tiny_model_dir, capsys,
+                                                                         monkeypatch):
+    from lowbit import api
+    from lowbit.pipeline import blocks, calibration, runner
+
+    def never(*args, **kwargs):
+        raise AssertionError("a calibration-free method ran a forward pass or read calibration text")
+
+    def no_batches(model, first_block, batches):
+        assert batches == [], "a calibration-free method ran the model on calibration batches"
+        return []
+
+    monkeypatch.setattr(blocks, "run_block", never)
+    monkeypatch.setattr(runner, "capture_block_inputs", no_batches)
+    monkeypatch.setattr(api, "calibration_batch", never)
+    monkeypatch.setattr(calibration, "read_texts", never)
+    rc, out, err = run(capsys, "quantize", tiny_model_dir("llama"), "--method", "hqq-int4-g64", "--quiet",
+                       "-o", tmp_path / "q")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    assert len(report) == 14 and all(r["n_tokens"] == 0 and not r["warnings"] for r in report)
+    assert all(r["method"] == "hqq-int4-g64" and r["bits_per_weight"] == 4.5 for r in report)
+    assert (tmp_path / "q" / "tokenizer.json").is_file()

@@ -24,11 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVING_PYTHON = Path(os.environ.get("LOWBIT_SERVING_PYTHON", ROOT / ".venv-serving" / "bin" / "python"))
 RESULTS = os.environ.get("LOWBIT_SERVING_RESULTS")
 EXPORTS = {   # model name -> (lowbit method, export format)
-    "ct-w4a16-rtn": ("rtn-int4-g128", "compressed-tensors"), "ct-w4a16-gptq": ("gptq-int4-g128", "compressed-tensors"),
-    "ct-w4a16-awq-asym": ("awq-uint4-g128", "compressed-tensors"), "ct-w8a8-dynamic": ("w8a8", "compressed-tensors"),
-    "gptq": ("gptq-int4-g128", "gptq"), "awq": ("awq-uint4-g128", "awq"),
+    "ct-w4a16-gptq": ("gptq-int4-g128", "compressed-tensors"), "ct-w4a16-awq-asym": ("awq-uint4-g128", "compressed-tensors"),
+    "ct-w8a8-dynamic": ("w8a8", "compressed-tensors"), "gptq": ("gptq-int4-g128", "gptq"), "awq": ("awq-uint4-g128", "awq"),
 }
-N_CTX, WINDOWS, PROMPT, MAX_TOKENS = 256, 4, 32, 16
+N_CTX, WINDOWS, PROMPT, MAX_TOKENS, SAMPLES = 256, 2, 32, 16, 8
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,8 @@ def served(tmp_path_factory):
     models, ours, quantised = {}, {}, {}
     for name, (method, fmt) in EXPORTS.items():
         if method not in quantised:
-            quantised[method] = api.quantize(api.load_model()[0], method, tokenizer=tok, n_samples=32, progress=False)
+            quantised[method] = api.quantize(api.load_model()[0], method, tokenizer=tok, n_samples=SAMPLES,
+                                             progress=False)
         model = quantised[method]
         models[name] = str(api.export(model, folder / name, format=fmt, tokenizer=tok))
         ours[name] = lowbit_predictions(model, windows, prompts)

@@ -15,6 +15,7 @@ from typing import Callable
 from lowbit.errors import LowbitError
 from lowbit.eval.evaluate import DEFAULT_MAX_EVAL_TOKENS, eval_windows, evaluate
 from lowbit.eval.fidelity import DEFAULT_MAX_FIDELITY_TOKENS, build_reference
+from lowbit.pipeline.calibration import needs_calibration
 
 # Unquantised rows: the base model itself, its memory counted at this many bytes per weight.
 BASELINES = {"fp16": 2, "fp32": 4}
@@ -44,16 +45,10 @@ def parse_methods(methods) -> list[Planned]:
     for p in plan:
         key = p.name if p.config is None else p.config
         if key in seen:
-            raise LowbitError(f"{seen[key]} and {p.name} are the same method; list it once")
+            same = f"{p.name} is listed twice" if seen[key] == p.name else f"{seen[key]} and {p.name} are the same method, listed twice"
+            raise LowbitError(f"{same}; list it once")
         seen[key] = p.name
     return plan
-
-
-def needs_calibration(config) -> bool:
-    """Whether a method reads calibration activations (its declared stats, or an input-scale search)."""
-    from lowbit.methods.scaling import InputScaling
-
-    return bool(config.required_stats) or config.sequential or isinstance(config, InputScaling)
 
 
 def stderr_progress(message: str) -> None:

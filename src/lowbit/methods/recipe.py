@@ -40,6 +40,10 @@ class Recipe:
             return None
         return self.default
 
+    def configs(self) -> list[MethodConfig]:
+        """Every config this recipe may apply: the default, then each override's (full precision left out)."""
+        return [self.default] + [c for _, c in self.overrides if c is not None]
+
     def to_dict(self) -> dict:
         return {"default": self.default.to_dict(),
                 "overrides": [[p, None if c is None else c.to_dict()] for p, c in self.overrides],

@@ -10,6 +10,17 @@ import torch
 from lowbit.errors import LowbitError
 
 
+def needs_calibration(config) -> bool:
+    """Whether a method (or every config of a Recipe) reads calibration activations: its declared stats,
+    a sequential pass, or an input-scale search."""
+    from lowbit.methods.recipe import Recipe
+    from lowbit.methods.scaling import InputScaling
+
+    if isinstance(config, Recipe):
+        return any(needs_calibration(c) for c in config.configs())
+    return bool(config.required_stats) or config.sequential or isinstance(config, InputScaling)
+
+
 def read_texts(source=None) -> list[str]:
     """Documents from a source: None (bundled calibration text), a list of strings, or a path."""
     if source is None:

@@ -34,6 +34,7 @@ def method_from_args(args):
 def _cmd_quantize(args) -> str:
     from lowbit import api
     from lowbit.methods.recipe import DEFAULT_SKIP, Recipe
+    from lowbit.pipeline.calibration import needs_calibration
     from lowbit.pipeline.report import summarize
 
     out = Path(args.output)
@@ -42,8 +43,11 @@ def _cmd_quantize(args) -> str:
     config = method_from_args(args)
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     recipe = Recipe(config, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
-    api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer, n_samples=args.samples,
-                 seq_len=args.seq_len, seed=args.seed, progress=not args.quiet, target=args.target)
+    calibrate = needs_calibration(recipe) or args.calibration or args.samples or args.seq_len
+    # a calibration-free method reads no text and runs no forward pass unless asked (for the report)
+    api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer if calibrate else None,
+                 n_samples=args.samples or api.DEFAULT_SAMPLES, seq_len=args.seq_len, seed=args.seed,
+                 progress=not args.quiet, target=args.target)
     api.save(model, out, tokenizer=tokenizer)
     return f"{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to {out}"
 
@@ -57,8 +61,10 @@ def register(sub) -> None:
     p.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
     p.add_argument("--observer", choices=["minmax", "mse", "percentile"], help="how ranges are chosen (RTN)")
     p.add_argument("--skip", nargs="*", help="extra Linear name patterns to keep in full precision")
-    p.add_argument("--calibration", help=".txt, .jsonl, .parquet or saved dataset folder (default: bundled text)")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--calibration", help=".txt, .jsonl, .parquet or saved dataset folder (default: bundled text; "
+                   "calibration-free methods such as rtn and hqq read none unless given this, --samples or --seq-len, "
+                   "which then only feed the report's output errors)")
+    p.add_argument("--samples", type=int, help="calibration windows (default 128)")
     p.add_argument("--seq-len", type=int, help="tokens per window (default min(context, 256))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", choices=["vllm", "llama.cpp", "transformers"],

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerInfo
 from lowbit.methods.recipe import Recipe, as_recipe
 from lowbit.methods.stats import LayerStats
@@ -30,8 +31,13 @@ def quantize_linear(config, info: LayerInfo, module: nn.Linear, stats: LayerStat
     """(the module that runs the quantised weight, its report line)."""
     cfg = config.for_layer(info)
     weight = module.weight.detach().float()
-    q = cfg.quantize_weight(weight, stats)
+    try:
+        q = cfg.quantize_weight(weight, stats)
+    except LowbitError as e:   # the method's one line, said of this layer
+        raise LowbitError(f"{info.name}: {e}") from None
     bias = None if module.bias is None else module.bias.detach()
+    if stats is not None and not stats.n_tokens and not cfg.required_stats:
+        stats = None   # no text was read, and the method needed none: nothing to warn about
     return module_for(q, bias, **cfg.module_options()), layer_report(info.name, cfg.short_name(), weight, q, stats)
 
 
