@@ -156,7 +156,8 @@ def test_float32_matches_float64_closely():
 # ---------------------------------------------------------------------------------------------------
 # Better than RTN, on the objective it minimises
 
-@pytest.mark.parametrize("cfg", [GPTQ(), GPTQ(act_order=True), GPTQ(static_groups=True), GPTQ(bits=3),
+@pytest.mark.parametrize("cfg", [GPTQ(), GPTQ(act_order=False, static_groups=False), GPTQ(static_groups=False),
+                                 GPTQ(act_order=False), GPTQ(bits=3),
                                  GPTQ(bits=2, group_size=64, act_order=True), GPTQ(symmetric=False),
                                  GPTQ(group_size=None), GPTQ(mse=True), GPTQ(full_grid=False),
                                  GPTQ(scheme="nf4-g64"), GPTQ(scheme="fp4_e2m1-g32")],
@@ -176,14 +177,15 @@ def test_act_order_rescues_low_bits_with_uneven_channels():
     with channel energies spread over two orders of magnitude GPTQ then loses to RTN (a property of
     the algorithm, reproduced by the reference above); visiting high-energy columns first fixes it."""
     W, H, _ = correlated_problem(128, 512, seed=3, spread=1.0, mixing=3.0)
-    cfg = GPTQ(bits=2, group_size=64)
+    paper = dict(act_order=False, static_groups=False)
+    cfg = GPTQ(bits=2, group_size=64, **paper)
     rtn = output_error(W, round_to_nearest(W, cfg).dequantize(), H)
     plain = output_error(W, gptq_quantize(W, H, cfg).dequantize(), H)
-    ordered = output_error(W, gptq_quantize(W, H, GPTQ(bits=2, group_size=64, act_order=True)).dequantize(), H)
+    ordered = output_error(W, gptq_quantize(W, H, GPTQ(bits=2, group_size=64, static_groups=False)).dequantize(), H)
     assert plain > rtn > 2 * ordered
     for bits in (3, 4):
-        plain = output_error(W, gptq_quantize(W, H, GPTQ(bits=bits)).dequantize(), H)
-        ordered = output_error(W, gptq_quantize(W, H, GPTQ(bits=bits, act_order=True)).dequantize(), H)
+        plain = output_error(W, gptq_quantize(W, H, GPTQ(bits=bits, **paper)).dequantize(), H)
+        ordered = output_error(W, gptq_quantize(W, H, GPTQ(bits=bits, static_groups=False)).dequantize(), H)
         assert ordered < 0.6 * plain < 0.6 * output_error(W, round_to_nearest(W, GPTQ(bits=bits)).dequantize(), H)
 
 
@@ -215,7 +217,8 @@ def test_dead_inputs_are_rounded_not_zeroed():
     dead = torch.tensor([3, 40, 41, 100])
     X[:, dead] = 0
     H = 2.0 / X.shape[0] * X.T @ X
-    for cfg in (GPTQ(group_size=32), GPTQ(group_size=32, act_order=True)):
+    for cfg in (GPTQ(group_size=32, act_order=False, static_groups=False), GPTQ(group_size=32, static_groups=False),
+                GPTQ(group_size=32)):
         qt = gptq_quantize(W, H, cfg)
         Wq = qt.dequantize()
         assert torch.isfinite(Wq).all()
@@ -286,10 +289,13 @@ def test_bad_inputs_raise_lowbit_errors():
 
 @pytest.mark.parametrize("short, cfg", [
     ("gptq-int4-g128", GPTQ()),
-    ("gptq-int4-g128-actorder", GPTQ(act_order=True)),
+    ("gptq-int4-g128", GPTQ(act_order=True, static_groups=True)),     # the default: act-order, static groups
+    ("gptq-int4-g128-dynamic", GPTQ(static_groups=False)),
+    ("gptq-int4-g128-noactorder-dynamic", GPTQ(act_order=False, static_groups=False)),   # the paper's
+    ("gptq-int4-g128-noactorder", GPTQ(act_order=False)),
     ("gptq-int3-g128", GPTQ(bits=3)),
     ("gptq-int4-g128-asym", GPTQ(symmetric=False)),
-    ("gptq-int4-g128-actorder-static", GPTQ(act_order=True, static_groups=True)),
+    ("gptq-int4-g128-damp0.001", GPTQ(damp=0.001)),
     ("gptq-int8", GPTQ(bits=8, group_size=None)),
     ("gptq-int2-g64-mse", GPTQ(bits=2, group_size=64, mse=True)),
 ])

@@ -54,9 +54,13 @@ class GPTQ(SchemeMethod):
     name = "gptq"
     required_stats = ("hessian",)
     sequential = True
-    words = {"actorder": {"act_order": True}, "static": {"static_groups": True}, "mse": {"mse": True}}
-    act_order: bool = False
-    static_groups: bool = False
+    words = {"actorder": {"act_order": True}, "noactorder": {"act_order": False}, "static": {"static_groups": True},
+             "dynamic": {"static_groups": False}, "mse": {"mse": True}, "damp": "damp"}
+    # Act-order with static groups: llm-compressor's default, and the best measured on real weights
+    # (all-MiniLM-L6-v2, benchmarks/real_weights.py); the paper's plain order with dynamic groups is
+    # "noactorder-dynamic".
+    act_order: bool = True
+    static_groups: bool = True
     damp: float = 0.01
     block_size: int = 128
     mse: bool = False
@@ -290,11 +294,14 @@ def _check_hessian(hessian: torch.Tensor, n: int) -> None:
         raise LowbitError(f"Hessian shape {tuple(hessian.shape)} does not match the weight's {n} input columns")
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ) -> QuantizedTensor:
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ,
+                  scale_source: torch.Tensor | None = None) -> QuantizedTensor:
     """GPTQ-quantise weight [out, in] given H [in, in] (2/n X^T X of its calibration inputs).
 
-    Computes in float64 when the weight is float64, in float32 otherwise. Warnings (more dampening
-    needed, RTN fallback) are listed in `extras["warnings"]`."""
+    scale_source [out, in]: static group scales are taken from it instead of the weight (AWQ passes its
+    clipped weight: the grid is the clipped range, the error fed forward is against the original
+    weight). Computes in float64 when the weight is float64, in float32 otherwise. Warnings (more
+    dampening needed, RTN fallback) are listed in `extras["warnings"]`."""
     _check_weight(weight)
     n_out, n_in = weight.shape
     _check_hessian(hessian, n_in)
@@ -313,8 +320,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ) -> 
     groups = _Groups(group)
     if config.static_groups or group == n_in:
         # One scale per channel is "reached" at column 0, before any update: static by nature.
+        source = weight if scale_source is None else scale_source
         groups.static_scale, groups.static_zero = static_group_params(
-            weight.detach().to(dtype), spec, group, config.full_grid, config.mse)
+            source.detach().to(dtype), spec, group, config.full_grid, config.mse)
         groups.group_of = (order if order is not None else torch.arange(n_in)) // group
     levels, scales, zeros = gptq_loop(w_t, r, spec, groups, config.block_size, config.full_grid, config.mse)
     g_idx = None

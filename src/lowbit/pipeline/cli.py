@@ -36,9 +36,17 @@ def _cmd_quantize(args) -> str:
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     recipe = Recipe(config, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
     api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer, n_samples=args.samples,
-                 seq_len=args.seq_len, seed=args.seed, progress=not args.quiet)
+                 seq_len=args.seq_len, seed=args.seed, progress=not args.quiet, calibration_mode=args.calibration_mode)
     api.save(model, out, tokenizer=tokenizer)
-    return f"{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to {out}"
+    return f"{model.lowbit_calibration}\n{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to {out}"
+
+
+def add_calibration_mode(p) -> None:
+    p.add_argument("--calibration-mode", choices=["auto", "windows", "samples"], default="auto",
+                   help="windows: seeded windows of one stream of the documents; samples: each document its own "
+                        "sequence with the tokenizer's special tokens (chat rows through its chat template), "
+                        "padding masked out of every statistic; auto (default): samples for encoders and chat "
+                        "rows, windows otherwise")
 
 
 def register(sub) -> None:
@@ -51,8 +59,9 @@ def register(sub) -> None:
     p.add_argument("--observer", choices=["minmax", "mse", "percentile"], help="how ranges are chosen (RTN)")
     p.add_argument("--skip", nargs="*", help="extra Linear name patterns to keep in full precision")
     p.add_argument("--calibration", help=".txt, .jsonl, .parquet or saved dataset folder (default: bundled text)")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seq-len", type=int, help="tokens per window (default min(context, 256))")
+    add_calibration_mode(p)
+    p.add_argument("--samples", type=int, default=128, help="calibration windows or samples (default 128)")
+    p.add_argument("--seq-len", type=int, help="tokens per window, at most per sample (default min(context, 256))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
