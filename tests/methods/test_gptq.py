@@ -159,7 +159,7 @@ def test_float32_matches_float64_closely():
 @pytest.mark.parametrize("cfg", [GPTQ(), GPTQ(act_order=False, static_groups=False), GPTQ(static_groups=False),
                                  GPTQ(act_order=False), GPTQ(bits=3),
                                  GPTQ(bits=2, group_size=64, act_order=True), GPTQ(symmetric=False),
-                                 GPTQ(group_size=None), GPTQ(mse=True), GPTQ(full_grid=False),
+                                 GPTQ(group_size=None), GPTQ(mse=True), GPTQ(clip=True), GPTQ(full_grid=False),
                                  GPTQ(scheme="nf4-g64"), GPTQ(scheme="fp4_e2m1-g32")],
                          ids=lambda c: c.short_name() + ("" if c.full_grid else "-nofullgrid"))
 def test_output_error_about_half_of_rtn(cfg):
@@ -187,6 +187,23 @@ def test_act_order_rescues_low_bits_with_uneven_channels():
         plain = output_error(W, gptq_quantize(W, H, GPTQ(bits=bits, **paper)).dequantize(), H)
         ordered = output_error(W, gptq_quantize(W, H, GPTQ(bits=bits, static_groups=False)).dequantize(), H)
         assert ordered < 0.6 * plain < 0.6 * output_error(W, round_to_nearest(W, GPTQ(bits=bits)).dequantize(), H)
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_hessian_clipping_beats_weight_space_clipping_on_the_output_error(bits):
+    """clip: each static group's range shrunk for the least output error through H's diagonal block;
+    with one heavy input column and channel energies spread out, below mse's and min-max's."""
+    W, H, _ = correlated_problem(64, 256, seed=4, spread=1.0, mixing=1.0)
+    W, H = W.float(), H.float()
+    W[:, 3] *= 8
+    err = {name: output_error(W, gptq_quantize(W, H, GPTQ(bits=bits, group_size=64, **kw)).dequantize(), H)
+           for name, kw in (("minmax", {}), ("mse", {"mse": True}), ("clip", {"clip": True}))}
+    assert err["clip"] < err["mse"] and err["clip"] < 0.8 * err["minmax"], err
+
+
+def test_clipping_needs_static_groups():
+    with pytest.raises(LowbitError, match="static_groups"):
+        GPTQ(clip=True, static_groups=False)
 
 
 def test_without_full_grid_rtn_fallback_is_core_rtn():
@@ -296,6 +313,7 @@ def test_bad_inputs_raise_lowbit_errors():
     ("gptq-int3-g128", GPTQ(bits=3)),
     ("gptq-int4-g128-asym", GPTQ(symmetric=False)),
     ("gptq-int4-g128-damp0.001", GPTQ(damp=0.001)),
+    ("gptq-int3-g128-clip", GPTQ(bits=3, clip=True)),
     ("gptq-int8", GPTQ(bits=8, group_size=None)),
     ("gptq-int2-g64-mse", GPTQ(bits=2, group_size=64, mse=True)),
 ])
