@@ -39,12 +39,13 @@ MAX_LENGTH = 256       # the model's max_seq_length (sentence_bert_config.json)
 
 
 def lowbit_methods(bits: int) -> list[str]:
-    """The lowbit configurations measured at a bit width (g128 wherever a group size applies): RTN both
-    ways, the default GPTQ and AWQ, and the options whose defaults were chosen here (the paper's GPTQ
-    order and groups, MSE clipping, AWQ with round to nearest)."""
+    """The lowbit configurations measured at a bit width (g128 wherever a group size applies): RTN, the
+    default GPTQ and AWQ, and the options their defaults were chosen against (min-max or MSE ranges, the
+    paper's GPTQ order and groups, AWQ with round to nearest)."""
     m = [f"rtn-int{bits}-g128", f"gptq-int{bits}-g128", f"awq-int{bits}-g128"]
     if bits in (3, 4):
-        m += [f"gptq-int{bits}-g128-mse", f"gptq-int{bits}-g128-noactorder-dynamic", f"awq-int{bits}-g128-rtn"]
+        m += [f"gptq-int{bits}-g128-noclip", f"gptq-int{bits}-g128-mse", f"gptq-int{bits}-g128-noactorder-dynamic-noclip",
+              f"awq-int{bits}-g128-rtn"]
     if bits == 4:
         m += ["rtn-uint4-g128", "nf4"]
     return m

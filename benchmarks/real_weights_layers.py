@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_weights as rw  # noqa: E402  (the benchmark next to this file)
 
-CONFIGS = ("gptq-int{b}-g128", "gptq-int{b}-g128-mse", "gptq-int{b}-g128-damp0.001", "gptq-int{b}-g128-dynamic",
-           "gptq-int{b}-g128-noactorder-dynamic")
+CONFIGS = ("gptq-int{b}-g128", "gptq-int{b}-g128-noclip", "gptq-int{b}-g128-mse", "gptq-int{b}-g128-damp0.001",
+           "gptq-int{b}-g128-noactorder-dynamic-noclip")
 
 
 def rel_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
@@ -99,7 +99,7 @@ def compare_layers(peer: dict, ours: dict, bits: int) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--calibration-samples", type=int, default=512)
+    p.add_argument("--calibration-samples", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)

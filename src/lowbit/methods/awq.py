@@ -210,6 +210,6 @@ class AWQ(InputScaling, SchemeMethod):
             w, _ = clip_search(weight, stats.xtx, spec, self.n_grid, self.max_shrink)
         if self.gptq and calibrated and spec.granularity in ("channel", "group"):
             # the grid the clipping search chose (core's scales, as it measured them), GPTQ's rounding
-            rounding = GPTQ(scheme=spec, act_order=True, static_groups=True, full_grid=False)
+            rounding = GPTQ(scheme=spec, act_order=True, static_groups=True, full_grid=False, clip=False)
             return gptq_quantize(weight, stats.hessian(), rounding, scale_source=w)
         return quantize(w, spec, "minmax")
