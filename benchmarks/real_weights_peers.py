@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 
 def embed(model, tok, sentences, max_length, batch_size=32):
-    out = []
+    out = [torch.empty(0, model.config.hidden_size)]   # no sentences (a capture-only run): an empty matrix
     with torch.no_grad():
         for i in range(0, len(sentences), batch_size):
             enc = tok(sentences[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
