@@ -17,7 +17,7 @@ from lowbit.methods import METHODS, parse_method
 # One short name per registered method (several where a method makes more than one kind of weight).
 METHOD_NAMES = ("rtn-int4-g32", "rtn-int8-g32", "rtn-fp8_e4m3-channel", "rtn-uint4-g64", "rtn-int3-g32", "rtn-nf4-g64",
                 "gptq-int4-g32",
-                "gptq-int4-g32-actorder", "gptq-int8", "awq-uint4-g32", "nf4", "nf4-dq", "fp4", "w8a8", "w8a8-static",
+                "gptq-int4-g32-dynamic", "gptq-int8", "awq-uint4-g32", "nf4", "nf4-dq", "fp4", "w8a8", "w8a8-static",
                 "llm-int8", "smoothquant", "ggml-q4_0", "ggml-q8_0", "ggml-q4_k", "q4_k_m", "q3_k_s", "hqq-int4-g64",
                 "hqq-int4-g32", "hqq-int2-g16", "spqr", "spqr-int3-g16-actorder")
 load_format_modules()
@@ -88,7 +88,7 @@ def test_the_expected_pairs_are_accepted(quantised):
 
     assert accepted("rtn-int4-g32") == ["awq", "compressed-tensors", "gguf", "gptq"]
     assert accepted("rtn-int8-g32") == ["compressed-tensors", "gguf", "gptq"]
-    assert accepted("gptq-int4-g32-actorder") == ["gptq"]
+    assert accepted("gptq-int4-g32-dynamic") == ["gptq"]
     assert accepted("nf4") == accepted("nf4-dq") == ["bnb"]
     assert accepted("q4_k_m") == ["gguf"]
     assert accepted("w8a8") == accepted("w8a8-static") == ["compressed-tensors"]

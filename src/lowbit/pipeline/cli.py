@@ -47,9 +47,17 @@ def _cmd_quantize(args) -> str:
     # a calibration-free method reads no text and runs no forward pass unless asked (for the report)
     api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer if calibrate else None,
                  n_samples=args.samples or api.DEFAULT_SAMPLES, seq_len=args.seq_len, seed=args.seed,
-                 progress=not args.quiet, target=args.target)
+                 progress=not args.quiet, target=args.target, calibration_mode=args.calibration_mode)
     api.save(model, out, tokenizer=tokenizer)
-    return f"{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to {out}"
+    return f"{model.lowbit_calibration}\n{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to {out}"
+
+
+def add_calibration_mode(p) -> None:
+    p.add_argument("--calibration-mode", choices=["auto", "windows", "samples"], default="auto",
+                   help="windows: seeded windows of one stream of the documents; samples: each document its own "
+                        "sequence with the tokenizer's special tokens (chat rows through its chat template), "
+                        "padding masked out of every statistic; auto (default): samples for encoders and chat "
+                        "rows, windows otherwise")
 
 
 def register(sub) -> None:
@@ -64,8 +72,9 @@ def register(sub) -> None:
     p.add_argument("--calibration", help=".txt, .jsonl, .parquet or saved dataset folder (default: bundled text; "
                    "calibration-free methods such as rtn and hqq read none unless given this, --samples or --seq-len, "
                    "which then only feed the report's output errors)")
-    p.add_argument("--samples", type=int, help="calibration windows (default 128)")
-    p.add_argument("--seq-len", type=int, help="tokens per window (default min(context, 256))")
+    add_calibration_mode(p)
+    p.add_argument("--samples", type=int, help="calibration windows or samples (default 128)")
+    p.add_argument("--seq-len", type=int, help="tokens per window, at most per sample (default min(context, 256))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", choices=["vllm", "llama.cpp", "transformers"],
                    help="check, before any work, that this engine can serve the result (kernel limits per layer)")

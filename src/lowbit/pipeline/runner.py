@@ -20,10 +20,11 @@ from lowbit.methods.recipe import Recipe, as_recipe
 from lowbit.methods.stats import LayerStats
 from lowbit.nn import module_for
 from lowbit.pipeline.arch import Arch, block_list, describe, sequential_groups, shared_input_groups
-from lowbit.pipeline.blocks import (BlockInput, advance, block_linears, capture_block_inputs, collect_stats,
-                                    model_kwargs)
+from lowbit.pipeline.blocks import (BlockInput, advance, as_batch, block_linears, capture_block_inputs,
+                                    collect_stats, real_rows, run_model)
 from lowbit.pipeline.loading import conv1d_to_linear, set_module
 from lowbit.pipeline.report import LayerReport, layer_report
+from lowbit.pipeline.samples import CalibrationSet
 from lowbit.pipeline.scaling import scale_block
 
 
@@ -80,11 +81,15 @@ def _quantize_outside_blocks(model, arch: Arch, blocks_path, recipe, batches, n_
     if not linears:
         return []
     stats = {n: LayerStats(m.in_features) for n, m in linears.items()}
-    handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.update(inp[0])) for n, m in linears.items()]
+    current: dict = {"mask": None}
+    handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.update(real_rows(inp[0], current["mask"])))
+               for n, m in linears.items()]
     try:
         with torch.no_grad():
-            for ids in batches:
-                model(input_ids=ids, **model_kwargs(model))
+            for batch in batches:
+                mask = as_batch(batch)[1]
+                current["mask"] = None if mask is None else mask.bool()
+                run_model(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -128,15 +133,17 @@ def planned_weights(model: nn.Module, config_or_recipe) -> tuple[dict, list[list
     return {n: w for n, w in out.items() if w is not None}, groups
 
 
-def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor | None,
+def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor | CalibrationSet | None,
                    batch_size: int = 8, progress: bool = True) -> nn.Module:
-    """Quantise `model` in place, block by block, on calibration token ids [n_samples, seq_len]."""
+    """Quantise `model` in place, block by block, on calibration token ids [n_samples, seq_len] (windows)
+    or a CalibrationSet (samples: padded batches with attention masks)."""
     recipe = as_recipe(config_or_recipe)
     model.eval()
     conv1d_to_linear(model)
     arch = describe(model)
     path, blocks = block_list(model, arch)
-    batches = list(calibration.split(batch_size)) if calibration is not None else []
+    calibration = CalibrationSet.of(calibration)
+    batches = calibration.batches(batch_size) if calibration is not None else []
     inputs = capture_block_inputs(model, blocks[0], batches)
     reports: list[LayerReport] = []
     n_gqa = _gqa(model)
@@ -149,4 +156,5 @@ def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor
     reports += _quantize_outside_blocks(model, arch, path, recipe, batches, len(blocks))
     model.lowbit_recipe = recipe
     model.lowbit_report = reports
+    model.lowbit_calibration = calibration.describe() if calibration is not None else "calibration: none"
     return model

@@ -15,6 +15,7 @@ from lowbit.pipeline.arch import Arch, block_list, describe
 from lowbit.pipeline.blocks import BlockInput, advance, block_linears, capture_block_inputs, collect_stats, run_block
 from lowbit.pipeline.fold import InputSource, fold_scales, foldable_groups
 from lowbit.pipeline.loading import conv1d_to_linear
+from lowbit.pipeline.samples import CalibrationSet
 
 
 def _scaling_plan(block: nn.Module, arch: Arch, recipe: Recipe, prefix: str):
@@ -35,7 +36,9 @@ def _block_error(block, batches, targets, linears: list[nn.Linear], approx: list
         for m, w in zip(linears, approx):
             m.weight.data = w
         with torch.no_grad():
-            return sum(float((run_block(block, x).double() - t.double()).pow(2).sum()) for x, t in zip(batches, targets))
+            # real tokens only: a padded position's output is never used, so its error must not count
+            return sum(float((x.real(run_block(block, x)).double() - x.real(t).double()).pow(2).sum())
+                       for x, t in zip(batches, targets))
     finally:
         for m, w in zip(linears, held):
             m.weight.data = w
@@ -74,15 +77,16 @@ def scale_block(block: nn.Module, arch: Arch, inputs: list[BlockInput], recipe: 
                 fold_scales(source, [linears[n] for n in group], s)
 
 
-def prepare_model(model: nn.Module, config, calibration: torch.Tensor, batch_size: int = 8) -> nn.Module:
+def prepare_model(model: nn.Module, config, calibration, batch_size: int = 8) -> nn.Module:
     """Run only the scaling step of a config (or recipe) over every block, without quantising: the model
-    keeps its full-precision weights, with the scales folded in."""
+    keeps its full-precision weights, with the scales folded in. calibration: ids [n, L] or a
+    CalibrationSet."""
     recipe = as_recipe(config)
     model.eval()
     conv1d_to_linear(model)
     arch = describe(model)
     path, blocks = block_list(model, arch)
-    inputs = capture_block_inputs(model, blocks[0], list(calibration.split(batch_size)))
+    inputs = capture_block_inputs(model, blocks[0], CalibrationSet.of(calibration).batches(batch_size))
     for i, block in enumerate(blocks):
         scale_block(block, arch, inputs, recipe, f"{path}.{i}", i)
         advance(block, inputs)
