@@ -64,7 +64,9 @@ def problem(w) -> str | None:
     if weight_format(w) is not None:
         return None
     if isinstance(w, QuantizedTensor) and w.g_idx is not None:
-        return "compressed-tensors has no group index (act-order with dynamic groups); use static groups"
+        # compressed-tensors 0.20 removed actorder="group" (a weight_g_idx per column); "weight" is static groups
+        return ("compressed-tensors no longer takes a group index (act-order with dynamic groups); use static "
+                "groups (the gptq default)")
     return ("compressed-tensors holds 2..8-bit integer grids per tensor/channel/group, FP8 E4M3 per tensor/"
             "channel, and W8A8 int8")
 
