@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     ours = lowbit_hessians(base, tok, calibration, args.bits)
     rows = compare_layers(peer, ours, args.bits)
     keys = ["h_diff", "rtn", "peer"] + [c.format(b=args.bits) for c in CONFIGS]
-    print("| layer | " + " | ".join(keys) + " |\n|---" * (len(keys) + 1) + "|")
+    print("| layer | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
     for r in rows:
         print(f"| {r['layer']} | " + " | ".join(f"{r.get(k, float('nan')):.4f}" for k in keys) + " |")
     means = {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in keys}

@@ -31,7 +31,8 @@ CONSUMERS = {"gguf": "llama.cpp", "compressed-tensors": "transformers", "bnb": "
 def held_out_windows(model, tokenizer, n: int = WINDOWS) -> list[list[int]]:
     from lowbit.data import bundled_text
 
-    ctx = min(CONTEXT, getattr(model.config, "max_position_embeddings", CONTEXT) or CONTEXT)
+    # one position short of the model's context: vLLM counts the scored window plus one generated token
+    ctx = min(CONTEXT, (getattr(model.config, "max_position_embeddings", CONTEXT + 1) or CONTEXT + 1) - 1)
     ids = tokenizer(bundled_text("eval")[: 40 * ctx * n])["input_ids"]
     if len(ids) < ctx * n:
         raise LowbitError("not enough held-out text to verify with")
@@ -95,7 +96,7 @@ def vllm_top1(path, windows) -> list[list[int]]:
     with tempfile.TemporaryDirectory() as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job.write_text(json.dumps({"models": {"m": str(path)}, "windows": windows, "prompts": [windows[0][:8]],
-                                   "max_tokens": 1, "max_model_len": len(windows[0])}))
+                                   "max_tokens": 1, "max_model_len": len(windows[0]) + 1}))
         done = subprocess.run([str(python), str(Path(__file__).with_name("vllm_runner.py")), str(job), str(out)],
                               capture_output=True, text=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
         if done.returncode:

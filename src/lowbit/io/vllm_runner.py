@@ -9,7 +9,12 @@ and tests/serving use it as the independent consumer."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+
+# Python puts this file's folder first on sys.path; it holds lowbit's own gguf.py and compressed_tensors.py,
+# which would shadow the packages of the same names that vLLM imports.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 
 def top1_per_position(prompt_logprobs) -> list[int]:
