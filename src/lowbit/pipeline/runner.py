@@ -8,6 +8,7 @@ live at a time.
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -25,6 +26,8 @@ from lowbit.pipeline.blocks import (BlockInput, advance, as_batch, block_linears
 from lowbit.pipeline.loading import conv1d_to_linear, set_module
 from lowbit.pipeline.report import LayerReport, layer_report
 from lowbit.pipeline.samples import CalibrationSet
+
+SHOWN = 12   # offending Linears listed by name; the rest are counted
 from lowbit.pipeline.scaling import scale_block
 
 
@@ -102,9 +105,51 @@ def _quantize_outside_blocks(model, arch: Arch, blocks_path, recipe, batches, n_
     return reports
 
 
+def _shape_problem(config, info: LayerInfo, module: nn.Linear) -> str | None:
+    """Why `config` cannot quantise this Linear's shape (its group size does not divide the width ...), or
+    None: the method's own placeholder of the weight is built from the shape, and says."""
+    try:
+        config.planned_weight(module.weight.shape, info)
+    except LowbitError as e:
+        return f"{info.name} ({module.in_features} input columns): {e}"
+    return None
+
+
+def _suggestion(bad: dict, block_path: str) -> str:
+    """A skip pattern for the offending Linears ({name: (config, width)}), and a group size that divides
+    every offending width."""
+    inside = block_path + "."
+    patterns = dict.fromkeys("*." + n[len(inside):].split(".", 1)[1] if n.startswith(inside) else n for n in bad)
+    hint = f"keep them in full precision (--skip {' '.join(patterns)}, or Recipe(skip=[...]))"
+    sizes = {getattr(cfg, "group_size", None) for cfg, _ in bad.values()}
+    g = sizes.pop() if len(sizes) == 1 else None
+    if isinstance(g, int):
+        common = math.gcd(*(w for _, w in bad.values()))
+        fits = [1 << k for k in range(3, g.bit_length()) if (1 << k) < g and common % (1 << k) == 0]
+        if fits:
+            hint += f", or use a group size that divides every width, such as {fits[-1]}"
+    return hint
+
+
+def check_shapes(model: nn.Module, plan: dict, block_path: str) -> None:
+    """One check over every selected Linear before any work: a LowbitError naming each Linear whose shape
+    its config cannot take (with its width, a skip pattern and a group size that fits); the model is
+    untouched."""
+    modules = dict(model.named_modules())
+    problems = {n: _shape_problem(cfg, info, modules[n]) for n, (cfg, info) in plan.items()}
+    bad = [n for n, p in problems.items() if p]
+    if bad:
+        lines = [problems[n] for n in bad]
+        shown = lines[:SHOWN] + ([f"... and {len(lines) - SHOWN} more"] if len(lines) > SHOWN else [])
+        hint = _suggestion({n: (plan[n][0], modules[n].in_features) for n in bad}, block_path)
+        raise LowbitError(f"{len(bad)} Linear(s) cannot take this recipe (nothing was quantised):\n  "
+                          + "\n  ".join(shown) + "\n" + hint)
+
+
 def layer_plan(model: nn.Module, config_or_recipe) -> tuple[dict, list[list[str]]]:
     """Before any work: ({Linear name: (its config for that layer, LayerInfo)} for every Linear the recipe
-    quantises, [the names of each group of Linears that share an input]). Reads shapes only."""
+    quantises, [the names of each group of Linears that share an input]). Reads shapes only; a recipe
+    that cannot take some Linear's shape is refused here (check_shapes)."""
     recipe = as_recipe(config_or_recipe)
     conv1d_to_linear(model)
     arch = describe(model)
@@ -121,6 +166,7 @@ def layer_plan(model: nn.Module, config_or_recipe) -> tuple[dict, list[list[str]
         if not n.startswith(path + ".") and recipe.config_for(n) is not None:
             info = LayerInfo(n, arch.globals.get(n), None, len(blocks), n_gqa)
             plan[n] = (recipe.config_for(n).for_layer(info), info)
+    check_shapes(model, plan, path)
     return plan, shared_input_groups(model)
 
 
@@ -139,7 +185,7 @@ def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor
     or a CalibrationSet (samples: padded batches with attention masks)."""
     recipe = as_recipe(config_or_recipe)
     model.eval()
-    conv1d_to_linear(model)
+    layer_plan(model, recipe)      # every Linear's shape checked before any work
     arch = describe(model)
     path, blocks = block_list(model, arch)
     calibration = CalibrationSet.of(calibration)
