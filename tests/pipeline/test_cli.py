@@ -112,7 +112,7 @@ def test_calibration_free_method_reads_no_text_and_runs_no_forward_pass(tmp_path
 
     monkeypatch.setattr(blocks, "run_block", never)
     monkeypatch.setattr(runner, "capture_block_inputs", no_batches)
-    monkeypatch.setattr(api, "calibration_batch", never)
+    monkeypatch.setattr(api, "build_calibration", never)
     monkeypatch.setattr(calibration, "read_texts", never)
     rc, out, err = run(capsys, "quantize", tiny_model_dir("llama"), "--method", "hqq-int4-g64", "--quiet",
                        "-o", tmp_path / "q")

@@ -25,7 +25,7 @@ from lowbit.pipeline.blocks import (BlockInput, advance, as_batch, block_linears
                                     collect_stats, real_rows, run_model)
 from lowbit.pipeline.loading import conv1d_to_linear, set_module
 from lowbit.pipeline.report import LayerReport, layer_report
-from lowbit.pipeline.samples import CalibrationSet
+from lowbit.pipeline.samples import CalibrationSet, check_context
 
 SHOWN = 12   # offending Linears listed by name; the rest are counted
 from lowbit.pipeline.scaling import scale_block
@@ -111,7 +111,7 @@ def _shape_problem(config, info: LayerInfo, module: nn.Linear) -> str | None:
     try:
         config.planned_weight(module.weight.shape, info)
     except LowbitError as e:
-        return f"{info.name} ({module.in_features} input columns): {e}"
+        return str(e)
     return None
 
 
@@ -132,18 +132,21 @@ def _suggestion(bad: dict, block_path: str) -> str:
 
 
 def check_shapes(model: nn.Module, plan: dict, block_path: str) -> None:
-    """One check over every selected Linear before any work: a LowbitError naming each Linear whose shape
-    its config cannot take (with its width, a skip pattern and a group size that fits); the model is
-    untouched."""
+    """One check over every selected Linear before any work: a one-line LowbitError naming each Linear
+    whose shape its config cannot take (grouped by reason, which gives the width), a skip pattern and a
+    group size that fits; the model is untouched."""
     modules = dict(model.named_modules())
-    problems = {n: _shape_problem(cfg, info, modules[n]) for n, (cfg, info) in plan.items()}
-    bad = [n for n, p in problems.items() if p]
-    if bad:
-        lines = [problems[n] for n in bad]
-        shown = lines[:SHOWN] + ([f"... and {len(lines) - SHOWN} more"] if len(lines) > SHOWN else [])
+    by_reason: dict[str, list[str]] = {}
+    for n, (cfg, info) in plan.items():
+        problem = _shape_problem(cfg, info, modules[n])
+        if problem:
+            by_reason.setdefault(problem, []).append(n)
+    if by_reason:
+        bad = [n for names in by_reason.values() for n in names]
+        parts = [f"{reason} in {', '.join(names[:SHOWN])}" + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN
+                                                              else "") for reason, names in by_reason.items()]
         hint = _suggestion({n: (plan[n][0], modules[n].in_features) for n in bad}, block_path)
-        raise LowbitError(f"{len(bad)} Linear(s) cannot take this recipe (nothing was quantised):\n  "
-                          + "\n  ".join(shown) + "\n" + hint)
+        raise LowbitError(f"nothing was quantised: {'; '.join(parts)}; {hint}")
 
 
 def layer_plan(model: nn.Module, config_or_recipe) -> tuple[dict, list[list[str]]]:
@@ -185,10 +188,11 @@ def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor
     or a CalibrationSet (samples: padded batches with attention masks)."""
     recipe = as_recipe(config_or_recipe)
     model.eval()
+    calibration = CalibrationSet.of(calibration)
+    check_context(model, calibration.length if calibration is not None else None)
     layer_plan(model, recipe)      # every Linear's shape checked before any work
     arch = describe(model)
     path, blocks = block_list(model, arch)
-    calibration = CalibrationSet.of(calibration)
     batches = calibration.batches(batch_size) if calibration is not None else []
     inputs = capture_block_inputs(model, blocks[0], batches)
     reports: list[LayerReport] = []
