@@ -140,8 +140,9 @@ def test_windows_stay_a_calibration_set_without_masks():
 def test_calibration_longer_than_the_context_is_one_line_naming_both(arch, how, tiny_tokenizer):
     """--seq-len 64 on a model with a 32-position context: GPT-2/OPT raised torch.embedding's IndexError,
     Llama calibrated silently on positions it never saw. Right: a one-line error naming 64 and 32."""
-    from tests.conftest import tiny_config
     import transformers as t
+
+    from tests.conftest import tiny_config
 
     config = tiny_config(arch)
     setattr(config, "n_positions" if arch == "gpt2" else "max_position_embeddings", 32 + (2 if arch == "roberta" else 0))
