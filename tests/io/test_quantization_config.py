@@ -8,7 +8,6 @@ import json
 import re
 
 import pytest
-import torch
 from safetensors.torch import load_file
 from torch import nn
 
@@ -52,7 +51,7 @@ def gptq_built(qc: dict, monkeypatch) -> set[str]:
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.27.0" if name == "optimum" else version(name))
     config = GPTQConfig.from_dict(dict(qc))
     block = config.block_name_to_quantize or "model.layers"
-    chosen = sum(config.modules_in_block_to_quantize or [], [])
+    chosen = [m for group in config.modules_in_block_to_quantize or [] for m in group]
     excluded = [k[2:] for k in qc.get("dynamic") or {} if k.startswith("-:")]
     built = {n for n in linear_names() if n.startswith(block + ".")
              and (not chosen or any(n.endswith("." + m) for m in chosen))
