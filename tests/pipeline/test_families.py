@@ -61,3 +61,42 @@ def test_scale_search_and_fold_leave_the_model_unchanged(family, config):
         assert not moved
     else:                       # something was folded
         assert moved
+
+
+def block_inputs_against_hidden_states(model, ids) -> list[float]:
+    """Max |captured block input - the model's own hidden state| at each block, walking the blocks as
+    the pipeline does (each block's output is the next block's input)."""
+    from lowbit.pipeline.arch import block_list, describe
+    from lowbit.pipeline.blocks import advance, capture_block_inputs
+
+    with torch.no_grad():
+        states = model(input_ids=ids, output_hidden_states=True).hidden_states
+    _, blocks = block_list(model, describe(model))
+    inputs = capture_block_inputs(model, blocks, [ids])
+    diffs = []
+    for i, block in enumerate(blocks):
+        diffs.append(float((inputs[0].hidden - states[i]).abs().max()))
+        advance(block, inputs)
+    return diffs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_inputs_are_the_models_own_hidden_states(family):
+    model = randomised_model(family)
+    assert block_inputs_against_hidden_states(model, IDS) == [0.0] * model.config.num_hidden_layers
+
+
+def test_every_block_gets_its_own_attention_mask():
+    """Gemma-2 with layers sliding, full, sliding and a window of 4 over 32 tokens: replaying block 0's
+    (sliding) mask into block 1 moved block 2's input by 5.0. Each block now gets the mask the model
+    gives it."""
+    import transformers as t
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config("gemma2")
+    config.num_hidden_layers, config.sliding_window = 3, 4
+    config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    model = t.Gemma2ForCausalLM(config).eval()
+    assert block_inputs_against_hidden_states(model, IDS) == [0.0, 0.0, 0.0]

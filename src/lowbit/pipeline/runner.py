@@ -194,7 +194,7 @@ def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor
     arch = describe(model)
     path, blocks = block_list(model, arch)
     batches = calibration.batches(batch_size) if calibration is not None else []
-    inputs = capture_block_inputs(model, blocks[0], batches)
+    inputs = capture_block_inputs(model, blocks, batches)
     reports: list[LayerReport] = []
     n_gqa = _gqa(model)
     bar = tqdm(range(len(blocks)), desc="quantising blocks", unit="block", file=sys.stderr, disable=not progress)
