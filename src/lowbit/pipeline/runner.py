@@ -149,6 +149,27 @@ def check_shapes(model: nn.Module, plan: dict, block_path: str) -> None:
         raise LowbitError(f"nothing was quantised: {'; '.join(parts)}; {hint}")
 
 
+def check_fused_parameters(blocks, path: str, recipe: Recipe, family: str) -> None:
+    """Weights held as 3-D parameters rather than Linears (transformers 5 fuses a mixture-of-experts
+    layer's experts: gate_up_proj [E, 2I, H], down_proj [E, H, I]) are not quantised: refused in one
+    line naming the family unless the recipe keeps their module in full precision on purpose."""
+    fused, total = [], 0
+    for i, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            for p_name, p in module.named_parameters(recurse=False):
+                total += p.numel()
+                if p.dim() >= 3 and recipe.config_for(f"{path}.{i}.{name}") is not None:
+                    fused.append((f"{path}.{i}.{name}.{p_name}", p))
+    if fused:
+        share = sum(p.numel() for _, p in fused) / max(total, 1)
+        first, p = fused[0]
+        where = first.split(".", path.count(".") + 2)[-1].rpartition(".")[0]
+        raise LowbitError(f"{family}: the experts are fused 3-D parameters, not Linears ({first} "
+                          f"{list(p.shape)} and {len(fused) - 1} more), which lowbit does not quantise: {share:.1%} "
+                          f"of the block weights would stay in float; keep them in full precision on purpose "
+                          f"with --skip '*.{where}' (Recipe(skip=[...]))")
+
+
 def layer_plan(model: nn.Module, config_or_recipe) -> tuple[dict, list[list[str]]]:
     """Before any work: ({Linear name: (its config for that layer, LayerInfo)} for every Linear the recipe
     quantises, [the names of each group of Linears that share an input]). Reads shapes only; a recipe
@@ -169,6 +190,7 @@ def layer_plan(model: nn.Module, config_or_recipe) -> tuple[dict, list[list[str]
         if not n.startswith(path + ".") and recipe.config_for(n) is not None:
             info = LayerInfo(n, arch.globals.get(n), None, len(blocks), n_gqa)
             plan[n] = (recipe.config_for(n).for_layer(info), info)
+    check_fused_parameters(blocks, path, recipe, arch.family)
     check_shapes(model, plan, path)
     return plan, shared_input_groups(model)
 
