@@ -14,7 +14,7 @@ NAMES = ["rtn-int4-g128", "rtn-int8", "rtn-int4-g32-asym", "rtn-int4-g128-mse", 
          "rtn-int8-tensor", "gptq-int4-g128", "gptq-int3-g64-noactorder-dynamic", "gptq-nf4-g64", "gptq-int4-g128-asym-mse",
          "awq-int4-g128", "awq-int3-g64-sym-noclipqk-duo", "awq-int4-g128-layer", "smoothquant", "smoothquant-a0.8-static",
          "smoothquant-search", "w8a8", "w8a8-static", "llm-int8", "llm-int8-t4", "nf4", "nf4-dq-b128-fp32", "fp4",
-         "ggml-q4_k", "ggml-q6_k-imatrix-ref", "q4_k_m", "q3_k_s-imatrix", "q8_0-ref"]
+         "ggml-q4_k", "ggml-q6_k-imatrix-ref", "q4_k_m", "q3_k_s-imatrix", "q8_0-ref", "hqq-int4-g64", "spqr-int3-g16"]
 
 
 @pytest.mark.parametrize("name", NAMES)
