@@ -46,10 +46,26 @@ def tiny_config(arch: str):
     if arch == "opt":
         return t.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                            max_position_embeddings=128, word_embed_proj_dim=64, **common)
-    if arch == "bert":
-        return t.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            max_position_embeddings=128, **common)
+    if arch in ("bert", "roberta", "xlm-roberta"):
+        cls = {"bert": t.BertConfig, "roberta": t.RobertaConfig, "xlm-roberta": t.XLMRobertaConfig}[arch]
+        return cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=128, **common)
+    decoder = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=128, **common)
+    if arch in ("qwen3", "gemma", "gemma2"):
+        cls = {"qwen3": t.Qwen3Config, "gemma": t.GemmaConfig, "gemma2": t.Gemma2Config}[arch]
+        return cls(head_dim=16, **decoder)
+    if arch == "phi3":
+        return t.Phi3Config(pad_token_id=0, **decoder)
+    if arch == "mixtral":
+        return t.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **decoder)
+    if arch == "qwen2_moe":
+        return t.Qwen2MoeConfig(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
+                                num_experts_per_tok=2, **decoder)
     raise ValueError(arch)
+
+
+ENCODERS = ("bert", "roberta", "xlm-roberta")
 
 
 def build_tiny_model(arch: str, seed: int = 0):
@@ -57,7 +73,7 @@ def build_tiny_model(arch: str, seed: int = 0):
 
     torch.manual_seed(seed)
     config = tiny_config(arch)
-    model = t.BertModel(config) if arch == "bert" else t.AutoModelForCausalLM.from_config(config)
+    model = t.AutoModel.from_config(config) if arch in ENCODERS else t.AutoModelForCausalLM.from_config(config)
     return model.eval()
 
 

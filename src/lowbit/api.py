@@ -19,7 +19,7 @@ from lowbit.io.native import save
 from lowbit.pipeline.arch import describe
 from lowbit.pipeline.loading import load_model as load_hf_model
 from lowbit.pipeline.runner import planned_weights, quantize_model
-from lowbit.pipeline.samples import CalibrationSet, build_calibration, resolve_mode
+from lowbit.pipeline.samples import CalibrationSet, build_calibration, check_context, context_length, resolve_mode
 
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 256
@@ -39,8 +39,7 @@ load = load_model
 
 
 def default_seq_len(model) -> int:
-    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None) or DEFAULT_SEQ_LEN
-    return min(ctx, DEFAULT_SEQ_LEN)
+    return min(context_length(model) or DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN)
 
 
 def check_target(model, config, target: str) -> str:
@@ -79,6 +78,7 @@ def quantize(model, config, calibration=None, tokenizer=None, n_samples: int = D
     elif tokenizer is None and calibration is None:
         calib = None  # no tokenizer: calibration-free methods still work, the report says no tokens were seen
     else:
+        check_context(model, seq_len)
         mode = resolve_mode(calibration_mode, describe(model).causal, calibration)
         calib = build_calibration(tokenizer, calibration, n_samples, seq_len or default_seq_len(model), seed, mode)
     return quantize_model(model, config, calib, batch_size=batch_size, progress=progress)

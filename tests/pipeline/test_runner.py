@@ -111,3 +111,30 @@ def test_int4_g128_footprint_is_about_a_quarter_of_fp16():
     fp16 = sum(2 * m.in_features * m.out_features for m in qlin)
     assert held / fp16 == pytest.approx(4.125 / 16)
     assert held / fp16 <= 0.27
+
+
+@pytest.mark.parametrize("method", ["gptq-int4-g128", "awq-int4-g128", "rtn-int4-g128", "hqq-int4-g128"])
+def test_a_group_size_that_does_not_divide_a_layer_is_refused_before_any_work(method, monkeypatch):
+    """Llama with hidden 128 and intermediate 192 at g128: both down_proj (192 input columns) are named with
+    their width, with a skip pattern and a group size that divides (64); nothing is calibrated and the
+    caller's model is untouched (it used to fail after calibration, at down_proj, with 6 Linears swapped)."""
+    import transformers as t
+
+    from lowbit.errors import LowbitError
+    from lowbit.pipeline import runner
+
+    torch.manual_seed(0)
+    model = t.LlamaForCausalLM(t.LlamaConfig(hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=512))
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    monkeypatch.setattr(runner, "capture_block_inputs", lambda *a: pytest.fail("calibration ran"))
+    with pytest.raises(LowbitError) as e:
+        api.quantize(model, method, calibration=torch.zeros(2, 8, dtype=torch.long), progress=False)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "group size 128 does not divide the row length 192" in message
+    assert "in model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj;" in message
+    assert message.count("model.layers.") == 2      # only the offending Linears are named
+    assert "--skip *.mlp.down_proj" in message and "such as 64" in message
+    assert all(type(m) is not QuantLinear for m in model.modules())
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())

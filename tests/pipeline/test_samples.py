@@ -133,3 +133,27 @@ def test_windows_stay_a_calibration_set_without_masks():
     calib = CalibrationSet.of(ids)
     assert calib.mode == "windows" and calib.n_tokens == 40
     assert all(mask is None for _, mask in calib.batches(3))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama", "roberta"])
+@pytest.mark.parametrize("how", ["ids", "texts"])
+def test_calibration_longer_than_the_context_is_one_line_naming_both(arch, how, tiny_tokenizer):
+    """--seq-len 64 on a model with a 32-position context: GPT-2/OPT raised torch.embedding's IndexError,
+    Llama calibrated silently on positions it never saw. Right: a one-line error naming 64 and 32."""
+    import transformers as t
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config(arch)
+    setattr(config, "n_positions" if arch == "gpt2" else "max_position_embeddings", 32 + (2 if arch == "roberta" else 0))
+    model = (t.AutoModel if arch == "roberta" else t.AutoModelForCausalLM).from_config(config).eval()
+    before = copy.deepcopy(model.state_dict())
+    kwargs = ({"calibration": torch.zeros(2, 64, dtype=torch.long)} if how == "ids"
+              else {"tokenizer": tiny_tokenizer, "seq_len": 64, "n_samples": 2})
+    with pytest.raises(LowbitError) as e:
+        api.quantize(model, "gptq-int4-g32", progress=False, **kwargs)
+    message = str(e.value)
+    assert "\n" not in message and "64 tokens" in message and "context of 32 positions" in message
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    # at the context length itself it runs
+    api.quantize(model, "rtn-int4-g32", calibration=torch.ones(1, 32, dtype=torch.long), progress=False)

@@ -22,13 +22,12 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from lowbit.core import QuantizedTensor, QuantSpec
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, register_exporter, register_importer
-from lowbit.io.hf_folder import (biases, finish_import, float_tensors, mixed, one_value, plain_model, read_tensors,
-                                 write_hf_folder)
+from lowbit.io.hf_folder import (biases, finish_import, float_linears, float_tensors, mixed, one_value, output_head,
+                                 plain_model, read_tensors, write_hf_folder)
 from lowbit.nn import QuantLinear
 from lowbit.pipeline.loading import set_module
 
@@ -136,12 +135,15 @@ class AWQExporter(Exporter):
     def write(self, model, weights, out, tokenizer=None, **_options) -> Path:
         if not weights:
             raise LowbitError("no quantised Linears to export: quantise with AWQ (or RTN int4 g128) first")
+        head = output_head(model)
+        if head in weights:
+            raise LowbitError(f"{head}: the AWQ layout keeps the output head in float (transformers and vLLM build it "
+                              f"unquantised); keep it in full precision (--skip {head}) or export gptq")
         group_size = one_value(weights, "AWQ", "group size", lambda q: q.spec.group_size)
         tensors = {**float_tensors(model, weights, torch.float16), **biases(model, weights, torch.float16)}
         for name, q in weights.items():
             tensors.update({f"{name}.{k}": t for k, t in awq_tensors(name, q).items()})
-        not_converted = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
-        qc = _quantization_config(group_size, not_converted)
+        qc = _quantization_config(group_size, sorted(float_linears(model)))
         return write_hf_folder(out, model, tensors, tokenizer, qc, torch.float16)
 
 

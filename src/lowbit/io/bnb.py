@@ -25,7 +25,8 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, register_exporter, register_importer
-from lowbit.io.hf_folder import finish_import, float_tensors, mixed, plain_model, read_tensors, write_hf_folder
+from lowbit.io.hf_folder import (finish_import, float_linears, float_tensors, mixed, plain_model, read_tensors,
+                                 write_hf_folder)
 from lowbit.nn.linear4bit import Linear4bit
 from lowbit.pipeline.loading import set_module
 from lowbit.weights.bnb4 import Quantized4bit, code_table, dynamic_map
@@ -95,8 +96,9 @@ def compute_dtype(model: nn.Module, weights: dict) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.bfloat16
 
 
-def quantization_config(weights: dict[str, Quantized4bit], float_linears: list[str], dtype: torch.dtype) -> dict:
-    """transformers' BitsAndBytesConfig as a dict; Linears left in float are listed as skipped."""
+def quantization_config(weights: dict[str, Quantized4bit], kept: list[str], dtype: torch.dtype) -> dict:
+    """transformers' BitsAndBytesConfig as a dict; Linears left in float are listed as skipped, and the list
+    is written even when empty (None would make transformers skip the output head, quantised or not)."""
     first = next(iter(weights.values()))
     return {
         "quant_method": "bitsandbytes", "_load_in_4bit": True, "_load_in_8bit": False,
@@ -104,7 +106,7 @@ def quantization_config(weights: dict[str, Quantized4bit], float_linears: list[s
         "bnb_4bit_quant_type": first.quant_type, "bnb_4bit_use_double_quant": first.double_quant,
         "bnb_4bit_compute_dtype": TORCH_DTYPE_NAMES[dtype],
         "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_threshold": 6.0, "llm_int8_skip_modules": float_linears or None,
+        "llm_int8_threshold": 6.0, "llm_int8_skip_modules": kept,
         "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
     }
 
@@ -132,8 +134,7 @@ class BnbExporter(Exporter):
                                                        for n, m in modules.items() if m.bias is not None}}
         for name, q in weights.items():
             tensors.update(bnb_linear_tensors(name, q))
-        float_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-        qc = quantization_config(weights, float_linears, compute_dtype(model, weights))
+        qc = quantization_config(weights, float_linears(model), compute_dtype(model, weights))
         return write_hf_folder(out, model, tensors, tokenizer, qc)
 
 

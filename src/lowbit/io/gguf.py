@@ -23,6 +23,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, quantized_weights, register_exporter
+from lowbit.io.gguf_rope import rope_for_export
 from lowbit.methods.ggml_mix import FILE_TYPES, file_type, tensor_type
 from lowbit.pipeline.arch import Arch, block_list, describe
 from lowbit.weights.ggml import GGMLTensor, quantize_ggml
@@ -60,9 +61,7 @@ def _check_llama(config) -> None:
         raise LowbitError("GGUF export does not handle Llama models with attention or MLP biases")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise LowbitError(f"llama.cpp's llama architecture uses SiLU, this model uses {config.hidden_act!r}")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise LowbitError(f"GGUF export supports plain rope only, not rope_type {rope.get('rope_type')!r}")
+    rope_for_export(config, _rope_theta(config), _head_dim(config))   # refuses a scaling it cannot write
 
 
 def _head_dim(config) -> int:
@@ -94,6 +93,11 @@ def _write_hparams(writer, config, ftype: str, name: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_file_type(FILE_TYPES[ftype].file_type)
     writer.add_quantization_version(QUANTIZATION_VERSION)
+    keys, tensors = rope_for_export(config, _rope_theta(config), _head_dim(config))
+    for key, value in keys.items():
+        (writer.add_string if isinstance(value, str) else writer.add_float32)(f"llama.{key}", value)
+    for tname, data in tensors.items():
+        writer.add_tensor(tname, data)
 
 
 def _pre_tokenizer_name(spec: dict | None) -> str:

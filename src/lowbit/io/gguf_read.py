@@ -16,6 +16,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.io import register_importer
 from lowbit.io.gguf import GPT2_REGEX_PRES, HF_JSON_KEY, TOKEN_CONTROL, unrope_permutation
+from lowbit.io.gguf_rope import rope_from_gguf
 from lowbit.nn import GGMLLinear
 from lowbit.pipeline.arch import ARCHES
 from lowbit.weights.ggml import BLOCK_TYPES, GGMLTensor
@@ -166,8 +167,9 @@ def _need(meta: dict, key: str, kind=int, default=None):
         raise LowbitError(f"GGUF key {key} has an unusable value {str(meta[key])[:40]!r}")
 
 
-def llama_config_from_gguf(meta: dict, vocab: int, tied: bool):
-    """A transformers LlamaConfig from the llama.* keys (the vocabulary size from the embedding's rows)."""
+def llama_config_from_gguf(meta: dict, vocab: int, tied: bool, table: dict | None = None):
+    """A transformers LlamaConfig from the llama.* keys (the vocabulary size from the embedding's rows)
+    and the rope scaling its keys and rope_freqs tensor describe (io/gguf_rope.py)."""
     from transformers import LlamaConfig
 
     if meta.get("general.architecture") != "llama":
@@ -188,7 +190,7 @@ def llama_config_from_gguf(meta: dict, vocab: int, tied: bool):
         num_hidden_layers=_need(meta, "llama.block_count"), num_attention_heads=heads, num_key_value_heads=kv,
         head_dim=head_dim, rms_norm_eps=_need(meta, "llama.attention.layer_norm_rms_epsilon", float),
         max_position_embeddings=_need(meta, "llama.context_length", int, 2048),
-        rope_parameters={"rope_type": "default", "rope_theta": _need(meta, "llama.rope.freq_base", float, 10000.0)},
+        rope_parameters=rope_from_gguf(meta, table or {}, _need(meta, "llama.rope.freq_base", float, 10000.0), head_dim),
         tie_word_embeddings=tied, bos_token_id=token_id("tokenizer.ggml.bos_token_id"),
         eos_token_id=token_id("tokenizer.ggml.eos_token_id"))
 
@@ -311,7 +313,7 @@ def load_gguf(path, dequantize: bool = False):
         raise LowbitError(f"{path}: cannot parse GGUF file: {e}") from e
     if "token_embd.weight" not in table:
         raise LowbitError(f"{path}: GGUF file has no token_embd.weight")
-    config = llama_config_from_gguf(meta, table["token_embd.weight"][0][0], "output.weight" not in table)
+    config = llama_config_from_gguf(meta, table["token_embd.weight"][0][0], "output.weight" not in table, table)
     _check_tensors(table, config)
     model = _build_llama(config, table, dequantize)
     return model, gguf_tokenizer(meta)

@@ -23,6 +23,7 @@ even a choice the GPTQ layout cannot tell apart (uint4 symmetric vs int4) comes 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -33,10 +34,11 @@ from lowbit.core import QuantizedTensor, QuantSpec, pack_bits, unpack_bits
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, register_exporter, register_importer
 from lowbit.io import describe as describe_weight
-from lowbit.io.hf_folder import (DTYPE_NAMES, DTYPES, WEIGHTS_FILE, biases, finish_import, float_tensors, mixed, one_value,
-                                 plain_model, read_tensors,
+from lowbit.io.hf_folder import (DTYPE_NAMES, DTYPES, WEIGHTS_FILE, biases, block_selection, finish_import,
+                                 float_tensors, mixed, one_value, output_head, plain_model, read_tensors,
                                  write_hf_folder, writing_folder)
 from lowbit.nn import QuantLinear
+from lowbit.pipeline.arch import describe, sequential_groups
 from lowbit.pipeline.loading import set_module
 
 CONFIG_FILE = "quantize_config.json"
@@ -159,21 +161,38 @@ def quantized_from_gptq(tensors: dict[str, torch.Tensor], prefix: str, spec: Qua
 # ---------------------------------------------------------------------------------------------------
 # quantization_config
 
-def quantization_config(qts: dict[str, QuantizedTensor], checkpoint_format: str) -> dict:
+def quantization_config(qts: dict[str, QuantizedTensor], checkpoint_format: str, model=None) -> dict:
     """The dict transformers (config.json quantization_config), AutoGPTQ/GPTQModel (quantize_config.json)
-    and vLLM read, plus a "lowbit" entry with what makes import exact."""
+    and vLLM read, plus a "lowbit" entry with what makes import exact. With the model, it says which
+    Linears are stored quantised (module_selection)."""
     spec = one_value(qts, "the GPTQ layout", "scheme", lambda q: q.spec)
     desc_act = any(q.g_idx is not None for q in qts.values())
     dtype = one_value(qts, "the GPTQ layout", "compute dtype", lambda q: q.dtype)
     return {
         "quant_method": "gptq", "bits": spec.bits, "group_size": spec.group_size or -1,
         "desc_act": desc_act, "sym": spec.symmetric, "checkpoint_format": checkpoint_format,
-        "pack_dtype": "int32", "lm_head": False, "true_sequential": True, "static_groups": False,
-        "damp_percent": 0.01,
+        "pack_dtype": "int32", "lm_head": "lm_head" in qts, "true_sequential": True, "static_groups": False,
+        "damp_percent": 0.01, **(module_selection(model, qts) if model is not None else {}),
         "meta": {"quantizer": [f"lowbit:{__version__}"]},
         "lowbit": {"spec": spec.to_dict(), "dtype": DTYPE_NAMES.get(dtype, "float32"),
                    "g_idx": sorted(n for n, q in qts.items() if q.g_idx is not None)},
     }
+
+
+def module_selection(model, quantized) -> dict:
+    """What loaders read to build the right layers: `lm_head` (whether the output head is stored
+    quantised: GPTQModel, vLLM); when some Linears of the blocks stay in float, `dynamic` excluding each
+    ("-:" + an anchored regex of its name: GPTQModel, vLLM) and, when every block keeps the same ones,
+    `block_name_to_quantize` with `modules_in_block_to_quantize` (transformers + optimum)."""
+    head = output_head(model)
+    out = {"lm_head": head is not None and head in quantized}
+    path, per_block, kept = block_selection(model, quantized)
+    if kept:
+        out["dynamic"] = {f"-:^{re.escape(n)}$": {} for n in kept}
+        if all(names == per_block[0] for names in per_block):
+            out["block_name_to_quantize"] = path
+            out["modules_in_block_to_quantize"] = sequential_groups(describe(model), per_block[0])
+    return out
 
 
 def _choose_format(qts: dict[str, QuantizedTensor], requested: str | None) -> str:
@@ -212,7 +231,7 @@ class GPTQExporter(Exporter):
         if not weights:
             raise LowbitError("nothing to export in the GPTQ layout: no quantised Linear (quantise with gptq or rtn)")
         fmt = _choose_format(weights, checkpoint_format)
-        qc = quantization_config(weights, fmt)
+        qc = quantization_config(weights, fmt, model)
         tensors = {**float_tensors(model, weights, float_dtype), **biases(model, weights, float_dtype)}
         for name, qt in weights.items():
             tensors.update(gptq_tensors(name, qt, fmt))

@@ -69,6 +69,30 @@ def biases(model: nn.Module, names, dtype: torch.dtype | None = None) -> dict[st
     return out
 
 
+def float_linears(model: nn.Module) -> list[str]:
+    """The Linears left in full precision (quantised ones are other module types)."""
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear]
+
+
+def output_head(model: nn.Module) -> str | None:
+    """The name of the module that produces the logits (lm_head), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+
+
+def block_selection(model: nn.Module, quantized) -> tuple[str, list[list[str]], list[str]]:
+    """(the blocks' path, the quantised Linears of each block by their name inside it, the Linears of the
+    blocks left in full precision by full name): what a quantization_config must say of the blocks."""
+    from lowbit.pipeline.arch import block_list, describe
+
+    path, blocks = block_list(model, describe(model))
+    quantized = set(quantized)
+    per_block = [[n for n, _ in b.named_modules() if f"{path}.{i}.{n}" in quantized] for i, b in enumerate(blocks)]
+    inside = f"{path}."
+    return path, per_block, [n for n in float_linears(model) if n.startswith(inside)]
+
+
 def mixed(items: dict, what: str, value_of, describe=str) -> str | None:
     """None when every item shares value_of(item); else a phrase naming the first that differs from the
     most common value (for layouts that store one value per model)."""

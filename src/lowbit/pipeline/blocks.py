@@ -1,8 +1,9 @@
 """Running decoder blocks on captured inputs: the plumbing every calibration step shares.
 
 Run the calibration batches up to the first block and keep its inputs (hidden states plus the mask and
-position arguments the model passes); then each block can be run on them, and statistics of any of its
-Linears' inputs gathered with forward hooks.
+position arguments the model passes), and the arguments the model passes every later block (they differ
+where layers do: sliding-window and global attention, per-layer rotary tables); then each block can be run
+on them, and statistics of any of its Linears' inputs gathered with forward hooks.
 
 Padding is a pipeline concern: a batch of samples (pipeline/samples.py) carries its attention mask, kept
 with each captured input as `BlockInput.mask`, and every hook hands LayerStats only the rows of real
@@ -11,7 +12,7 @@ tokens (`real_rows`), so no Hessian, channel statistic or block-output error eve
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,22 +21,32 @@ from lowbit.methods.stats import LayerStats
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook: nothing past the first block needs to run."""
+    """Raised once the last block is reached: nothing past it needs to run."""
 
 
 @dataclass
 class BlockInput:
     """hidden [b, L, d]; the block's other positional and keyword arguments (attention mask, positions ...)
-    as the model passed them; mask: bool [b, L], True at real tokens, None when every position is real."""
+    as the model passed them; mask: bool [b, L], True at real tokens, None when every position is real;
+    calls: each block's (args, kwargs) as the model passes them (blocks differ: sliding-window and global
+    layers get different masks and rotary tables), moved on by advance()."""
 
     hidden: torch.Tensor
     args: tuple
     kwargs: dict
     mask: torch.Tensor | None = None
+    calls: list = field(default_factory=list)
+    index: int = 0
 
     def real(self, y: torch.Tensor) -> torch.Tensor:
         """The rows of real tokens of y [b, L, ...] (or of [b * L, ...]): [tokens, ...]."""
         return real_rows(y, self.mask)
+
+    def next_block(self) -> None:
+        """The arguments of the next block from here on."""
+        self.index += 1
+        if self.index < len(self.calls):
+            self.args, self.kwargs = self.calls[self.index]
 
 
 def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -70,29 +81,57 @@ def run_model(model: nn.Module, batch) -> None:
     model(input_ids=ids, **extra)
 
 
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list) -> list[BlockInput]:
-    """The first block's inputs for each batch (ids [b, L], or (ids, attention mask [b, L]))."""
+def _split(args, kwargs) -> tuple[torch.Tensor, tuple, dict]:
+    kwargs = dict(kwargs)
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    return hidden, tuple(args[1:]), kwargs
+
+
+def capture_block_inputs(model: nn.Module, blocks, batches: list) -> list[BlockInput]:
+    """The first block's inputs for each batch (ids [b, L], or (ids, attention mask [b, L])), with the
+    arguments the model passes every block. One pass of the model in which the first block runs and the
+    others only record their arguments (passing the first block's output on unchanged), up to the last."""
+    blocks = list(blocks)
+    calls: list = []
+    out0: dict = {}
+
+    def first(*args, **kwargs):
+        calls.append(_split(args, kwargs))
+        out0["value"] = original(*args, **kwargs)
+        if len(blocks) == 1:
+            raise _StopForward
+        return out0["value"]
+
+    def later(i):
+        def record(*args, **kwargs):
+            hidden, rest, kw = _split(args, kwargs)
+            calls.append((hidden, rest, kw))
+            if i == len(blocks) - 1:
+                raise _StopForward
+            value = out0["value"]
+            return hidden if isinstance(value, torch.Tensor) else (hidden, *value[1:])
+        return record
+
+    original = blocks[0].forward
+    for i, block in enumerate(blocks):
+        block.forward = first if i == 0 else later(i)
     captured: list[BlockInput] = []
-    current = {"mask": None}
-
-    def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(BlockInput(hidden.detach(), tuple(args[1:]), kwargs, current["mask"]))
-        raise _StopForward
-
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             for batch in batches:
-                mask = as_batch(batch)[1]
-                current["mask"] = None if mask is None else mask.bool()
+                calls.clear()
                 try:
                     run_model(model, batch)
                 except _StopForward:
                     pass
+                mask = as_batch(batch)[1]
+                hidden, args, kwargs = calls[0]
+                per_block = [(a, k) for _, a, k in calls] if len(calls) == len(blocks) else []
+                captured.append(BlockInput(hidden.detach(), args, kwargs, None if mask is None else mask.bool(),
+                                           per_block))
     finally:
-        handle.remove()
+        for block in blocks:
+            del block.forward
     return captured
 
 
@@ -129,3 +168,4 @@ def advance(block: nn.Module, inputs: list[BlockInput]) -> None:
     with torch.no_grad():
         for x in inputs:
             x.hidden = run_block(block, x)
+            x.next_block()

@@ -8,6 +8,7 @@ live at a time.
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -24,7 +25,9 @@ from lowbit.pipeline.blocks import (BlockInput, advance, as_batch, block_linears
                                     collect_stats, real_rows, run_model)
 from lowbit.pipeline.loading import conv1d_to_linear, set_module
 from lowbit.pipeline.report import LayerReport, layer_report
-from lowbit.pipeline.samples import CalibrationSet
+from lowbit.pipeline.samples import CalibrationSet, check_context
+
+SHOWN = 12   # offending Linears listed by name; the rest are counted
 from lowbit.pipeline.scaling import scale_block
 
 
@@ -102,9 +105,75 @@ def _quantize_outside_blocks(model, arch: Arch, blocks_path, recipe, batches, n_
     return reports
 
 
+def _shape_problem(config, info: LayerInfo, module: nn.Linear) -> str | None:
+    """Why `config` cannot quantise this Linear's shape (its group size does not divide the width ...), or
+    None: the method's own placeholder of the weight is built from the shape, and says."""
+    try:
+        config.planned_weight(module.weight.shape, info)
+    except LowbitError as e:
+        return str(e)
+    return None
+
+
+def _suggestion(bad: dict, block_path: str) -> str:
+    """A skip pattern for the offending Linears ({name: (config, width)}), and a group size that divides
+    every offending width."""
+    inside = block_path + "."
+    patterns = dict.fromkeys("*." + n[len(inside):].split(".", 1)[1] if n.startswith(inside) else n for n in bad)
+    hint = f"keep them in full precision (--skip {' '.join(patterns)}, or Recipe(skip=[...]))"
+    sizes = {getattr(cfg, "group_size", None) for cfg, _ in bad.values()}
+    g = sizes.pop() if len(sizes) == 1 else None
+    if isinstance(g, int):
+        common = math.gcd(*(w for _, w in bad.values()))
+        fits = [1 << k for k in range(3, g.bit_length()) if (1 << k) < g and common % (1 << k) == 0]
+        if fits:
+            hint += f", or use a group size that divides every width, such as {fits[-1]}"
+    return hint
+
+
+def check_shapes(model: nn.Module, plan: dict, block_path: str) -> None:
+    """One check over every selected Linear before any work: a one-line LowbitError naming each Linear
+    whose shape its config cannot take (grouped by reason, which gives the width), a skip pattern and a
+    group size that fits; the model is untouched."""
+    modules = dict(model.named_modules())
+    by_reason: dict[str, list[str]] = {}
+    for n, (cfg, info) in plan.items():
+        problem = _shape_problem(cfg, info, modules[n])
+        if problem:
+            by_reason.setdefault(problem, []).append(n)
+    if by_reason:
+        bad = [n for names in by_reason.values() for n in names]
+        parts = [f"{reason} in {', '.join(names[:SHOWN])}" + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN
+                                                              else "") for reason, names in by_reason.items()]
+        hint = _suggestion({n: (plan[n][0], modules[n].in_features) for n in bad}, block_path)
+        raise LowbitError(f"nothing was quantised: {'; '.join(parts)}; {hint}")
+
+
+def check_fused_parameters(blocks, path: str, recipe: Recipe, family: str) -> None:
+    """Weights held as 3-D parameters rather than Linears (transformers 5 fuses a mixture-of-experts
+    layer's experts: gate_up_proj [E, 2I, H], down_proj [E, H, I]) are not quantised: refused in one
+    line naming the family unless the recipe keeps their module in full precision on purpose."""
+    fused, total = [], 0
+    for i, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            for p_name, p in module.named_parameters(recurse=False):
+                total += p.numel()
+                if p.dim() >= 3 and recipe.config_for(f"{path}.{i}.{name}") is not None:
+                    fused.append((f"{path}.{i}.{name}.{p_name}", p))
+    if fused:
+        share = sum(p.numel() for _, p in fused) / max(total, 1)
+        first, p = fused[0]
+        where = first.split(".", path.count(".") + 2)[-1].rpartition(".")[0]
+        raise LowbitError(f"{family}: the experts are fused 3-D parameters, not Linears ({first} "
+                          f"{list(p.shape)} and {len(fused) - 1} more), which lowbit does not quantise: {share:.1%} "
+                          f"of the block weights would stay in float; keep them in full precision on purpose "
+                          f"with --skip '*.{where}' (Recipe(skip=[...]))")
+
+
 def layer_plan(model: nn.Module, config_or_recipe) -> tuple[dict, list[list[str]]]:
     """Before any work: ({Linear name: (its config for that layer, LayerInfo)} for every Linear the recipe
-    quantises, [the names of each group of Linears that share an input]). Reads shapes only."""
+    quantises, [the names of each group of Linears that share an input]). Reads shapes only; a recipe
+    that cannot take some Linear's shape is refused here (check_shapes)."""
     recipe = as_recipe(config_or_recipe)
     conv1d_to_linear(model)
     arch = describe(model)
@@ -121,6 +190,8 @@ def layer_plan(model: nn.Module, config_or_recipe) -> tuple[dict, list[list[str]
         if not n.startswith(path + ".") and recipe.config_for(n) is not None:
             info = LayerInfo(n, arch.globals.get(n), None, len(blocks), n_gqa)
             plan[n] = (recipe.config_for(n).for_layer(info), info)
+    check_fused_parameters(blocks, path, recipe, arch.family)
+    check_shapes(model, plan, path)
     return plan, shared_input_groups(model)
 
 
@@ -139,12 +210,13 @@ def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor
     or a CalibrationSet (samples: padded batches with attention masks)."""
     recipe = as_recipe(config_or_recipe)
     model.eval()
-    conv1d_to_linear(model)
+    calibration = CalibrationSet.of(calibration)
+    check_context(model, calibration.length if calibration is not None else None)
+    layer_plan(model, recipe)      # every Linear's shape checked before any work
     arch = describe(model)
     path, blocks = block_list(model, arch)
-    calibration = CalibrationSet.of(calibration)
     batches = calibration.batches(batch_size) if calibration is not None else []
-    inputs = capture_block_inputs(model, blocks[0], batches)
+    inputs = capture_block_inputs(model, blocks, batches)
     reports: list[LayerReport] = []
     n_gqa = _gqa(model)
     bar = tqdm(range(len(blocks)), desc="quantising blocks", unit="block", file=sys.stderr, disable=not progress)

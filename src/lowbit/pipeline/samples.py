@@ -26,6 +26,26 @@ from lowbit.pipeline.calibration import read_texts
 MODES = ("auto", "windows", "samples")
 
 
+def context_length(model) -> int | None:
+    """The positions the model was built for (max_position_embeddings, GPT-2's n_positions; RoBERTa's
+    learned positions start after the padding index), or None when its config does not say."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(n, int):
+        return None
+    if getattr(config, "model_type", None) in ("roberta", "xlm-roberta") and isinstance(config.pad_token_id, int):
+        n -= config.pad_token_id + 1
+    return n
+
+
+def check_context(model, length: int | None) -> None:
+    """Calibration sequences of `length` tokens must fit the model's context: a one-line error naming both."""
+    n = context_length(model)
+    if length is not None and n is not None and length > n:
+        raise LowbitError(f"calibration sequences of {length} tokens are longer than the model's context of {n} "
+                          f"positions: use --seq-len (seq_len=) {n} or less")
+
+
 @dataclass
 class CalibrationSet:
     """Calibration token ids, as the pipeline runs them.
@@ -56,6 +76,13 @@ class CalibrationSet:
         if isinstance(self.ids, torch.Tensor):
             return self.ids.numel()
         return sum(int(s.numel()) for s in self.ids)
+
+    @property
+    def length(self) -> int:
+        """The longest sequence's length."""
+        if isinstance(self.ids, torch.Tensor):
+            return int(self.ids.shape[1])
+        return max((int(s.numel()) for s in self.ids), default=0)
 
     def batches(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """[(ids [b, L_batch], attention mask [b, L_batch] int64 or None when every position is real)].

@@ -86,7 +86,7 @@ def prepare_model(model: nn.Module, config, calibration, batch_size: int = 8) ->
     conv1d_to_linear(model)
     arch = describe(model)
     path, blocks = block_list(model, arch)
-    inputs = capture_block_inputs(model, blocks[0], CalibrationSet.of(calibration).batches(batch_size))
+    inputs = capture_block_inputs(model, blocks, CalibrationSet.of(calibration).batches(batch_size))
     for i, block in enumerate(blocks):
         scale_block(block, arch, inputs, recipe, f"{path}.{i}", i)
         advance(block, inputs)
