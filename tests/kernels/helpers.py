@@ -19,8 +19,19 @@ from lowbit.kernels import native
 U32 = 2.0 ** -24
 
 
+def buildable() -> bool:
+    """Whether this machine should build the kernels: then a failed build is a failure, not a skip."""
+    import os
+    import platform
+
+    disabled = os.environ.get("LOWBIT_KERNELS", "1").lower() in ("0", "off", "false", "no")
+    return not disabled and native.compiler() is not None and platform.machine().lower() in ("x86_64", "amd64")
+
+
 def kernels_or_skip():
     if native.library() is None:
+        if buildable():
+            pytest.fail(f"the CPU kernels did not build: {native.unavailable_reason()}")
         pytest.skip(f"lowbit CPU kernels unavailable: {native.unavailable_reason()}")
 
 

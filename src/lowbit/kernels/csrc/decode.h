@@ -107,18 +107,25 @@ static void q4_1_block(const uint8_t* b, float* o) {
     }
 }
 
+// Runs of 16 weights under one scale, W lanes at a time (so every instruction set vectorises them):
+// value = S * q - M, q an integer of `bits` from bytes; the multiply and subtract stay apart (exactness).
+static inline void store_run(float* out, V::I q, float S, float M) {
+    V::store(out, V::sub(V::mul(V::set1(S), V::cvt(q)), V::set1(M)));
+}
+
 static void q5_block(const uint8_t* b, float* o, bool affine) {  // Q5_0 (codes - 16) and Q5_1 (+ min)
-    float d = h16(b), m = affine ? h16(b + 2) : 0.f;
+    float d = h16(b), m = affine ? -h16(b + 2) : 0.f;               // Fields' dmin is minus the stored min
     const uint8_t* qhp = b + (affine ? 4 : 2);
     const uint8_t* qs = qhp + 4;
     uint32_t qh;
     memcpy(&qh, qhp, 4);
-    int bias = affine ? 0 : 16;
-    for (int j = 0; j < 16; ++j) {
-        int lo = (qs[j] & 15) | (((qh >> j) & 1) << 4), hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-        o[j] = d * (float)(lo - bias);
-        o[j + 16] = d * (float)(hi - bias);
-        if (affine) { o[j] = o[j] + m; o[j + 16] = o[j + 16] + m; }
+    V::I bias = V::seti(affine ? 0 : 16), one = V::seti(1), nib = V::seti(15), high = V::seti((int)qh);
+    for (int l = 0; l < 16; l += V::W) {
+        V::I q = V::bytes_u(qs + l);
+        V::I lo = V::or_(V::and_(q, nib), V::sll(V::and_(V::srlv(high, V::iota(l)), one), 4));
+        V::I hi = V::or_(V::srl(q, 4), V::sll(V::and_(V::srlv(high, V::iota(l + 16)), one), 4));
+        store_run(o + l, V::subi(lo, bias), d, m);
+        store_run(o + l + 16, V::subi(hi, bias), d, m);
     }
 }
 
@@ -127,18 +134,19 @@ static void q8_0_block(const uint8_t* b, float* o) {
     for (int j = 0; j < 32; ++j) o[j] = d * (float)(int8_t)b[2 + j];
 }
 
-// The k-quants, written as runs of 16 or 32 weights under one scale (so the compiler vectorises them).
+// The k-quants: sub-blocks of 16 or 32 weights, each a run under one (scale, min).
 static void q2_k_block(const uint8_t* b, float* o) {
     const uint8_t *sc = b, *qs = b + 16;
     float d = h16(b + 80), dmin = h16(b + 82);
+    V::I three = V::seti(3);
     for (int h = 0; h < 2; ++h)
         for (int j = 0; j < 4; ++j)
             for (int half = 0; half < 2; ++half) {
                 int sub = 8 * h + 2 * j + half;
                 float S = d * (float)(sc[sub] & 15), M = dmin * (float)(sc[sub] >> 4);
-                const uint8_t* q = qs + 32 * h + 16 * half;
-                float* out = o + 128 * h + 32 * j + 16 * half;
-                for (int l = 0; l < 16; ++l) out[l] = S * (float)((q[l] >> (2 * j)) & 3) - M;
+                for (int l = 0; l < 16; l += V::W)
+                    store_run(o + 128 * h + 32 * j + 16 * half + l,
+                              V::and_(V::srl(V::bytes_u(qs + 32 * h + 16 * half + l), 2 * j), three), S, M);
             }
 }
 
@@ -149,15 +157,16 @@ static void q3_k_block(const uint8_t* b, float* o) {
     for (int i = 0; i < 8; ++i) { sc[i] = s[i] & 15; sc[i + 8] = s[i] >> 4; }
     for (int j = 0; j < 4; ++j)
         for (int t = 0; t < 4; ++t) sc[4 * j + t] |= ((s[8 + t] >> (2 * j)) & 3) << 4;
+    V::I three = V::seti(3), one = V::seti(1), four = V::seti(4);
     for (int h = 0; h < 2; ++h)
         for (int j = 0; j < 4; ++j)
             for (int half = 0; half < 2; ++half) {
                 float S = d * (float)(sc[8 * h + 2 * j + half] - 32);
-                int plane = 4 * h + j;
-                const uint8_t *q = qs + 32 * h + 16 * half, *hm = hmask + 16 * half;
-                float* out = o + 128 * h + 32 * j + 16 * half;
-                for (int l = 0; l < 16; ++l)
-                    out[l] = S * (float)((((q[l] >> (2 * j)) & 3) | (((hm[l] >> plane) & 1) << 2)) - 4);
+                for (int l = 0; l < 16; l += V::W) {
+                    V::I low = V::and_(V::srl(V::bytes_u(qs + 32 * h + 16 * half + l), 2 * j), three);
+                    V::I hb = V::and_(V::srl(V::bytes_u(hmask + 16 * half + l), 4 * h + j), one);
+                    store_run(o + 128 * h + 32 * j + 16 * half + l, V::subi(V::or_(low, V::sll(hb, 2)), four), S, 0.f);
+                }
             }
 }
 
@@ -177,15 +186,14 @@ static void q45_k_block(const uint8_t* b, float* o, bool five) {
     k4_scales(b + 4, sc, m);
     const uint8_t* qh = b + 16;
     const uint8_t* qs = b + (five ? 48 : 16);
+    V::I nib = V::seti(15), one = V::seti(1);
     for (int sub = 0; sub < 8; ++sub) {
         float S = d * (float)sc[sub], M = dmin * (float)m[sub];
-        const uint8_t* q = qs + 32 * (sub / 2);
-        int shift = 4 * (sub % 2);
-        float* out = o + 32 * sub;
-        if (five)
-            for (int l = 0; l < 32; ++l) out[l] = S * (float)(((q[l] >> shift) & 15) | (((qh[l] >> sub) & 1) << 4)) - M;
-        else
-            for (int l = 0; l < 32; ++l) out[l] = S * (float)((q[l] >> shift) & 15) - M;
+        for (int l = 0; l < 32; l += V::W) {
+            V::I q = V::and_(V::srl(V::bytes_u(qs + 32 * (sub / 2) + l), 4 * (sub % 2)), nib);
+            if (five) q = V::or_(q, V::sll(V::and_(V::srl(V::bytes_u(qh + l), sub), one), 4));
+            store_run(o + 32 * sub + l, q, S, M);
+        }
     }
 }
 
@@ -193,15 +201,18 @@ static void q6_k_block(const uint8_t* b, float* o) {
     const uint8_t *ql = b, *qh = b + 128;
     const int8_t* sc = (const int8_t*)(b + 192);
     float d = h16(b + 208);
+    V::I nib = V::seti(15), three = V::seti(3), bias = V::seti(32);
     for (int h = 0; h < 2; ++h)
         for (int quarter = 0; quarter < 4; ++quarter)
             for (int half = 0; half < 2; ++half) {
                 float S = d * (float)sc[8 * h + 2 * quarter + half];
-                const uint8_t *q = ql + 64 * h + 32 * (quarter & 1) + 16 * half, *hb = qh + 32 * h + 16 * half;
-                int shift = quarter < 2 ? 0 : 4;
-                float* out = o + 128 * h + 32 * quarter + 16 * half;
-                for (int l = 0; l < 16; ++l)
-                    out[l] = S * (float)((((q[l] >> shift) & 15) | (((hb[l] >> (2 * quarter)) & 3) << 4)) - 32);
+                for (int l = 0; l < 16; l += V::W) {
+                    V::I low = V::and_(V::srl(V::bytes_u(ql + 64 * h + 32 * (quarter & 1) + 16 * half + l),
+                                              quarter < 2 ? 0 : 4), nib);
+                    V::I hb = V::and_(V::srl(V::bytes_u(qh + 32 * h + 16 * half + l), 2 * quarter), three);
+                    store_run(o + 128 * h + 32 * quarter + 16 * half + l, V::subi(V::or_(low, V::sll(hb, 4)), bias),
+                              S, 0.f);
+                }
             }
 }
 

@@ -1,8 +1,8 @@
 // One compiled copy of the kernels for the instruction set LB_ISA (0 baseline, 1 AVX2, 2 AVX-512), exported
 // as a table of functions (lowbit_kernels.h). Which kernel serves a weight:
-//   4-bit QuantLinear / bitsandbytes codes, Q4_0, Q4_1, Q4_K   -> nibble.h (fused)
-//   8-bit integer QuantLinear codes, Q8_0                       -> bytes.h (fused)
-//   everything else (int2/3/5..7, fp8 codes, Q5_*, Q2_K, Q3_K, Q5_K, Q6_K)  -> decode a row, then dot
+//   4-bit QuantLinear / bitsandbytes codes, Q4_0, Q4_1, Q4_K, Q6_K   -> nibble.h (fused)
+//   8-bit integer QuantLinear codes, Q8_0                               -> bytes.h (fused)
+//   everything else (int2/3/5..7, fp8 codes, Q5_0, Q5_1, Q2_K, Q3_K, Q5_K)  -> decode a row, then dot
 #include <stdlib.h>
 
 #include <type_traits>
@@ -14,10 +14,11 @@
 
 namespace {
 
-enum Kind { STREAM4, LEGACY4, K4Q, BYTES, GENERIC };
+enum Kind { STREAM4, Q4_0K, Q4_1K, K4Q, K6Q, BYTES, GENERIC };
 
 const float LUT_Q4_0[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
 const float LUT_U4[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+const float LUT_Q6[16] = {-32, -31, -30, -29, -28, -27, -26, -25, -24, -23, -22, -21, -20, -19, -18, -17};
 
 Kind kind_of(int family, const void* ws) {
     if (family == LB_AFFINE) {
@@ -28,8 +29,10 @@ Kind kind_of(int family, const void* ws) {
         return GENERIC;
     }
     const lb_ggml& g = *(const lb_ggml*)ws;
-    if (g.type == 2 || g.type == 3) return LEGACY4;
+    if (g.type == 2) return Q4_0K;
+    if (g.type == 3) return Q4_1K;
     if (g.type == 12) return K4Q;
+    if (g.type == 14) return K6Q;
     if (g.type == 8) return BYTES;
     return GENERIC;
 }
@@ -43,13 +46,10 @@ template <class Fn>
 bool with_nibble_layout(int family, const void* ws, Fn f) {
     switch (kind_of(family, ws)) {
         case STREAM4: { Stream4 l(*(const lb_affine*)ws); f(l, ((const lb_affine*)ws)->lut); return true; }
-        case LEGACY4: {
-            const lb_ggml& g = *(const lb_ggml*)ws;
-            Legacy4 l(g);
-            f(l, g.type == 2 ? LUT_Q4_0 : LUT_U4);
-            return true;
-        }
+        case Q4_0K: { Q4_0L l(*(const lb_ggml*)ws); f(l, LUT_Q4_0); return true; }
+        case Q4_1K: { Q4_1L l(*(const lb_ggml*)ws); f(l, LUT_U4); return true; }
         case K4Q: { K4 l(*(const lb_ggml*)ws); f(l, LUT_U4); return true; }
+        case K6Q: { K6 l(*(const lb_ggml*)ws); f(l, LUT_Q6); return true; }
         default: return false;
     }
 }
@@ -117,14 +117,16 @@ void decode(int family, const void* ws, int64_t r0, int64_t r1, float* out, int 
             l.start(row, r, scratch);
             float* o = out + (r - r0) * k;
             for (int64_t c = 0; c < l.chunks; ++c) {
-                V::I v = l.load(row, c);
+                V::I v = l.load(row, c), h = v;
+                if constexpr (L::HIGH2) h = l.high(row, c);
                 V::F S[L::P], O[L::P];
                 l.lanes(row, c, S, O);
                 for (int k8 = 0; k8 < 8; ++k8) {
-                    V::F w = V::lookup(v, lut);
-                    w = round ? weights<L, true>(w, S[k8 % L::P], O[k8 % L::P]) : weights<L, false>(w, S[k8 % L::P], O[k8 % L::P]);
+                    V::F w = levels<L>(v, h, lut), s = S[k8 % L::P], z = O[k8 % L::P];
+                    w = round ? weights<L, true>(w, s, z) : weights<L, false>(w, s, z);
                     V::store(o + c * 8 * V::W + k8 * V::W, w);
                     v = V::srl4(v);
+                    h = V::srl4(h);
                 }
             }
             if (l.chunks * 8 * V::W < k) l.tail(r, l.chunks * 8 * V::W, o + l.chunks * 8 * V::W, round);
@@ -142,7 +144,7 @@ void order(int family, const void* ws, int32_t* cols) {
     with_nibble_layout(family, ws, [&](auto& l, const float*) {
         for (int64_t c = 0; c < l.chunks; ++c)
             for (int k8 = 0; k8 < 8; ++k8)
-                for (int i = 0; i < V::W; ++i) cols[c * 8 * V::W + k8 * V::W + i] = (int32_t)(c * 8 * V::W + l.elem(i, k8));
+                for (int i = 0; i < V::W; ++i) cols[c * 8 * V::W + k8 * V::W + i] = (int32_t)l.column(c, i, k8);
     });
 }
 

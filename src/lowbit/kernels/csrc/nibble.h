@@ -29,7 +29,7 @@ struct Prepared {
                 for (int i = 0; i < L::P * V::W; ++i) s[i] = 0.f;
                 for (int k8 = 0; k8 < 8; ++k8)
                     for (int i = 0; i < V::W; ++i) {
-                        float v = xr[c * 8 * V::W + lay.elem(i, k8)];
+                        float v = xr[lay.column(c, i, k8)];
                         xp[c * 8 * V::W + k8 * V::W + i] = v;
                         s[(k8 % L::P) * V::W + i] += v;
                     }
@@ -38,6 +38,15 @@ struct Prepared {
         }
     }
 };
+
+// The level of each lane's code at this shift: the table entry of the low nibble, plus 16 x the two high
+// bits for HIGH2 layouts (the table holds code - 32 there), exact small integers in floats.
+template <class L>
+static inline V::F levels(V::I v, V::I h, const V::Lut& lut) {
+    V::F l = V::lookup(v, lut);
+    if constexpr (L::HIGH2) l = V::fma(V::cvt(V::and_(h, V::seti(3))), V::set1(16.f), l);
+    return l;
+}
 
 template <class L, bool RB>
 static inline V::F weights(V::F l, V::F s, V::F o) {  // one weight per lane, exactly as Python computes it
@@ -60,11 +69,13 @@ static void nibble_rows(const L& lay, V::Lut lut, const float* xp, int64_t k, in
         #pragma GCC unroll 16
         for (int i = 0; i < MX; ++i) tot[j][i] = V::zero();
     for (int64_t c = 0; c < lay.chunks; ++c) {
-        V::I v[R];
+        V::I v[R], h[R];
         V::F S[R][P], O[R][P], acc[R][MX][P];
         #pragma GCC unroll 16
         for (int j = 0; j < R; ++j) {
             v[j] = lay.load(row[j], c);
+            h[j] = v[j];
+            if constexpr (L::HIGH2) h[j] = lay.high(row[j], c);
             lay.lanes(row[j], c, S[j], O[j]);
             #pragma GCC unroll 16
             for (int i = 0; i < MX; ++i)
@@ -77,8 +88,9 @@ static void nibble_rows(const L& lay, V::Lut lut, const float* xp, int64_t k, in
             const int p = k8 % P;
             #pragma GCC unroll 16
             for (int j = 0; j < R; ++j) {
-                V::F wv = V::lookup(v[j], lut);
+                V::F wv = levels<L>(v[j], h[j], lut);
                 if (RB) wv = weights<L, RB>(wv, S[j][p], O[j][p]);
+                if constexpr (L::HIGH2) h[j] = V::srl4(h[j]);
                 #pragma GCC unroll 16
                 for (int i = 0; i < MX; ++i) acc[j][i][p] = V::fma(wv, V::load(xc + i * xstride + k8 * V::W), acc[j][i][p]);
                 v[j] = V::srl4(v[j]);

@@ -80,6 +80,14 @@ struct V {
     static inline F cvt(I a) { return _mm512_cvtepi32_ps(a); }
     static inline I bytes_s(const void* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
     static inline I bytes_u(const void* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+    static inline I seti(int a) { return _mm512_set1_epi32(a); }
+    static inline I iota(int first) { return _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(first)); }
+    static inline I srl(I a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
+    static inline I sll(I a, int n) { return _mm512_sll_epi32(a, _mm_cvtsi32_si128(n)); }
+    static inline I srlv(I a, I n) { return _mm512_srlv_epi32(a, n); }
+    static inline I and_(I a, I b) { return _mm512_and_si512(a, b); }
+    static inline I or_(I a, I b) { return _mm512_or_si512(a, b); }
+    static inline I subi(I a, I b) { return _mm512_sub_epi32(a, b); }
     // W/4 pieces of 16 bytes, piece j from p + j*stride: the lanes of four consecutive 32-weight blocks.
     static inline I pieces16(const uint8_t* p, int64_t stride) {
         __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)p));
@@ -95,6 +103,25 @@ struct V {
                                         n == 2 ? 3 : n == 4 ? 2 : 1);
         return _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), v));
     }
+    // Lane i = the fp16 value at p + (i / 4) * STRIDE + OFF (four 32-weight blocks, one value each),
+    // gathered from one 64-byte load by a word permute: no scalar stores on the way.
+    template <int STRIDE, int OFF>
+    static inline F halves4(const uint8_t* p) {
+        static_assert(3 * STRIDE + OFF + 2 <= 64, "four blocks' fields must lie in 64 bytes");
+        const __m512i idx = _mm512_set_epi16(
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            (3 * STRIDE + OFF) / 2, (3 * STRIDE + OFF) / 2, (3 * STRIDE + OFF) / 2, (3 * STRIDE + OFF) / 2,
+            (2 * STRIDE + OFF) / 2, (2 * STRIDE + OFF) / 2, (2 * STRIDE + OFF) / 2, (2 * STRIDE + OFF) / 2,
+            (STRIDE + OFF) / 2, (STRIDE + OFF) / 2, (STRIDE + OFF) / 2, (STRIDE + OFF) / 2,
+            OFF / 2, OFF / 2, OFF / 2, OFF / 2);
+        __m512i h = _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(p));
+        return _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+    }
+    static inline F pair(float a, float b) {  // lanes 0..7 = a, 8..15 = b
+        return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
+    }
+    // 32 bytes into both 256-bit halves (two lane groups reading the same 8 dwords)
+    static inline I twice32(const void* p) { return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)p)); }
     static inline F round_bf16(F a) {
         __m512i u = _mm512_castps_si512(a);
         __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -132,6 +159,14 @@ struct V {
     static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }
     static inline I bytes_s(const void* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
     static inline I bytes_u(const void* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+    static inline I seti(int a) { return _mm256_set1_epi32(a); }
+    static inline I iota(int first) { return _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(first)); }
+    static inline I srl(I a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
+    static inline I sll(I a, int n) { return _mm256_sll_epi32(a, _mm_cvtsi32_si128(n)); }
+    static inline I srlv(I a, I n) { return _mm256_srlv_epi32(a, n); }
+    static inline I and_(I a, I b) { return _mm256_and_si256(a, b); }
+    static inline I or_(I a, I b) { return _mm256_or_si256(a, b); }
+    static inline I subi(I a, I b) { return _mm256_sub_epi32(a, b); }
     static inline I pieces16(const uint8_t* p, int64_t stride) {
         return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)p)),
                                        _mm_loadu_si128((const __m128i*)(p + stride)), 1);
@@ -143,6 +178,14 @@ struct V {
         return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(n == 2 ? _mm_castpd_ps(_mm_load_sd((const double*)v))
                                                                        : _mm_loadu_ps(v)), idx);
     }
+    template <int STRIDE, int OFF>
+    static inline F halves4(const uint8_t* p) {  // two blocks: lanes 0..3, 4..7
+        uint16_t a, b;
+        memcpy(&a, p + OFF, 2);
+        memcpy(&b, p + STRIDE + OFF, 2);
+        return _mm256_set_m128(_mm_set1_ps(_cvtsh_ss(b)), _mm_set1_ps(_cvtsh_ss(a)));
+    }
+    static inline F pair(float a, float b) { return _mm256_set_m128(_mm_set1_ps(b), _mm_set1_ps(a)); }
     static inline F round_bf16(F a) {
         __m256i u = _mm256_castps_si256(a);
         __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -189,6 +232,14 @@ struct V {
         for (int i = 0; i < W; ++i) r.v[i] = b[i];
         return r;
     }
+    static inline I seti(int a) { I r; for (int i = 0; i < W; ++i) r.v[i] = (uint32_t)a; return r; }
+    static inline I iota(int first) { I r; for (int i = 0; i < W; ++i) r.v[i] = (uint32_t)(first + i); return r; }
+    static inline I srl(I a, int n) { for (int i = 0; i < W; ++i) a.v[i] >>= n; return a; }
+    static inline I sll(I a, int n) { for (int i = 0; i < W; ++i) a.v[i] <<= n; return a; }
+    static inline I srlv(I a, I n) { for (int i = 0; i < W; ++i) a.v[i] >>= n.v[i]; return a; }
+    static inline I and_(I a, I b) { for (int i = 0; i < W; ++i) a.v[i] &= b.v[i]; return a; }
+    static inline I or_(I a, I b) { for (int i = 0; i < W; ++i) a.v[i] |= b.v[i]; return a; }
+    static inline I subi(I a, I b) { for (int i = 0; i < W; ++i) a.v[i] -= b.v[i]; return a; }
     static inline I pieces16(const uint8_t* p, int64_t stride) {
         I r;
         memcpy(r.v, p, 16);
@@ -196,6 +247,17 @@ struct V {
         return r;
     }
     static inline F spread(const float* v, int n) { F r; for (int i = 0; i < W; ++i) r.v[i] = v[i / (W / n)]; return r; }
+    template <int STRIDE, int OFF>
+    static inline F halves4(const uint8_t* p) {
+        F r;
+        for (int i = 0; i < W; ++i) {
+            uint16_t h;
+            memcpy(&h, p + (i / 4) * STRIDE + OFF, 2);
+            r.v[i] = half_to_float(h);
+        }
+        return r;
+    }
+    static inline F pair(float a, float b) { F r; for (int i = 0; i < W; ++i) r.v[i] = i < W / 2 ? a : b; return r; }
     static inline F round_bf16(F a) { for (int i = 0; i < W; ++i) a.v[i] = ::round_bf16(a.v[i]); return a; }
 };
 #endif
