@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import llama038b  # noqa: E402
+import llama038b
 
 LOWBIT_QUANT = ("rtn-int8", "rtn-int4-g128", "nf4")
 ROWS = ("fp32", "bf16", *LOWBIT_QUANT, "Q4_0", "Q4_K_M", "llama.cpp-F16", "llama.cpp-Q4_0", "llama.cpp-Q4_K_M")

@@ -49,7 +49,7 @@ def torch_int4(w: torch.Tensor):
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     zeros = lo + 8 * scale           # torch's convention: w = (q - 8) * scale + zero
     sz = torch.stack([scale.T, zeros.T], -1).contiguous()
-    fn = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)  # noqa: E731
+    fn = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)
     return fn, packed.numel() * packed.element_size() + sz.numel() * 4
 
 
@@ -114,7 +114,7 @@ def bench_shape(out_f: int, in_f: int, args) -> list[dict]:
             fn(x)
         for _ in range(args.repeats):
             for name, (fn, _) in rows.items():
-                samples[name].append(mean_seconds(lambda: fn(x), args.iters))
+                samples[name].append(mean_seconds(lambda fn=fn: fn(x), args.iters))
             for b, buf in streams.items():
                 stream_s[b].append(mean_seconds(buf.sum, args.iters))
             dram_s.append(mean_seconds(dram.sum, 3))

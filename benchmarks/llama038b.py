@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
-              num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+CONFIG = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 8, "num_attention_heads": 16,
+          "num_key_value_heads": 4, "max_position_embeddings": 2048, "tie_word_embeddings": False}
 
 
 def build(seed: int = 0):
@@ -38,21 +38,16 @@ def build(seed: int = 0):
 
 
 def llama_cpp():
-    """llama_cpp, its model loader patched to leave the extra (AMX) buffer types off."""
-    import llama_cpp as lc
-    from llama_cpp import llama_cpp as low
+    """llama_cpp with its model loader patched to leave the extra (AMX) buffer types off: the tests' own
+    module (tests/llamacpp.py), which says why. ImportError when llama-cpp-python is not installed."""
+    import importlib.util
+    import sys
 
-    if not getattr(low, "_lowbit_patched", False):
-        default = low.llama_model_default_params
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ImportError("llama-cpp-python is not installed (make test-interop installs it)")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.llamacpp import llama_cpp as lc
 
-        def params():
-            p = default()
-            if hasattr(p, "use_extra_bufts"):
-                p.use_extra_bufts = False
-            return p
-
-        low.llama_model_default_params = params
-        low._lowbit_patched = True
     return lc
 
 

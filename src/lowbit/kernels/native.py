@@ -58,7 +58,7 @@ def compiler() -> str | None:
 
 
 def _compiler_id(cxx: str) -> str:
-    out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60, check=False)
     return (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else cxx
 
 
@@ -77,22 +77,24 @@ def _run(cmd: list[str]) -> subprocess.Popen:
 
 
 def _compile(cxx: str, target: Path) -> None:
-    """Three copies of isa.cpp (one per instruction set) and api.cpp, compiled in parallel, then linked."""
+    """Three copies of isa.cpp (one per instruction set), api.cpp and ggml_search.cpp, compiled in parallel,
+    then linked."""
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         objects, jobs = [], []
         for isa, flags in ISA_FLAGS.items():
             obj = os.path.join(tmp, f"isa{isa}.o")
             jobs.append(_run([cxx, *COMMON_FLAGS, *flags, f"-DLB_ISA={isa}", "-c", str(CSRC / "isa.cpp"), "-o", obj]))
             objects.append(obj)
-        api = os.path.join(tmp, "api.o")
-        jobs.append(_run([cxx, *COMMON_FLAGS, "-fopenmp", "-c", str(CSRC / "api.cpp"), "-o", api]))
+        for name in ("api", "ggml_search"):   # baseline flags: the dispatcher, the quantiser searches
+            objects.append(os.path.join(tmp, f"{name}.o"))
+            jobs.append(_run([cxx, *COMMON_FLAGS, "-fopenmp", "-c", str(CSRC / f"{name}.cpp"), "-o", objects[-1]]))
         for job in jobs:
             out, _ = job.communicate()
             if job.returncode:
                 raise KernelBuildError(f"{' '.join(job.args[:3])} ... failed:\n{out[-2000:]}")
         partial = os.path.join(tmp, target.name)
-        link = subprocess.run([cxx, "-shared", "-fopenmp", *objects, api, "-o", partial],
-                              capture_output=True, text=True)
+        link = subprocess.run([cxx, "-shared", "-fopenmp", *objects, "-o", partial],
+                              capture_output=True, text=True, check=False)
         if link.returncode:
             raise KernelBuildError(f"linking failed:\n{(link.stdout + link.stderr)[-2000:]}")
         os.replace(partial, target)
@@ -113,7 +115,7 @@ def build(quiet: bool = False) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.exists():
             if not quiet:
-                print(f"lowbit: compiling the CPU kernels (once, a few seconds) into {target}", file=sys.stderr,
+                print(f"lowbit: compiling the CPU kernels (once, about half a minute) into {target}", file=sys.stderr,
                       flush=True)
             _compile(cxx, target)
     return target
