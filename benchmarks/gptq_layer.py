@@ -180,7 +180,8 @@ def bench_shape(out_f: int, in_f: int, args) -> list[dict]:
     w, h = synthetic_layer(out_f, in_f, seed=args.seed)
     print(f"\nW [{out_f}, {in_f}] (out x in), H from {TOKENS} tokens, built in {time.perf_counter() - t:.1f} s",
           flush=True)
-    common = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asym)
+    # min-max group ranges on both sides (lowbit's default clipping search has no llm-compressor counterpart)
+    common = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asym, clip=False)
     pairs = [  # (label, lowbit config, llm-compressor actorder)
         ("static groups", GPTQ(static_groups=True, **common), "none"),
         ("act-order, static groups", GPTQ(act_order=True, static_groups=True, **common), "weight"),

@@ -6,7 +6,7 @@
     lowbit.save(model, "out/int4", tokenizer=tok)
     lowbit.export(model, "out/int4-gptq", format="gptq", tokenizer=tok)
 
-Method configs (RTN, GPTQ, AWQ, SmoothQuant, W8A8, LLMInt8, NF4, FP4, GGMLQuant) take a scheme
+Method configs (RTN, GPTQ, AWQ, SmoothQuant, W8A8, LLMInt8, NF4, FP4, GGMLQuant, HQQ, SpQR) take a scheme
 (QuantSpec, or short words such as "int4-g128") and are also reachable by short name
 (lowbit.parse_method("gptq-int4-g128-actorder")). Tensors: lowbit.quantize_tensor(x, QuantSpec("int4",
 "group", 128)) -> QuantizedTensor. `import lowbit` loads no model library: transformers and the
@@ -19,6 +19,8 @@ from lowbit.errors import LowbitError
 from lowbit.formats import get_format, list_formats
 from lowbit.methods import (AWQ, FP4, GPTQ, METHODS, NF4, RTN, W8A8, GGMLQuant, LLMInt8, Recipe, SmoothQuant,
                             parse_method)
+from lowbit.methods.hqq import HQQ
+from lowbit.methods.spqr import SpQR
 
 _API = ("quantize", "save", "load", "load_model", "export")
 _EVAL = ("evaluate", "compare")
@@ -38,5 +40,5 @@ def __getattr__(name):
 
 
 __all__ = ["QuantSpec", "QuantizedTensor", "quantize_tensor", "dequantize", "fake_quantize", "RTN", "GPTQ", "AWQ",
-           "SmoothQuant", "W8A8", "LLMInt8", "NF4", "FP4", "GGMLQuant", "Recipe", "METHODS", "parse_method",
+           "SmoothQuant", "W8A8", "LLMInt8", "NF4", "FP4", "GGMLQuant", "HQQ", "SpQR", "Recipe", "METHODS", "parse_method",
            "get_format", "list_formats", "LowbitError", *_API, *_EVAL, "__version__"]

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.io import get_exporter, get_importer
+from lowbit.io import get_exporter, get_importer, targets
 from lowbit.io.native import is_native
 from lowbit.io.native import load as load_native
 from lowbit.io.native import save
-from lowbit.pipeline.calibration import calibration_batch
+from lowbit.pipeline.arch import describe
 from lowbit.pipeline.loading import load_model as load_hf_model
-from lowbit.pipeline.runner import quantize_model
+from lowbit.pipeline.runner import planned_weights, quantize_model
+from lowbit.pipeline.samples import CalibrationSet, build_calibration, resolve_mode
 
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 256
@@ -42,22 +43,45 @@ def default_seq_len(model) -> int:
     return min(ctx, DEFAULT_SEQ_LEN)
 
 
+def check_target(model, config, target: str) -> str:
+    """The format in which `target` ("vllm", "llama.cpp", "transformers") can serve `model` quantised with
+    `config` (a config, Recipe or short name), checked on shapes and schemes before any work; a
+    LowbitError with one line per offending layer otherwise."""
+    weights, fused = planned_weights(model, config)
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    fmt, problems = targets.check_target(target, weights, fused, family=family)
+    if problems:
+        raise LowbitError(f"{target} cannot serve this recipe:\n  " + "\n  ".join(targets.shown(problems)))
+    return fmt
+
+
 def quantize(model, config, calibration=None, tokenizer=None, n_samples: int = DEFAULT_SAMPLES,
-             seq_len: int | None = None, seed: int = 0, batch_size: int = 8, progress: bool = True):
+             seq_len: int | None = None, seed: int = 0, batch_size: int = 8, progress: bool = True,
+             target: str | None = None, calibration_mode: str = "auto"):
     """Quantise `model` in place with a method config, a Recipe or a short name ("rtn-int4-g128").
 
-    calibration: token ids [n, L], or texts / a path / None (the bundled calibration text), which are
-    tokenised with `tokenizer` and cut into n_samples seeded windows of seq_len tokens.
+    calibration: token ids [n, L] (windows), a CalibrationSet, or texts / conversations / a path / None
+    (the bundled calibration text), tokenised with `tokenizer` by calibration_mode: "windows" (n_samples
+    seeded windows of seq_len tokens of one stream), "samples" (n_samples documents, each its own
+    sequence with the tokenizer's special tokens or chat template, at most seq_len tokens, padding
+    masked) or "auto" (samples for encoders and conversations, windows otherwise). The set used is
+    described in `model.lowbit_calibration` (mode, samples, real tokens).
+    target: "vllm", "llama.cpp" or "transformers": refuse, before any work, a recipe that engine cannot serve.
     """
+    if target is not None:
+        check_target(model, config, target)
     if isinstance(calibration, torch.Tensor):
-        ids = calibration
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise LowbitError(f"calibration ids must be an integer tensor [n_samples, seq_len], got {tuple(ids.shape)}")
+        calib = calibration
+        if calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
+            raise LowbitError(f"calibration ids must be an integer tensor [n_samples, seq_len], got {tuple(calib.shape)}")
+    elif isinstance(calibration, CalibrationSet):
+        calib = calibration
     elif tokenizer is None and calibration is None:
-        ids = None  # no tokenizer: calibration-free methods still work, the report says no tokens were seen
+        calib = None  # no tokenizer: calibration-free methods still work, the report says no tokens were seen
     else:
-        ids = calibration_batch(tokenizer, calibration, n_samples, seq_len or default_seq_len(model), seed)
-    return quantize_model(model, config, ids, batch_size=batch_size, progress=progress)
+        mode = resolve_mode(calibration_mode, describe(model).causal, calibration)
+        calib = build_calibration(tokenizer, calibration, n_samples, seq_len or default_seq_len(model), seed, mode)
+    return quantize_model(model, config, calib, batch_size=batch_size, progress=progress)
 
 
 def export(model, out, format: str, tokenizer=None, requantize: bool = False, **options):
@@ -66,4 +90,4 @@ def export(model, out, format: str, tokenizer=None, requantize: bool = False, **
     return get_exporter(format).export(model, out, tokenizer=tokenizer, requantize=requantize, **options)
 
 
-__all__ = ["load_model", "load", "quantize", "save", "export"]
+__all__ = ["load_model", "load", "quantize", "save", "export", "check_target"]

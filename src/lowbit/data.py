@@ -35,3 +35,21 @@ def bundled_text(split: str) -> str:
 
 def bundled_documents(split: str) -> list[str]:
     return [d for d in bundled_text(split).split(DOCUMENT_SEPARATOR) if d.strip()]
+
+
+def bundled_sentences(split: str, min_words: int = 6, max_words: int = 60) -> list[str]:
+    """The sentences of a split's documents, in order, each once: prose broken at sentence ends and
+    blank lines, whitespace collapsed, kept when it has min_words..max_words words and starts with a
+    letter (code and tables mostly fail that). The calibration and eval splits share no document, so
+    their sentences are held out from each other."""
+    import re
+
+    seen, out = set(), []
+    for doc in bundled_documents(split):
+        for para in re.split(r"\n\s*\n", doc):
+            for sent in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(para.split())):
+                words = sent.split()
+                if min_words <= len(words) <= max_words and sent[0].isalpha() and sent not in seen:
+                    seen.add(sent)
+                    out.append(sent)
+    return out

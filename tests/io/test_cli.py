@@ -88,3 +88,16 @@ def test_gguf_export_of_held_blocks_with_another_type_is_refused(tmp_path, tiny_
     rc, out, err = run(capsys, "export", tmp_path / "q", "--format", "gguf", "--type", "Q8_0", "-o", tmp_path / "x.gguf")
     assert rc == 2 and "holds Q4_0 blocks" in err and not (tmp_path / "x.gguf").exists()
     assert run(capsys, "export", tmp_path / "q", "--format", "gguf", "-o", tmp_path / "y.gguf")[0] == 0
+
+
+def test_export_verify_runs_the_consumer(tmp_path, tiny_model_dir, capsys):
+    pytest.importorskip("compressed_tensors")
+    src = tiny_model_dir("llama")
+    assert run(capsys, "quantize", src, "--method", "rtn-int4-g32", "--quiet", "-o", tmp_path / "q")[0] == 0
+    rc, out, err = run(capsys, "export", tmp_path / "q", "--format", "compressed-tensors", "--verify",
+                       "-o", tmp_path / "ct")
+    assert rc == 0, err
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("verify: transformers loads") and "agrees with lowbit's model on" in line
+    assert float(line.split(" on ")[1].split("%")[0]) >= 99.0      # the same weights, decompressed
+    # gptq / awq are verified by vLLM from its own environment: tests/serving/test_vllm.py

@@ -118,6 +118,23 @@ def test_llama_cpp_tokenises_like_transformers(bundled, exports):
     llm.close()
 
 
+# Every file type lowbit writes. From Q3_K up llama.cpp's next token agrees with our dequantised model
+# on >= 95% of the held-out positions; Q2_K (whose activation rounding in llama.cpp is as coarse as its
+# weights) is only required to load and to agree better than chance.
+FILE_TYPES_WRITTEN = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
+                      "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
+
+
+@pytest.mark.parametrize("ftype", FILE_TYPES_WRITTEN)
+def test_llama_cpp_loads_every_type_and_agrees(bundled, held_out, exports, ftype):
+    path = exports(ftype)
+    theirs = llama_cpp_logits(path, held_out)
+    ours = torch_logits(load_gguf(path)[0], held_out)
+    stats = agreement(theirs, ours)
+    record(f"{ftype} llama.cpp vs our dequantised model, top-1 ({len(theirs)} positions)", stats)
+    assert stats["top1_agreement"] >= (0.5 if ftype == "Q2_K" else 0.95)
+
+
 @pytest.mark.parametrize("ftype", ["Q8_0", "Q4_0", "Q4_K_M"])
 def test_llama_cpp_logits_agree_with_our_dequantised_model(bundled, held_out, exports, ftype):
     """llama.cpp multiplies quantised weights with activations it rounds to 8 bits (Q8_0 / Q8_K blocks),

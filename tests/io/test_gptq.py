@@ -64,11 +64,12 @@ def problem(out=64, n=256, seed=0):
 
 
 SCHEMES = {
-    "int4-g128": GPTQ(),
-    "int4-g64-actorder": GPTQ(group_size=64, act_order=True),
+    "int4-g128": GPTQ(),                                   # act-order, static groups: no g_idx needed
+    "int4-g128-noactorder-dynamic": GPTQ(act_order=False, static_groups=False),
+    "int4-g64-dynamic": GPTQ(group_size=64, static_groups=False),   # act-order groups: a g_idx
     "int4-g128-asym": GPTQ(symmetric=False),
     "int3-g128": GPTQ(bits=3),
-    "int3-g64-asym-actorder": GPTQ(bits=3, group_size=64, symmetric=False, act_order=True),
+    "int3-g64-asym-dynamic": GPTQ(bits=3, group_size=64, symmetric=False, static_groups=False),
     "int2-g32": GPTQ(bits=2, group_size=32),
     "int8-channel": GPTQ(bits=8, group_size=None),
     "rtn-int4-g128-asym": RTN(bits=4, group_size=128, symmetric=False),
@@ -182,7 +183,7 @@ def quantized_model():
     torch.set_num_threads(1)   # thousands of small ops: waiting threads on a shared machine cost more
     model = tiny_llama()
     ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
-    api.quantize(model, GPTQ(group_size=64, act_order=True), calibration=ids, progress=False)
+    api.quantize(model, GPTQ(group_size=64, static_groups=False), calibration=ids, progress=False)
     torch.set_num_threads(threads)
     return model
 

@@ -33,6 +33,22 @@ def test_reload_gives_bit_identical_outputs(tmp_path, tiny_tokenizer, arch, conf
     assert n_q == len(meta["modules"]) > 0
 
 
+@pytest.mark.parametrize("method", ["hqq-int4-g32", "spqr-int3-g16-actorder"])
+def test_other_weight_types_reload_bit_identical(tmp_path, tiny_tokenizer, method):
+    from lowbit.io import quantized_weights
+
+    model = build_tiny_model("llama")
+    api.quantize(model, method, tokenizer=tiny_tokenizer, n_samples=4, seq_len=32, progress=False)
+    loaded, _ = load(save(model, tmp_path / "q", tokenizer=tiny_tokenizer))
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    ours, theirs = quantized_weights(model), quantized_weights(loaded)
+    assert ours.keys() == theirs.keys() and len(ours) == 14
+    for name, w in ours.items():
+        assert type(w) is type(theirs[name]) and torch.equal(w.dequantize(), theirs[name].dequantize())
+
+
 def test_existing_output_is_refused_and_nothing_half_written(tmp_path, tiny_tokenizer):
     model = build_tiny_model("llama")
     api.quantize(model, RTN(bits=8, group_size=None), progress=False)

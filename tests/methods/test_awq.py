@@ -1,5 +1,6 @@
 """AWQ: folding leaves the model unchanged, the searches never lose to what they start from, AWQ beats RTN."""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -51,9 +52,11 @@ def test_candidate_scales_are_normalised_powers_of_the_activation_mean():
 
 
 def test_without_search_or_clipping_awq_is_rtn():
-    """alpha = 0 only (n_grid=1) gives s = 1, and no clipping: the same codes as asymmetric RTN."""
+    """alpha = 0 only (n_grid=1) gives s = 1, no clipping and round to nearest: the same codes as
+    asymmetric RTN."""
     base = build_tiny_model("llama")
-    a = api.quantize(copy.deepcopy(base), AWQ(group_size=32, n_grid=1, clip=False), calibration=CALIB, progress=False)
+    a = api.quantize(copy.deepcopy(base), AWQ(group_size=32, n_grid=1, clip=False, gptq=False), calibration=CALIB,
+                     progress=False)
     r = api.quantize(copy.deepcopy(base), RTN(bits=4, group_size=32, symmetric=False), calibration=CALIB, progress=False)
     for (n, m), (_, m2) in zip(a.named_modules(), r.named_modules()):
         if isinstance(m, QuantLinear):
@@ -77,6 +80,20 @@ def test_clip_search_never_loses_to_no_clipping_on_the_true_output_error():
         assert bool((e_clip <= e_plain * (1 + 1e-5) + 1e-6).all())
     assert ratios.min() >= 0.55 - 1e-6 and ratios.max() == 1.0 and (ratios < 1).any()
     assert float((x @ (w - q_clip).T).norm()) < float((x @ (w - q_plain).T).norm())
+
+
+def test_gptq_rounding_keeps_the_clipped_grid_and_lowers_the_output_error():
+    """AWQ's default rounding: GPTQ on the grid the clipping search chose (its static group scales),
+    the error measured against the original weight: below round-to-nearest on the same grid."""
+    w = torch.randn(24, 64, generator=GEN)
+    w[:, 5] *= 6
+    x = torch.randn(300, 64, generator=GEN) @ (torch.eye(64) + 0.3 * torch.randn(64, 64, generator=GEN))
+    stats = LayerStats(64)
+    stats.update(x)
+    cfg = AWQ(bits=3, group_size=32)
+    q_gptq, q_rtn = cfg.quantize_weight(w, stats), replace(cfg, gptq=False).quantize_weight(w, stats)
+    assert torch.equal(q_gptq.scale, q_rtn.scale) and torch.equal(q_gptq.zero, q_rtn.zero)
+    assert stats.output_error(w, q_gptq.dequantize()) < 0.8 * stats.output_error(w, q_rtn.dequantize())
 
 
 @pytest.mark.parametrize("bits", [4, 3])
@@ -106,6 +123,8 @@ def test_names_and_checks():
     assert parse_method("awq-int4-g64-sym-noclip-layer") == AWQ(group_size=64, symmetric=True, clip=False,
                                                                  objective="layer")
     assert parse_method("awq-int4-g128-noclipqk") == AWQ(clip_qk=False)
+    assert parse_method("awq-int4-g128-rtn") == AWQ(gptq=False) and AWQ(gptq=False).short_name() == "awq-int4-g128-rtn"
+    assert AWQ().sequential and not AWQ(gptq=False).sequential
     assert AWQ(bits=3, duo_scaling=True).short_name() == "awq-int3-g128-duo"
     with pytest.raises(LowbitError):
         AWQ(bits=9)

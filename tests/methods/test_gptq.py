@@ -130,7 +130,7 @@ def test_identical_codes_to_the_paper_algorithm(seed, case):
     W, H, _ = correlated_problem(24, 96, seed=seed)
     cfg = GPTQ(bits=case["bits"], group_size=case["group"], symmetric=case.get("sym", True),
                act_order=case.get("act_order", False), static_groups=case.get("static", False),
-               block_size=case["block"])
+               block_size=case["block"], clip=False)
     qt = gptq_quantize(W, H, cfg)
     ref_levels, ref_scales, ref_g_idx = reference_gptq(
         W, H, case["bits"], case["group"], case.get("sym", True), case.get("act_order", False),
@@ -156,9 +156,10 @@ def test_float32_matches_float64_closely():
 # ---------------------------------------------------------------------------------------------------
 # Better than RTN, on the objective it minimises
 
-@pytest.mark.parametrize("cfg", [GPTQ(), GPTQ(act_order=True), GPTQ(static_groups=True), GPTQ(bits=3),
+@pytest.mark.parametrize("cfg", [GPTQ(), GPTQ(act_order=False, static_groups=False), GPTQ(static_groups=False),
+                                 GPTQ(act_order=False), GPTQ(bits=3),
                                  GPTQ(bits=2, group_size=64, act_order=True), GPTQ(symmetric=False),
-                                 GPTQ(group_size=None), GPTQ(mse=True), GPTQ(full_grid=False),
+                                 GPTQ(group_size=None), GPTQ(mse=True), GPTQ(clip=False), GPTQ(full_grid=False),
                                  GPTQ(scheme="nf4-g64"), GPTQ(scheme="fp4_e2m1-g32")],
                          ids=lambda c: c.short_name() + ("" if c.full_grid else "-nofullgrid"))
 def test_output_error_about_half_of_rtn(cfg):
@@ -176,15 +177,28 @@ def test_act_order_rescues_low_bits_with_uneven_channels():
     with channel energies spread over two orders of magnitude GPTQ then loses to RTN (a property of
     the algorithm, reproduced by the reference above); visiting high-energy columns first fixes it."""
     W, H, _ = correlated_problem(128, 512, seed=3, spread=1.0, mixing=3.0)
-    cfg = GPTQ(bits=2, group_size=64)
+    paper = dict(act_order=False, static_groups=False)
+    cfg = GPTQ(bits=2, group_size=64, **paper)
     rtn = output_error(W, round_to_nearest(W, cfg).dequantize(), H)
     plain = output_error(W, gptq_quantize(W, H, cfg).dequantize(), H)
-    ordered = output_error(W, gptq_quantize(W, H, GPTQ(bits=2, group_size=64, act_order=True)).dequantize(), H)
+    ordered = output_error(W, gptq_quantize(W, H, GPTQ(bits=2, group_size=64, static_groups=False)).dequantize(), H)
     assert plain > rtn > 2 * ordered
     for bits in (3, 4):
-        plain = output_error(W, gptq_quantize(W, H, GPTQ(bits=bits)).dequantize(), H)
-        ordered = output_error(W, gptq_quantize(W, H, GPTQ(bits=bits, act_order=True)).dequantize(), H)
+        plain = output_error(W, gptq_quantize(W, H, GPTQ(bits=bits, **paper)).dequantize(), H)
+        ordered = output_error(W, gptq_quantize(W, H, GPTQ(bits=bits, static_groups=False)).dequantize(), H)
         assert ordered < 0.6 * plain < 0.6 * output_error(W, round_to_nearest(W, GPTQ(bits=bits)).dequantize(), H)
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_hessian_clipping_beats_weight_space_clipping_on_the_output_error(bits):
+    """clip: each static group's range shrunk for the least output error through H's diagonal block;
+    with one heavy input column and channel energies spread out, below mse's and min-max's."""
+    W, H, _ = correlated_problem(64, 256, seed=4, spread=1.0, mixing=1.0)
+    W, H = W.float(), H.float()
+    W[:, 3] *= 8
+    err = {name: output_error(W, gptq_quantize(W, H, GPTQ(bits=bits, group_size=64, **kw)).dequantize(), H)
+           for name, kw in (("minmax", {"clip": False}), ("mse", {"mse": True}), ("clip", {}))}
+    assert err["clip"] < err["mse"] and err["clip"] < 0.8 * err["minmax"], err
 
 
 def test_without_full_grid_rtn_fallback_is_core_rtn():
@@ -215,7 +229,8 @@ def test_dead_inputs_are_rounded_not_zeroed():
     dead = torch.tensor([3, 40, 41, 100])
     X[:, dead] = 0
     H = 2.0 / X.shape[0] * X.T @ X
-    for cfg in (GPTQ(group_size=32), GPTQ(group_size=32, act_order=True)):
+    for cfg in (GPTQ(group_size=32, act_order=False, static_groups=False), GPTQ(group_size=32, static_groups=False),
+                GPTQ(group_size=32, clip=False)):
         qt = gptq_quantize(W, H, cfg)
         Wq = qt.dequantize()
         assert torch.isfinite(Wq).all()
@@ -286,10 +301,15 @@ def test_bad_inputs_raise_lowbit_errors():
 
 @pytest.mark.parametrize("short, cfg", [
     ("gptq-int4-g128", GPTQ()),
-    ("gptq-int4-g128-actorder", GPTQ(act_order=True)),
+    ("gptq-int4-g128", GPTQ(act_order=True, static_groups=True)),     # the default: act-order, static groups
+    ("gptq-int4-g128-dynamic", GPTQ(static_groups=False)),
+    ("gptq-int4-g128-noactorder-dynamic-noclip", GPTQ(act_order=False, static_groups=False, clip=False)),  # paper
+    ("gptq-int4-g128-noactorder", GPTQ(act_order=False)),
     ("gptq-int3-g128", GPTQ(bits=3)),
     ("gptq-int4-g128-asym", GPTQ(symmetric=False)),
-    ("gptq-int4-g128-actorder-static", GPTQ(act_order=True, static_groups=True)),
+    ("gptq-int4-g128-damp0.001", GPTQ(damp=0.001)),
+    ("gptq-int3-g128", GPTQ(bits=3, clip=True)),
+    ("gptq-int4-g128-noclip", GPTQ(clip=False)),
     ("gptq-int8", GPTQ(bits=8, group_size=None)),
     ("gptq-int2-g64-mse", GPTQ(bits=2, group_size=64, mse=True)),
 ])

@@ -6,15 +6,16 @@ import torch
 
 from lowbit.core import QuantSpec, quantize
 from lowbit.errors import LowbitError
-from lowbit.methods import AWQ, GPTQ, METHODS, RTN, method_from_dict, parse_method
+from lowbit.methods import AWQ, GPTQ, METHODS, RTN, Recipe, method_from_dict, parse_method
 from lowbit.methods.gptq import gptq_quantize
 from lowbit.nn import QuantLinear
 
 NAMES = ["rtn-int4-g128", "rtn-int8", "rtn-int4-g32-asym", "rtn-int4-g128-mse", "rtn-nf4-g64", "rtn-fp4_e2m1-g32",
-         "rtn-int8-tensor", "gptq-int4-g128", "gptq-int3-g64-actorder-static", "gptq-nf4-g64", "gptq-int4-g128-asym-mse",
+         "rtn-int8-tensor", "gptq-int4-g128", "gptq-int3-g64-noactorder-dynamic", "gptq-nf4-g64", "gptq-int4-g128-asym-mse",
          "awq-int4-g128", "awq-int3-g64-sym-noclipqk-duo", "awq-int4-g128-layer", "smoothquant", "smoothquant-a0.8-static",
          "smoothquant-search", "w8a8", "w8a8-static", "llm-int8", "llm-int8-t4", "nf4", "nf4-dq-b128-fp32", "fp4",
-         "ggml-q4_k", "ggml-q6_k-imatrix-ref", "q4_k_m", "q3_k_s-imatrix", "q8_0-ref"]
+         "ggml-q4_k", "ggml-q6_k-imatrix-ref", "q4_k_m", "q3_k_s-imatrix", "q8_0-ref", "hqq-int4-g64", "hqq-int2-g16-it10",
+         "spqr-int3-g16", "spqr-int3-g16-actorder"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -81,3 +82,45 @@ def test_float_zero_points_are_stored_and_bound_the_error():
     assert q.storage_bits == 4 * w.numel() + (16 + 16) * q.scale.numel()
     m = QuantLinear.from_quantized(q)
     assert torch.equal(m.dequantized_weight(), q.dequantize()) and m.storage_bytes() * 8 == q.storage_bits
+
+
+@pytest.mark.parametrize("name", ["rtn-int4-g128-g64", "rtn-int4-g64-tensor", "rtn-uint4-sym", "rtn-int4-nf4",
+                                  "rtn-int4-g128-mse-minmax", "nf4-b64-b32", "gptq-int4-g128-actorder-actorder"])
+def test_two_words_for_one_setting_are_an_error(name):
+    with pytest.raises(LowbitError, match="both set"):
+        parse_method(name)
+
+
+@pytest.mark.parametrize("name", ["rtn-int4-g\u0661\u0662\u0668", "rtn-int\u0664", "gptq-int4-g-1", "rtn-e8m0",
+                                  "awq-int4-tensor", "rtn-int4-token"])
+def test_names_outside_the_grammar_are_refused(name):
+    with pytest.raises(LowbitError):
+        parse_method(name)
+
+
+def test_dtype_words_name_every_setting_and_round_trip():
+    for name in ["rtn-int4-g128-sfp32", "rtn-int4-g64-asym-zfp16", "gptq-int4-g32-asym-zbf16", "rtn-nf4-g64-sbf16"]:
+        assert parse_method(name).short_name() == name
+    assert RTN(format="uint4").short_name() == "rtn-int4-g128-asym"          # uintN: a zero point, as in names
+    assert parse_method(RTN(format="uint4").short_name()) == RTN(format="uint4")
+
+
+@pytest.mark.parametrize("make", [lambda: RTN(symmetric="false"), lambda: GPTQ(act_order="no"),
+                                  lambda: RTN(group_size=True), lambda: RTN(bits=3, scheme="nf4-g64"),
+                                  lambda: QuantSpec.from_dict({"format": "int4", "granularity": "group",
+                                                               "group_size": 32, "symmetric": True, "typo": 1}),
+                                  lambda: QuantSpec.from_dict({"format": "int4", "granularity": "channel"})])
+def test_settings_of_the_wrong_type_are_errors(make):
+    with pytest.raises(LowbitError):
+        make()
+
+
+@pytest.mark.parametrize("make", [lambda: Recipe("rtn-int8", overrides=[("*",)]),
+                                  lambda: Recipe("rtn-int8", overrides={"*.down_proj": "rtn-int8"}),
+                                  lambda: Recipe("rtn-int8", overrides=[(5, "rtn-int8")]),
+                                  lambda: Recipe("rtn-int8", skip="lm_head"),
+                                  lambda: Recipe(5),
+                                  lambda: method_from_dict({"method": ["rtn"]})])
+def test_malformed_recipes_are_errors(make):
+    with pytest.raises(LowbitError):
+        make()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.pipeline.calibration import calibration_batch, read_texts, sample_windows
+from lowbit.pipeline.calibration import read_texts
+from lowbit.pipeline.samples import calibration_batch, sample_windows
 
 
 def test_windows_are_seeded_slices_of_the_stream():

@@ -70,3 +70,54 @@ def test_encoder_model_quantised_weight_only_and_reloaded(tmp_path, tiny_model_d
         a, b = original(input_ids=ids).last_hidden_state, loaded(input_ids=ids).last_hidden_state
     assert type(loaded).__name__ == "BertModel"
     assert float((a - b).norm() / a.norm()) < 0.02  # int8 per-channel weights only
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "rtn-int4-g128", "--bits", "3"], "already names its scheme"),
+    (["--method", "nf4", "--bits", "3"], "nf4 takes no bits setting"),
+    (["--method", "gptq", "--observer", "mse"], "gptq takes no observer setting")])
+def test_flags_that_would_be_ignored_are_errors(tmp_path, tiny_model_dir, capsys, args, message):
+    rc, out, err = run(capsys, "quantize", tiny_model_dir("llama"), *args, "-o", tmp_path / "q")
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(modules=[]),
+    lambda m: m["modules"].update({"model.layers.0.mlp.down_proj": {"module": "QuantLinear"}}),
+    lambda m: m["modules"].update({"model.layers.0.mlp.down_proj": {**m["modules"]["model.layers.0.mlp.down_proj"],
+                                                                     "in_features": "256"}}),
+    lambda m: m["modules"].update({"model.layers.9.mlp.down_proj": m["modules"]["model.layers.0.mlp.down_proj"]}),
+    lambda m: m["recipe"].update(overrides=[["*"]])])
+def test_a_malformed_native_config_is_a_one_line_error(tmp_path, tiny_model_dir, capsys, edit):
+    assert run(capsys, "quantize", tiny_model_dir("llama"), "--method", "rtn-int4-g32", "--quiet",
+               "-o", tmp_path / "q")[0] == 0
+    meta = json.loads((tmp_path / "q" / "lowbit_config.json").read_text())
+    edit(meta)
+    (tmp_path / "q" / "lowbit_config.json").write_text(json.dumps(meta))
+    rc, out, err = run(capsys, "eval", tmp_path / "q", "--no-speed", "--max-eval-tokens", "256")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_calibration_free_method_reads_no_text_and_runs_no_forward_pass(tmp_path, tiny_model_dir, capsys,
+                                                                         monkeypatch):
+    from lowbit import api
+    from lowbit.pipeline import blocks, calibration, runner
+
+    def never(*args, **kwargs):
+        raise AssertionError("a calibration-free method ran a forward pass or read calibration text")
+
+    def no_batches(model, first_block, batches):
+        assert batches == [], "a calibration-free method ran the model on calibration batches"
+        return []
+
+    monkeypatch.setattr(blocks, "run_block", never)
+    monkeypatch.setattr(runner, "capture_block_inputs", no_batches)
+    monkeypatch.setattr(api, "build_calibration", never)
+    monkeypatch.setattr(calibration, "read_texts", never)
+    rc, out, err = run(capsys, "quantize", tiny_model_dir("llama"), "--method", "hqq-int4-g64", "--quiet",
+                       "-o", tmp_path / "q")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    assert len(report) == 14 and all(r["n_tokens"] == 0 and not r["warnings"] for r in report)
+    assert all(r["method"] == "hqq-int4-g64" and r["bits_per_weight"] == 4.5 for r in report)
+    assert (tmp_path / "q" / "tokenizer.json").is_file()

@@ -12,8 +12,20 @@ from lowbit.core.qparams import decode_blocks, encode_blocks, scale_and_zero
 from lowbit.core.spec import QuantSpec
 
 
+class StoredSize:
+    """bits_per_element and nbytes of a quantised weight type, from its storage_bits and numel."""
+
+    @property
+    def bits_per_element(self) -> float:
+        return self.storage_bits / self.numel
+
+    @property
+    def nbytes(self) -> int:
+        return (self.storage_bits + 7) // 8
+
+
 @dataclass
-class QuantizedTensor:
+class QuantizedTensor(StoredSize):
     """Codes, scales and zero points of one tensor, with the spec that says how to read them.
 
     codes: uint8 code per element, shaped like the original tensor (bit patterns of the format)
@@ -59,14 +71,6 @@ class QuantizedTensor:
         n_blocks = self.scale.numel()
         code_bytes = packed_nbytes(self.numel, self.spec.bits)
         return 8 * code_bytes + n_blocks * (self.spec.scale_bits + self.spec.zero_bits)
-
-    @property
-    def bits_per_element(self) -> float:
-        return self.storage_bits / self.numel
-
-    @property
-    def nbytes(self) -> int:
-        return (self.storage_bits + 7) // 8
 
     def packed_codes(self) -> torch.Tensor:
         return pack_bits(self.codes, self.spec.bits)

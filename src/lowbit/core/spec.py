@@ -39,11 +39,15 @@ class QuantSpec:
     zero_dtype: str = "int"
 
     def __post_init__(self):
+        if not isinstance(self.format, str):
+            raise LowbitError(f"a format is a name such as 'int4' or 'nf4', got {self.format!r}")
+        if not isinstance(self.symmetric, bool):
+            raise LowbitError(f"symmetric must be True or False, got {self.symmetric!r}")
         object.__setattr__(self, "format", canonical_name(self.format))
         if self.granularity not in GRANULARITIES:
             raise LowbitError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.granularity == "group":
-            if not isinstance(self.group_size, int) or self.group_size < 1:
+            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
                 raise LowbitError(f"group granularity needs a positive integer group_size, got {self.group_size!r}")
         elif self.group_size is not None:
             raise LowbitError(f"group_size is only meaningful with granularity='group', not {self.granularity!r}")
@@ -95,20 +99,30 @@ class QuantSpec:
         """This scheme with some fields changed. `bits` picks an integer grid of that width (signed when
         symmetric, unsigned otherwise); `symmetric` alone moves an integer grid between int and uint;
         `group_size` None means one scale per output channel, an int groups of that size."""
-        sym = self.symmetric if symmetric is None else bool(symmetric)
+        if bits is not None and format is not None:
+            raise LowbitError(f"give either bits ({bits!r}) or a format ({format!r}), not both")
+        if symmetric is not None and not isinstance(symmetric, bool):
+            raise LowbitError(f"symmetric must be True or False, got {symmetric!r}")
+        if format is not None and not isinstance(format, str):
+            raise LowbitError(f"a format is a name such as 'int4' or 'nf4', got {format!r}")
         fmt = self.format if format is None else canonical_name(format)
         is_int = get_format(fmt).is_integer
+        if format is not None and is_int and symmetric is None:
+            symmetric = get_format(fmt).signed          # "uint4" means a grid with a zero point, as in short names
+        sym = self.symmetric if symmetric is None else symmetric
         if bits is not None:
             if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
                 raise LowbitError(f"integer grids take 1..8 bits, got {bits!r}")
+            if not is_int:
+                raise LowbitError(f"bits choose an integer grid; this scheme's format is {fmt} (give a format instead)")
             fmt, is_int = canonical_name(f"{'int' if sym else 'uint'}{bits}"), True
-        elif is_int and symmetric is not None:
+        elif is_int:       # a symmetric grid is signed, a grid with a zero point unsigned: one spelling each
             fmt = canonical_name(f"{'int' if sym else 'uint'}{get_format(fmt).bits}")
         granularity, group = self.granularity, self.group_size
         if group_size is not ...:
             granularity, group = ("channel", None) if group_size is None else ("group", group_size)
-        return QuantSpec(fmt, granularity, group, sym, scale_dtype or self.scale_dtype,
-                         zero_dtype or self.zero_dtype)
+        return QuantSpec(fmt, granularity, group, sym, self.scale_dtype if scale_dtype is None else scale_dtype,
+                         self.zero_dtype if zero_dtype is None else zero_dtype)
 
     def to_dict(self) -> dict:
         return {"format": self.format, "granularity": self.granularity, "group_size": self.group_size,
@@ -119,4 +133,8 @@ class QuantSpec:
         if not isinstance(d, dict):
             raise LowbitError(f"a scheme must be a dict of QuantSpec fields, got {type(d).__name__}")
         keys = ("format", "granularity", "group_size", "symmetric", "scale_dtype", "zero_dtype")
+        unknown = sorted(set(d) - set(keys))
+        missing = [k for k in ("format", "granularity", "symmetric") if k not in d]
+        if unknown or missing:
+            raise LowbitError(f"a scheme dict {'has unknown key ' + repr(unknown[0]) if unknown else 'lacks ' + repr(missing[0])}")
         return cls(**{k: d[k] for k in keys if k in d})

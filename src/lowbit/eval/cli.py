@@ -73,7 +73,7 @@ def _cmd_compare(args) -> str:
     parse_methods(args.methods)  # a bad name is reported before the model is loaded
     rows = compare(args.methods, args.model, args.calibration, text=_read_text(args.text), context=args.context,
                    max_eval_tokens=args.max_eval_tokens, n_samples=args.samples, seq_len=args.seq_len,
-                   seed=args.seed, speed=not args.no_speed)
+                   seed=args.seed, speed=not args.no_speed, calibration_mode=args.calibration_mode)
     written = write_report(rows, args.out) if args.out else []
     if args.json:
         return render_json(rows)
@@ -95,6 +95,7 @@ def _add_eval_options(p, model_help: str) -> None:
 
 def register(sub) -> None:
     from lowbit.eval.compare import DEFAULT_METHODS
+    from lowbit.pipeline.cli import add_calibration_mode
 
     ev = sub.add_parser("eval", help="perplexity, fidelity, memory and speed of one model")
     _add_eval_options(ev, "Hugging Face or lowbit-quantised model folder")
@@ -109,7 +110,8 @@ def register(sub) -> None:
     cmp.add_argument("--out", default=DEFAULT_OUT,
                      help=f"folder for compare.md, compare.json and compare.png (default {DEFAULT_OUT}; '' for none)")
     cmp.add_argument("--calibration", help=".txt, .jsonl, .parquet or saved dataset folder (default: bundled text)")
-    cmp.add_argument("--samples", type=_positive_int, help="calibration windows (default: lowbit.api's, 128)")
+    add_calibration_mode(cmp)
+    cmp.add_argument("--samples", type=_positive_int, help="calibration windows or samples (default: lowbit.api's, 128)")
     cmp.add_argument("--seq-len", type=_positive_int, help="tokens per calibration window (default min(context, 256))")
     cmp.add_argument("--seed", type=int, default=0)
     cmp.set_defaults(run=_cmd_compare)

@@ -15,6 +15,7 @@ from typing import Callable
 from lowbit.errors import LowbitError
 from lowbit.eval.evaluate import DEFAULT_MAX_EVAL_TOKENS, eval_windows, evaluate
 from lowbit.eval.fidelity import DEFAULT_MAX_FIDELITY_TOKENS, build_reference
+from lowbit.pipeline.calibration import needs_calibration
 
 # Unquantised rows: the base model itself, its memory counted at this many bytes per weight.
 BASELINES = {"fp16": 2, "fp32": 4}
@@ -39,16 +40,15 @@ def parse_methods(methods) -> list[Planned]:
     names = [n.strip().lower() for n in names if n.strip()]
     if not names:
         raise LowbitError("no methods to compare; pass e.g. --methods fp16,rtn-int8,rtn-int4-g128")
-    if len(set(names)) != len(names):
-        raise LowbitError(f"method listed twice in {','.join(names)}")
-    return [Planned(n, None if n in BASELINES else parse_method(n)) for n in names]
-
-
-def needs_calibration(config) -> bool:
-    """Whether a method reads calibration activations (its declared stats, or an input-scale search)."""
-    from lowbit.methods.scaling import InputScaling
-
-    return bool(config.required_stats) or config.sequential or isinstance(config, InputScaling)
+    plan = [Planned(n, None if n in BASELINES else parse_method(n)) for n in names]
+    seen: dict = {}
+    for p in plan:
+        key = p.name if p.config is None else p.config
+        if key in seen:
+            same = f"{p.name} is listed twice" if seen[key] == p.name else f"{seen[key]} and {p.name} are the same method, listed twice"
+            raise LowbitError(f"{same}; list it once")
+        seen[key] = p.name
+    return plan
 
 
 def stderr_progress(message: str) -> None:
@@ -58,13 +58,13 @@ def stderr_progress(message: str) -> None:
 def compare(methods, model_path=None, calibration=None, *, text: str | None = None, context: int | None = None,
             max_eval_tokens: int | None = DEFAULT_MAX_EVAL_TOKENS,
             max_fidelity_tokens: int = DEFAULT_MAX_FIDELITY_TOKENS, n_samples: int | None = None,
-            seq_len: int | None = None, seed: int = 0, speed: bool = True,
+            seq_len: int | None = None, seed: int = 0, speed: bool = True, calibration_mode: str = "auto",
             progress: Callable[[str], None] | None = stderr_progress) -> list[dict]:
     """One row per method (see evaluate() for the fields, plus method, quantize_s and config).
 
     methods: names such as "fp16", "rtn-int8", "rtn-int4-g128" (a comma-separated string or a list).
     model_path: a HF model folder, or None for the bundled model. text: held-out text (default: the
-    bundled eval text). calibration, n_samples, seq_len, seed: passed to lowbit.api.quantize.
+    bundled eval text). calibration, n_samples, seq_len, seed, calibration_mode: passed to lowbit.api.quantize.
     """
     from lowbit import api
 
@@ -77,7 +77,7 @@ def compare(methods, model_path=None, calibration=None, *, text: str | None = No
     windows = eval_windows(base, tokenizer, text, context=context, max_eval_tokens=max_eval_tokens)
     say(f"reference: scoring the unquantised model on {windows.n_tokens} tokens")
     reference = build_reference(base, windows, max_fidelity_tokens=max_fidelity_tokens)
-    options = {"calibration": calibration, "seed": seed,
+    options = {"calibration": calibration, "seed": seed, "calibration_mode": calibration_mode,
                **{k: v for k, v in (("n_samples", n_samples), ("seq_len", seq_len)) if v is not None}}
     rows = []
     for i, item in enumerate(plan, 1):

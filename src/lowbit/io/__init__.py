@@ -26,7 +26,8 @@ EXPORTERS: dict[str, "Exporter"] = {}
 IMPORTERS: dict[str, Callable] = {}
 
 # Format modules register themselves on import; listed here so `lowbit export --format X` finds them.
-FORMAT_MODULES = ("lowbit.io.gguf", "lowbit.io.gguf_read", "lowbit.io.gptq", "lowbit.io.awq", "lowbit.io.bnb")
+FORMAT_MODULES = ("lowbit.io.gguf", "lowbit.io.gguf_read", "lowbit.io.gptq", "lowbit.io.awq", "lowbit.io.bnb",
+                  "lowbit.io.compressed_tensors")
 
 
 def quantized_weights(model: nn.Module) -> dict[str, object]:
@@ -34,14 +35,23 @@ def quantized_weights(model: nn.Module) -> dict[str, object]:
     return {n: m.quantized() for n, m in model.named_modules() if callable(getattr(m, "quantized", None))}
 
 
+KIND_NAMES = {"ActQuantWeight": "W8A8", "MixedInt8Weight": "LLM.int8()", "Quantized4bit": "bnb 4-bit",
+              "GGMLTensor": "ggml"}
+
+
 def describe(weight) -> str:
     """A few words naming a weight's scheme, for messages."""
     spec = getattr(weight, "spec", None)
     if spec is not None:
-        group = f" g{spec.group_size}" if spec.group_size else f" per {spec.granularity}"
-        return f"{spec.format}{group}{'' if spec.symmetric else ' asymmetric'}"
-    kind = getattr(weight, "type", None) or getattr(weight, "quant_type", None)
-    return f"{type(weight).__name__} {kind}" if kind else type(weight).__name__
+        words = [spec.format, f"g{spec.group_size}" if spec.group_size else f"per {spec.granularity}"]
+        words += [] if spec.symmetric else ["asymmetric" + (f" ({spec.zero_dtype} zero points)" if spec.float_zero
+                                                            else "")]
+        words += [f"{spec.scale_dtype} scales"] if spec.scale_dtype != "fp16" else []
+        words += ["act-order group index"] if getattr(weight, "g_idx", None) is not None else []
+        return " ".join(words)
+    kind = KIND_NAMES.get(type(weight).__name__, type(weight).__name__)
+    detail = getattr(weight, "type", None) or getattr(weight, "quant_type", None)
+    return f"{kind} {detail}" if detail else kind
 
 
 class Exporter:
@@ -57,6 +67,10 @@ class Exporter:
 
     def accepts(self, weight) -> bool:
         return self.problem(weight) is None
+
+    def model_problem(self, weights: dict) -> str | None:
+        """Why the format cannot hold these weights together (a layout with one scheme per model), or None."""
+        return None
 
     def write(self, model: nn.Module, weights: dict, out, tokenizer=None, **options):
         """Write `model` with its quantised modules' `weights` (all accepted) to `out`."""
@@ -74,6 +88,9 @@ class Exporter:
                 redone.append(name)
             else:
                 raise LowbitError(self.refusal(name, w))
+        problem = self.model_problem(weights)
+        if problem:
+            raise LowbitError(f"{self.name}: {problem}")
         return weights, redone
 
     def refusal(self, name: str, weight, fix: str | None = None) -> str:
@@ -90,7 +107,7 @@ class Exporter:
     def export(self, model: nn.Module, out, tokenizer=None, requantize: bool = False, **options):
         """Check every held weight, then write. Returns what write() returns (the output path)."""
         weights, _ = self.prepare(model, requantize)
-        return self.write(model, weights, out, tokenizer=tokenizer, **options)
+        return self.write(model, weights, out, tokenizer=tokenizer, requantize=requantize, **options)
 
     __call__ = export
 

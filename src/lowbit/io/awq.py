@@ -22,15 +22,15 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from lowbit.core import QuantizedTensor, QuantSpec
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, register_exporter, register_importer
-from lowbit.io.hf_folder import biases, empty_model, float_tensors, one_value, write_hf_folder
+from lowbit.io.hf_folder import (biases, finish_import, float_tensors, mixed, one_value, plain_model, read_tensors,
+                                 write_hf_folder)
 from lowbit.nn import QuantLinear
-from lowbit.pipeline.loading import load_tokenizer, read_config, set_module
+from lowbit.pipeline.loading import set_module
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 PACK = 8                      # 4-bit values per int32 word
@@ -130,6 +130,9 @@ class AWQExporter(Exporter):
     def problem(self, weight) -> str | None:
         return awq_problem(weight)
 
+    def model_problem(self, weights: dict) -> str | None:
+        return mixed(weights, "group size", lambda q: q.spec.group_size, lambda g: f"groups of {g}")
+
     def write(self, model, weights, out, tokenizer=None, **_options) -> Path:
         if not weights:
             raise LowbitError("no quantised Linears to export: quantise with AWQ (or RTN int4 g128) first")
@@ -165,50 +168,19 @@ def _read_awq_config(path: Path) -> dict:
     return qc
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise LowbitError(f"{path} holds no .safetensors weights")
-    tensors = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
-        except Exception as e:  # safetensors raises its own types for truncated or corrupt files
-            raise LowbitError(f"cannot read {f}: {str(e).splitlines()[0]}") from e
-    return tensors
-
-
-def _empty_model(path: Path) -> nn.Module:
-    config = read_config(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # built plain here; the quantised modules are swapped in below
-    return empty_model(config, path).float()
-
-
 def import_awq(path):
     """(model, tokenizer or None) from an AWQ GEMM folder, its 4-bit Linears as lowbit QuantLinear."""
     path = Path(path)
     qc = _read_awq_config(path)
     group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
-    tensors = _read_tensors(path)
-    model = _empty_model(path)
-    names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
-    for name in names:
+    tensors = read_tensors(path)
+    model = plain_model(path)
+    for name in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):
         q = quantized_from_awq(tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.qzeros"),
                                tensors.pop(f"{name}.scales"), group_size)
         bias = tensors.pop(f"{name}.bias", None)
         set_module(model, name, QuantLinear.from_quantized(q, None if bias is None else bias.float()))
-    quantised_keys = {f"{n}.{k}" for n in names for k in model.get_submodule(n).state_dict()}
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in quantised_keys and k not in tied]
-    if missing or unexpected:
-        raise LowbitError(f"{path} does not match its config: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    model.eval()
-    return model, load_tokenizer(path)
+    return finish_import(model, tensors, path)
 
 
 register_importer("awq", import_awq)

@@ -25,9 +25,9 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, register_exporter, register_importer
-from lowbit.io.hf_folder import empty_model, float_tensors, one_value, write_hf_folder
+from lowbit.io.hf_folder import finish_import, float_tensors, mixed, plain_model, read_tensors, write_hf_folder
 from lowbit.nn.linear4bit import Linear4bit
-from lowbit.pipeline.loading import load_tokenizer, read_config, set_module
+from lowbit.pipeline.loading import set_module
 from lowbit.weights.bnb4 import Quantized4bit, code_table, dynamic_map
 
 QUANT_STATE_PREFIX = "weight.quant_state.bitsandbytes__"
@@ -86,16 +86,23 @@ def quantized_from_bnb(tensors: dict[str, torch.Tensor], fields: dict, where: st
 # ---------------------------------------------------------------------------------------------------
 # Whole models
 
-def quantization_config(modules: dict[str, Linear4bit], float_linears: list[str]) -> dict:
-    """transformers' BitsAndBytesConfig as a dict; Linears left in float are listed as skipped."""
-    def one(attr):
-        return one_value(modules, "the bnb format", attr, lambda m: getattr(m, attr))
+MODEL_SETTINGS = {"quant type": lambda q: q.quant_type, "double quantisation setting": lambda q: q.double_quant}
 
+
+def compute_dtype(model: nn.Module, weights: dict) -> torch.dtype:
+    """The compute dtype the model's 4-bit Linears run in (bf16, bnb's default, for re-rounded weights)."""
+    dtypes = {getattr(model.get_submodule(n), "compute_dtype", torch.bfloat16) for n in weights}
+    return dtypes.pop() if len(dtypes) == 1 else torch.bfloat16
+
+
+def quantization_config(weights: dict[str, Quantized4bit], float_linears: list[str], dtype: torch.dtype) -> dict:
+    """transformers' BitsAndBytesConfig as a dict; Linears left in float are listed as skipped."""
+    first = next(iter(weights.values()))
     return {
         "quant_method": "bitsandbytes", "_load_in_4bit": True, "_load_in_8bit": False,
         "load_in_4bit": True, "load_in_8bit": False,
-        "bnb_4bit_quant_type": one("quant_type"), "bnb_4bit_use_double_quant": one("double_quant"),
-        "bnb_4bit_compute_dtype": TORCH_DTYPE_NAMES[one("compute_dtype")],
+        "bnb_4bit_quant_type": first.quant_type, "bnb_4bit_use_double_quant": first.double_quant,
+        "bnb_4bit_compute_dtype": TORCH_DTYPE_NAMES[dtype],
         "bnb_4bit_quant_storage": "uint8",
         "llm_int8_threshold": 6.0, "llm_int8_skip_modules": float_linears or None,
         "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
@@ -111,6 +118,9 @@ class BnbExporter(Exporter):
     def problem(self, weight) -> str | None:
         return None if isinstance(weight, Quantized4bit) else "bnb holds NF4/FP4 blockwise weights only"
 
+    def model_problem(self, weights: dict) -> str | None:
+        return next((p for what, value in MODEL_SETTINGS.items() if (p := mixed(weights, what, value))), None)
+
     def write(self, model, weights, out, tokenizer=None, **_options) -> Path:
         if not weights:
             raise LowbitError("the model holds no NF4/FP4 Linear to export in the bnb format (quantise with nf4 or fp4)")
@@ -123,7 +133,8 @@ class BnbExporter(Exporter):
         for name, q in weights.items():
             tensors.update(bnb_linear_tensors(name, q))
         float_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-        return write_hf_folder(out, model, tensors, tokenizer, quantization_config(modules, float_linears))
+        qc = quantization_config(weights, float_linears, compute_dtype(model, weights))
+        return write_hf_folder(out, model, tensors, tokenizer, qc)
 
 
 EXPORTER = register_exporter(BnbExporter())
@@ -152,43 +163,20 @@ def _group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, to
 
 def import_bnb(path):
     """(model, tokenizer or None) from a pre-quantised bnb-4bit folder, its 4-bit Linears as Linear4bit."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     qc = _read_bnb_config(path)
     compute_dtype = DTYPES_BY_NAME.get(qc.get("bnb_4bit_compute_dtype") or "float32", torch.float32)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise LowbitError(f"no .safetensors weights in {path}")
-    tensors = {k: v for f in files for k, v in load_file(str(f)).items()}
-    config = read_config(path)
-    config.quantization_config = None
-    model = empty_model(config, path)
+    tensors = read_tensors(path)
+    model = plain_model(path)
     for name, own in _group_by_module(tensors).items():
         qs_key = next(k for k in own if k.startswith("quant_state."))
         fields = json.loads(bytes(own.pop(qs_key).tolist()).decode("utf-8"))
         q = quantized_from_bnb(own, fields, f"{path.name}: {name}")
-        bias = tensors.get(f"{name}.bias")
+        bias = tensors.pop(f"{name}.bias", None)
         set_module(model, name, Linear4bit.from_quantized(q, bias, compute_dtype))
         for k in [k for k in tensors if k.startswith(f"{name}.weight")]:
             del tensors[k]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not _is_quantized_buffer(model, k)]
-    if missing or unexpected:
-        raise LowbitError(f"{path} does not match the model: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    model.eval()
-    return model, load_tokenizer(path)
-
-
-def _is_quantized_buffer(model: nn.Module, key: str) -> bool:
-    module_name = key.rsplit(".", 1)[0]
-    try:
-        return isinstance(model.get_submodule(module_name), Linear4bit)
-    except AttributeError:
-        return False
+    return finish_import(model, tensors, path)
 
 
 register_importer("bnb", import_bnb)

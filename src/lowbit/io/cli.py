@@ -20,10 +20,27 @@ def _cmd_export(args) -> str:
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     options = {"type": args.type} if args.type else {}
     weights, redone = exporter.prepare(model, args.requantize)
+    if args.target:
+        _check_target(args.target, args.format, weights, model)
     written = exporter.write(model, weights, out, tokenizer=tokenizer, requantize=args.requantize, **options)
     note = (f"; {len(redone)} quantised weights were rounded again for {args.format} (--requantize): "
             f"{', '.join(redone[:3])}{' ...' if len(redone) > 3 else ''}") if redone else ""
-    return f"wrote {args.format} export to {written or out}{note}"
+    lines = [f"wrote {args.format} export to {written or out}{note}"]
+    if args.verify:
+        from lowbit.io.verify import verify
+
+        lines.append(verify(args.format, written or out, model, tokenizer))
+    return "\n".join(lines)
+
+
+def _check_target(target: str, fmt: str, weights: dict, model) -> None:
+    from lowbit.io.targets import check_target, shown
+    from lowbit.pipeline.arch import shared_input_groups
+
+    family = getattr(model.config, "model_type", None)
+    _, problems = check_target(target, weights, shared_input_groups(model), formats=[fmt], family=family)
+    if problems:
+        raise LowbitError(f"{target} cannot serve this export:\n  " + "\n  ".join(shown(problems)))
 
 
 def _cmd_import(args) -> str:
@@ -42,19 +59,24 @@ def _cmd_import(args) -> str:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("export", help="write a model in a serving format (gguf, gptq, awq, bnb)")
+    p = sub.add_parser("export", help="write a model in a serving format (gguf, gptq, awq, bnb, compressed-tensors)")
     p.add_argument("model", nargs="?", default=None,
                    help="a lowbit-quantised folder (or a HF folder for gguf, which quantises itself); default: bundled model")
-    p.add_argument("--format", required=True, help="gguf, gptq, awq or bnb")
+    p.add_argument("--format", required=True, help="gguf, gptq, awq, bnb or compressed-tensors")
     p.add_argument("--type", help="GGUF file type: Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q3_K_M, Q6_K, Q2_K, F16 ...")
     p.add_argument("--requantize", action="store_true",
                    help="round quantised weights the format cannot hold exactly again (default: refuse them)")
+    p.add_argument("--target", choices=["vllm", "llama.cpp", "transformers"],
+                   help="check that this engine's kernels can serve the exported weights")
+    p.add_argument("--verify", action="store_true",
+                   help="load the written files with their consumer (llama.cpp, transformers, vLLM) when installed "
+                        "and print its agreement with this model on held-out text")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(run=_cmd_export)
 
     q = sub.add_parser("import", help="read a gguf/gptq/awq/bnb model into the native format")
     q.add_argument("path")
-    q.add_argument("--format", required=True, help="gguf, gptq, awq or bnb")
+    q.add_argument("--format", required=True, help="gguf, gptq, awq, bnb or compressed-tensors")
     q.add_argument("-o", "--output", required=True)
     q.set_defaults(run=_cmd_import)

@@ -25,7 +25,7 @@ from lowbit.errors import LowbitError
 from lowbit.io import Exporter, quantized_weights, register_exporter
 from lowbit.kernels.ggml_search import searches
 from lowbit.methods.ggml_mix import FILE_TYPES, file_type, tensor_type
-from lowbit.pipeline.arch import Arch, describe
+from lowbit.pipeline.arch import Arch, block_list, describe
 from lowbit.weights.ggml import GGMLTensor, quantize_ggml
 from lowbit.weights.ggml.affine import ggml_from_affine
 
@@ -189,9 +189,10 @@ def _is_tied(model) -> bool:
 def tensor_names(model: nn.Module, arch: Arch) -> list[tuple[str, str]]:
     """(Hugging Face module, GGUF tensor name) of every tensor, in llama.cpp's order."""
     by_role = {role: name for name, role in arch.globals.items()}
+    path, blocks = block_list(model, arch)
     names = [(by_role["token_embd"], "token_embd.weight")]
-    for i in range(model.config.num_hidden_layers):
-        names += [(f"model.layers.{i}.{suffix}", f"blk.{i}.{role}.weight") for suffix, role in arch.roles.items()]
+    for i in range(len(blocks)):
+        names += [(f"{path}.{i}.{suffix}", f"blk.{i}.{role}.weight") for suffix, role in arch.roles.items()]
     names.append((by_role["output_norm"], "output_norm.weight"))
     if not _is_tied(model):
         names.append((by_role["output"], "output.weight"))
@@ -203,13 +204,16 @@ def gguf_names(model: nn.Module) -> dict[str, str]:
     return dict(tensor_names(model, describe(model)))
 
 
-def _stored(name: str, source, target: str, importance, search: bool, keep_held: bool) -> tuple[np.ndarray, str]:
-    """(uint8 array as GGUF stores it, ggml type): held blocks are copied, float weights quantised."""
+def _stored(name: str, source, target: str, importance, search: bool, held: str) -> tuple[np.ndarray, str]:
+    """(uint8 array as GGUF stores it, ggml type): held blocks are copied, float weights quantised.
+    held: what to do with held blocks of another type than `target`: "keep", "reround" or "refuse"."""
     if isinstance(source, GGMLTensor):
-        if source.type == target or keep_held:
+        if source.type == target or held == "keep":
             return source.data.numpy(), source.type
-        raise LowbitError(f"{name} holds {source.type} blocks but the file type asked for stores it as {target}; "
-                          "export without --type to keep the model's own types, or pass --requantize")
+        if held == "refuse":
+            raise LowbitError(f"{name} holds {source.type} blocks but the file type asked for stores it as {target}; "
+                              "export without --type to keep the model's own types, or pass --requantize")
+        source = source.dequantize().float()
     if source.dim() == 1:
         return quantize_ggml(source.reshape(1, -1), "F32").reshape(-1), "F32"
     with searches():   # the compiled scale searches when the kernels load (lowbit.kernels.ggml_search)
@@ -217,10 +221,10 @@ def _stored(name: str, source, target: str, importance, search: bool, keep_held:
 
 
 def gguf_tensors(model, ftype: str, weights: dict | None = None, imatrix: dict | None = None, search: bool = True,
-                 keep_held: bool = True):
+                 held: str = "keep"):
     """(GGUF name, uint8 array, ggml type) for every tensor of a Llama model, in llama.cpp's order.
-    weights: {module: GGMLTensor held, or a float tensor to round}; keep_held: held blocks keep their
-    type even where the file type would choose another (else that is an error)."""
+    weights: {module: GGMLTensor held, or a float tensor to round}; held: where the file type would choose
+    another type than a held block's, "keep" the block, "reround" it from its values, or "refuse"."""
     config, arch = model.config, describe(model)
     n_layers, n_heads, n_kv = config.num_hidden_layers, config.num_attention_heads, _n_kv_heads(config)
     tied = _is_tied(model)
@@ -232,7 +236,7 @@ def gguf_tensors(model, ftype: str, weights: dict | None = None, imatrix: dict |
             source = _permute(source, n_heads if role == "attn_q" else n_kv)
         target = tensor_type(ftype, name, n_layers, source.shape[-1], n_heads // n_kv, tied, imatrix is not None)
         importance = None if imatrix is None else imatrix.get(hf)
-        yield (name, *_stored(name, source, target, importance, search, keep_held))
+        yield (name, *_stored(name, source, target, importance, search, held))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,7 +298,8 @@ class GGUFExporter(Exporter):
             raise LowbitError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
         _check_llama(model.config)
         ftype = file_type(type) if type else infer_file_type(model, weights)
-        keep_held = type is None     # an explicit file type must match held blocks, or re-round them
+        # without a file type the model's own types are kept; an explicit one must match, or re-round them
+        held = "keep" if type is None else "reround" if requantize else "refuse"
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -305,8 +310,7 @@ class GGUFExporter(Exporter):
             _write_hparams(writer, model.config, ftype, name or source_name)
             _write_tokenizer(writer, tokenizer, model.config.vocab_size, tokenizer_pre)
             with torch.no_grad():
-                tensors = gguf_tensors(model, ftype, _regroup(weights, requantize and type), imatrix, search,
-                                       keep_held)
+                tensors = gguf_tensors(model, ftype, weights, imatrix, search, held)
                 for tname, data, stored in tensors:
                     writer.add_tensor(tname, data, raw_dtype=GGMLQuantizationType[stored])
             writer.write_header_to_file()
@@ -318,14 +322,6 @@ class GGUFExporter(Exporter):
             Path(tmp).unlink(missing_ok=True)
             raise
         return out
-
-
-def _regroup(weights: dict, reround_held: bool) -> dict:
-    """With an explicit file type and requantize, held blocks of another type are rounded again from
-    their values: pass them as float."""
-    if not reround_held:
-        return weights
-    return {n: w.dequantize().float() if isinstance(w, GGMLTensor) else w for n, w in weights.items()}
 
 
 EXPORTER = register_exporter(GGUFExporter())

@@ -28,12 +28,16 @@ from pathlib import Path
 
 import torch
 
+from lowbit._version import __version__
 from lowbit.core import QuantizedTensor, QuantSpec, pack_bits, unpack_bits
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, register_exporter, register_importer
-from lowbit.io.hf_folder import (DTYPE_NAMES, DTYPES, WEIGHTS_FILE, biases, empty_model, float_tensors, one_value,
+from lowbit.io import describe as describe_weight
+from lowbit.io.hf_folder import (DTYPE_NAMES, DTYPES, WEIGHTS_FILE, biases, finish_import, float_tensors, mixed, one_value,
+                                 plain_model, read_tensors,
                                  write_hf_folder, writing_folder)
 from lowbit.nn import QuantLinear
+from lowbit.pipeline.loading import set_module
 
 CONFIG_FILE = "quantize_config.json"
 GPTQ_BITS = (2, 3, 4, 8)
@@ -158,8 +162,6 @@ def quantized_from_gptq(tensors: dict[str, torch.Tensor], prefix: str, spec: Qua
 def quantization_config(qts: dict[str, QuantizedTensor], checkpoint_format: str) -> dict:
     """The dict transformers (config.json quantization_config), AutoGPTQ/GPTQModel (quantize_config.json)
     and vLLM read, plus a "lowbit" entry with what makes import exact."""
-    from lowbit import __version__
-
     spec = one_value(qts, "the GPTQ layout", "scheme", lambda q: q.spec)
     desc_act = any(q.g_idx is not None for q in qts.values())
     dtype = one_value(qts, "the GPTQ layout", "compute dtype", lambda q: q.dtype)
@@ -200,6 +202,10 @@ class GPTQExporter(Exporter):
     def problem(self, weight) -> str | None:
         return gptq_problem(weight)
 
+    def model_problem(self, weights: dict) -> str | None:
+        return mixed(weights, "scheme", lambda q: q.spec, describe_spec) or mixed(weights, "compute dtype",
+                                                                                   lambda q: q.dtype)
+
     def write(self, model, weights, out, tokenizer=None, checkpoint_format: str | None = None,
               dtype: str | None = "fp16", **_options) -> Path:
         float_dtype = _float_dtype(dtype)
@@ -211,6 +217,10 @@ class GPTQExporter(Exporter):
         for name, qt in weights.items():
             tensors.update(gptq_tensors(name, qt, fmt))
         return write_hf_folder(out, model, tensors, tokenizer, qc, float_dtype, {CONFIG_FILE: qc})
+
+
+def describe_spec(spec: QuantSpec) -> str:
+    return describe_weight(type("W", (), {"spec": spec, "g_idx": None})())
 
 
 def _float_dtype(dtype: str | None):
@@ -291,15 +301,10 @@ def _spec_of(qc: dict, n_in: int) -> QuantSpec:
 def read_gptq(path) -> tuple[dict[str, QuantizedTensor], dict[str, torch.Tensor], dict]:
     """({module: QuantizedTensor}, {every other tensor, biases included}, quantization config) of a
     GPTQ folder."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     qc = read_quantize_config(path)
     fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise LowbitError(f"no .safetensors weights in {path}")
-    tensors = {k: v for f in files for k, v in load_file(str(f)).items()}
+    tensors = read_tensors(path)
     own = qc.get("lowbit") or {}
     dtype = DTYPES.get({"float16": "fp16", "bfloat16": "bf16"}.get(own.get("dtype"), "fp32"))
     with_g_idx = set(own.get("g_idx", []))
@@ -317,27 +322,15 @@ def read_gptq(path) -> tuple[dict[str, QuantizedTensor], dict[str, torch.Tensor]
 
 def import_gptq(path):
     """(model, tokenizer or None) from a GPTQ folder, its quantised Linears as QuantLinear."""
-    from lowbit.pipeline.loading import load_tokenizer, read_config, set_module
-
     path = Path(path)
     qts, tensors, _ = read_gptq(path)
     if not (path / "config.json").is_file():
         raise LowbitError(f"{path} has no config.json: use read_gptq() for the tensors alone")
-    config = read_config(path)
-    config.quantization_config = None
-    model = empty_model(config, path).float()
+    model = plain_model(path)
     for name, qt in qts.items():
         bias = tensors.pop(f"{name}.bias", None)
         set_module(model, name, QuantLinear.from_quantized(qt, None if bias is None else bias.float()))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and k.rsplit(".", 1)[0] not in qts]
-    if missing or unexpected:
-        raise LowbitError(f"{path} does not match the model: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    model.eval()
-    return model, load_tokenizer(path)
+    return finish_import(model, tensors, path)
 
 
 register_importer("gptq", import_gptq)

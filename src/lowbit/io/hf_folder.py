@@ -69,12 +69,24 @@ def biases(model: nn.Module, names, dtype: torch.dtype | None = None) -> dict[st
     return out
 
 
+def mixed(items: dict, what: str, value_of, describe=str) -> str | None:
+    """None when every item shares value_of(item); else a phrase naming the first that differs from the
+    most common value (for layouts that store one value per model)."""
+    values = [value_of(v) for v in items.values()]
+    common = max(set(values), key=values.count) if values else None
+    odd = next((n for n, v in zip(items, values) if v != common), None)
+    if odd is None:
+        return None
+    return (f"the layout holds one {what} per model; {odd} has {describe(value_of(items[odd]))}, most layers "
+            f"{describe(common)}")
+
+
 def one_value(items: dict, layout: str, what: str, value_of):
     """The value every item shares (a layout that stores one per model), or a one-line error."""
-    values = {value_of(v) for v in items.values()}
-    if len(values) > 1:
-        raise LowbitError(f"{layout} holds one {what} per model; these weights mix {sorted(map(str, values))}")
-    return values.pop()
+    problem = mixed(items, what, value_of)
+    if problem:
+        raise LowbitError(f"{layout}: {problem}")
+    return value_of(next(iter(items.values())))
 
 
 def empty_model(config, path: Path) -> nn.Module:
@@ -126,3 +138,57 @@ def write_hf_folder(out, model: nn.Module, tensors: dict[str, torch.Tensor], tok
             (tmp / name).write_text(json.dumps(content, indent=2))
         save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a folder back
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every .safetensors file in `path` (a truncated or corrupt file is a one-line error)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise LowbitError(f"no .safetensors weights in {path}")
+    tensors = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
+        except Exception as e:  # safetensors raises its own types for truncated or corrupt files
+            raise LowbitError(f"cannot read {f}: {str(e).splitlines()[0]}") from e
+    return tensors
+
+
+def plain_model(path: Path) -> nn.Module:
+    """The model a quantised folder's config.json describes, built in float32 without its quantization
+    config (lowbit swaps its own modules in)."""
+    from lowbit.pipeline.loading import read_config
+
+    if not (Path(path) / "config.json").is_file():
+        raise LowbitError(f"not a model folder: {path} (no config.json)")
+    config = read_config(Path(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return empty_model(config, path).float()
+
+
+def finish_import(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path):
+    """Load the remaining (float) tensors into `model`, whose quantised modules are already in place;
+    (model, tokenizer or None). Missing or unexpected tensors are an error (tied weights may be absent)."""
+    from lowbit.pipeline.loading import load_tokenizer
+
+    float_state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(float_state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not _inside_quantized(model, k)]
+    if missing or unexpected:
+        raise LowbitError(f"{path} does not match the model: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval(), load_tokenizer(Path(path))
+
+
+def _inside_quantized(model: nn.Module, key: str) -> bool:
+    owner = model.get_submodule(key.rpartition(".")[0])
+    return callable(getattr(owner, "quantized", None))

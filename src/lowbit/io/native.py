@@ -79,17 +79,20 @@ def load(path):
     meta = _read_meta(path)
     model = _empty_model(path, meta)
     conv1d_to_linear(model)
-    for name, cfg in meta["modules"].items():
-        if cfg.get("module") not in MODULES:
-            raise LowbitError(f"unknown module type {cfg.get('module')!r} for {name} in {path / CONFIG_FILE}")
-        set_module(model, name, MODULES[cfg["module"]].from_layer_config(cfg))
+    modules = meta.get("modules")
+    if not isinstance(modules, dict):
+        raise LowbitError(f"{path / CONFIG_FILE}: 'modules' must map module names to their layouts")
+    for name, cfg in modules.items():
+        set_module(model, name, _rebuild(name, cfg, path))
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise LowbitError(f"{weights} is missing")
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except Exception as e:  # safetensors raises its own types for truncated or corrupt files
-        raise LowbitError(f"cannot read {weights}: {str(e).splitlines()[0]}") from e
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line),
+                      str(e).splitlines()[0])
+        raise LowbitError(f"cannot read {weights}: {detail}") from e
     _check_keys(model, missing, unexpected, weights)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -97,6 +100,17 @@ def load(path):
         model.lowbit_recipe = Recipe.from_dict(meta["recipe"])
     model.eval()
     return model, load_tokenizer(path)
+
+
+def _rebuild(name: str, cfg, path: Path) -> nn.Module:
+    """The empty module a saved layout describes; a malformed layout is a one-line error naming it."""
+    if not isinstance(cfg, dict) or cfg.get("module") not in MODULES:
+        kind = cfg.get("module") if isinstance(cfg, dict) else cfg
+        raise LowbitError(f"unknown module type {kind!r} for {name} in {path / CONFIG_FILE}")
+    try:
+        return MODULES[cfg["module"]].from_layer_config(cfg)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LowbitError(f"{path / CONFIG_FILE}: the layout of {name} is malformed ({type(e).__name__}: {e})") from e
 
 
 def _check_keys(model: nn.Module, missing, unexpected, weights: Path) -> None:

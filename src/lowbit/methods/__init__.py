@@ -12,6 +12,8 @@ from lowbit.methods import llm_int8  # noqa: F401  (registers "llm-int8")
 from lowbit.methods import smoothquant  # noqa: F401  (registers "smoothquant")
 from lowbit.methods import awq  # noqa: F401  (registers "awq")
 from lowbit.methods import ggml_quant, ggml_mix  # noqa: F401  (registers "ggml" and the llama.cpp file types)
+from lowbit.methods import hqq  # noqa: F401  (registers "hqq")
+from lowbit.methods import spqr  # noqa: F401  (registers "spqr")
 from lowbit.methods.awq import AWQ
 from lowbit.methods.base import (METHODS, LayerInfo, MethodConfig, SchemeMethod, method_from_dict, parse_method,
                                  register_method)

@@ -25,7 +25,11 @@ projections unclipped (their error matters through attention scores, which its s
 poorly); with the exact error, clipping them too measured as good or better on the bundled model
 (perplexity 46.60 against 46.61 at int4 g128, 47.76 against 48.31 at int3 g128), so it is the default
 here ("noclipqk" restores AutoAWQ's choice).
-The weights are then rounded to nearest: asymmetric uint4 (or uint3) with fp16 scales, g128 by default.
+The weights are then rounded by GPTQ (methods/gptq.py: act-order, the clipped ranges as its static group
+scales, errors fed forward against the original weight), as llm-compressor's AWQ + GPTQ recipes do;
+`gptq=False` ("rtn") rounds to nearest as AutoAWQ does. On all-MiniLM-L6-v2 (benchmarks/real_weights.py),
+a post-norm encoder where no scale can be folded and AWQ can only clip, GPTQ rounding is what lifts AWQ
+from RTN's level to GPTQ's. Asymmetric uint4 (or uint3) with fp16 scales, g128 by default.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from lowbit.core import QuantizedTensor, QuantSpec, block_shape, fake_quantize, 
 from lowbit.core import get_observer, scale_and_zero
 from lowbit.errors import LowbitError
 from lowbit.methods.base import LayerInfo, SchemeMethod, register_method
+from lowbit.methods.gptq import GPTQ, gptq_quantize
 from lowbit.methods.scaling import InputScaling, ScaleContext
 
 # Roles of the Linears whose outputs feed attention scores: AutoAWQ leaves them unclipped (clip_qk=False).
@@ -153,7 +158,8 @@ class AWQ(InputScaling, SchemeMethod):
     default_scheme = "uint4-g128"
     required_stats = ("hessian",)
     words = {"noclip": {"clip": False}, "noclipqk": {"clip_qk": False}, "duo": {"duo_scaling": True},
-             "layer": {"objective": "layer"}, "mixed": {"objective": "mixed"}, "block": {"objective": "block"}}
+             "layer": {"objective": "layer"}, "mixed": {"objective": "mixed"}, "block": {"objective": "block"},
+             "rtn": {"gptq": False}}
     n_grid: int = 20
     duo_scaling: bool = False
     clip: bool = True
@@ -161,6 +167,7 @@ class AWQ(InputScaling, SchemeMethod):
     max_shrink: float = 0.5
     search_batches: int | None = SEARCH_BATCHES
     objective: str = "block"
+    gptq: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -190,9 +197,19 @@ class AWQ(InputScaling, SchemeMethod):
             return replace(self, clip=False)
         return self
 
+    @property
+    def sequential(self) -> bool:
+        """GPTQ rounding wants each group's inputs from the already-quantised groups (true sequential)."""
+        return self.gptq
+
     def quantize_weight(self, weight, stats=None) -> QuantizedTensor:
         spec = self.scheme
         w = weight
-        if self.clip and stats is not None and stats.n_tokens and stats.xtx is not None:
+        calibrated = stats is not None and stats.n_tokens and stats.xtx is not None
+        if self.clip and calibrated:
             w, _ = clip_search(weight, stats.xtx, spec, self.n_grid, self.max_shrink)
+        if self.gptq and calibrated and spec.granularity in ("channel", "group"):
+            # the grid the clipping search chose (core's scales, as it measured them), GPTQ's rounding
+            rounding = GPTQ(scheme=spec, act_order=True, static_groups=True, full_grid=False, clip=False)
+            return gptq_quantize(weight, stats.hessian(), rounding, scale_source=w)
         return quantize(w, spec, "minmax")

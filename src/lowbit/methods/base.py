@@ -21,8 +21,10 @@ from lowbit.core import QuantSpec
 from lowbit.errors import LowbitError
 from lowbit.methods import names
 from lowbit.methods.stats import LayerStats
+from lowbit.weights import placeholders
 
 METHODS: dict[str, type["MethodConfig"]] = {}
+SCALE_ONLY_FORMATS = ("e8m0",)
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,8 @@ class LayerInfo:
     """What the pipeline tells a method about the Linear it quantises, from the model's Arch.
 
     role: the tensor's role in GGUF's vocabulary ("attn_q", "attn_k", "attn_v", "attn_qkv",
-    "attn_output", "ffn_gate", "ffn_up", "ffn_gate_up", "ffn_down", "output"), None when the Arch names
+    "attn_output", "ffn_gate", "ffn_up", "ffn_down", "output"; a fused gate/up projection is "ffn_up", as
+    in llama.cpp), None when the Arch names
     none; layer: the block index (None outside the blocks); n_gqa: query heads per key/value head."""
 
     name: str
@@ -40,8 +43,40 @@ class LayerInfo:
     n_gqa: int = 1
 
 
+SHORTHAND = ("format", "bits", "group_size", "symmetric", "scale_dtype", "zero_dtype")
+_PLAIN_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+class _ConfigMeta(type):
+    """Makes every config check its settings' types on construction (a saved folder's `"symmetric":
+    "false"` must not quietly mean True), and lets `GPTQ(bits=3, group_size=64)` stand for a change of
+    the default scheme: those keywords are folded into `scheme` first (so dataclasses.replace works too)."""
+
+    def __call__(cls, *args, **kwargs):
+        if hasattr(cls, "default_scheme"):
+            short = {k: kwargs.pop(k) for k in SHORTHAND if k in kwargs}
+            if short:
+                kwargs["scheme"] = resolve_scheme(kwargs.pop("scheme", None), cls.default_scheme).updated(**short)
+        config = super().__call__(*args, **kwargs)
+        _check_types(config)
+        return config
+
+
+def _check_types(config) -> None:
+    for f in fields(config):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        allowed = [t for k in kinds for t in _PLAIN_TYPES.get(k, ())]
+        if len(allowed) < len([k for k in kinds if k != "None"]):
+            continue                                   # a type this check does not know: left to the config
+        value = getattr(config, f.name)
+        if value is None and "None" in kinds:
+            continue
+        if not isinstance(value, tuple(allowed)) or (isinstance(value, bool) and bool not in allowed):
+            raise LowbitError(f"{config.name}: {f.name} must be {' or '.join(kinds)}, got {value!r}")
+
+
 @dataclass(frozen=True)
-class MethodConfig:
+class MethodConfig(metaclass=_ConfigMeta):
     name: ClassVar[str] = ""
     required_stats: ClassVar[tuple[str, ...]] = ()
     # Whether sub-layers of a block are quantised one group at a time, each seeing the outputs of the
@@ -56,6 +91,12 @@ class MethodConfig:
     def for_layer(self, layer: LayerInfo) -> "MethodConfig":
         """The config to use for one Linear; the same config unless the method treats roles differently."""
         return self
+
+    def planned_weight(self, shape: torch.Size, layer: LayerInfo):
+        """The weight this config will produce for a Linear of `shape` [out, in], as a placeholder (its type,
+        scheme and shapes; no values): what export and engine checks read before calibrating. None when
+        the method cannot say."""
+        return None
 
     def module_options(self) -> dict:
         """Options for the module nn/ builds around this method's weights (e.g. a compute dtype)."""
@@ -88,21 +129,6 @@ class MethodConfig:
 # ---------------------------------------------------------------------------------------------------
 # Methods over a scheme
 
-SHORTHAND = ("format", "bits", "group_size", "symmetric", "scale_dtype", "zero_dtype")
-
-
-class _SchemeShorthand(type):
-    """Lets `GPTQ(bits=3, group_size=64)` stand for a change of the default scheme: the keywords are
-    folded into `scheme` before the dataclass sees them (so `dataclasses.replace` works the same way)."""
-
-    def __call__(cls, *args, **kwargs):
-        short = {k: kwargs.pop(k) for k in SHORTHAND if k in kwargs}
-        if short:
-            base = kwargs.pop("scheme", None)
-            kwargs["scheme"] = resolve_scheme(base, cls.default_scheme).updated(**short)
-        return super().__call__(*args, **kwargs)
-
-
 def resolve_scheme(scheme, default: str) -> QuantSpec:
     """A QuantSpec from a QuantSpec, its dict, its short words ("int4-g128") or None (the default)."""
     if isinstance(scheme, QuantSpec):
@@ -120,13 +146,14 @@ def resolve_scheme(scheme, default: str) -> QuantSpec:
 
 
 @dataclass(frozen=True)
-class SchemeMethod(MethodConfig, metaclass=_SchemeShorthand):
+class SchemeMethod(MethodConfig):
     """A method that chooses values on a given scheme (QuantSpec): RTN, GPTQ, AWQ, ...
 
     scheme: a QuantSpec, or its short words ("int4-g128", "uint4-g128", "nf4-b64"); the keywords bits,
     group_size, symmetric, format, scale_dtype and zero_dtype change the method's default scheme."""
 
     default_scheme: ClassVar[str] = "int4-g128"
+    granularities: ClassVar[tuple[str, ...]] = ("channel", "group")
     shorthand: ClassVar[tuple[str, ...]] = SHORTHAND
     scheme: QuantSpec | str | None = None
 
@@ -135,6 +162,11 @@ class SchemeMethod(MethodConfig, metaclass=_SchemeShorthand):
         fmt = self.scheme.number_format
         if fmt.is_integer and fmt.bits < 2:
             raise LowbitError(f"{self.name} takes integer grids of 2..8 bits, not {self.scheme.format}")
+        if self.scheme.format in SCALE_ONLY_FORMATS:
+            raise LowbitError(f"{self.scheme.format} is a scale format, not a grid for weights")
+        if self.scheme.granularity not in self.granularities:
+            raise LowbitError(f"{self.name} quantises weights per {' or per '.join(self.granularities)}, "
+                              f"not per {self.scheme.granularity}")
 
     @property
     def bits(self) -> int:
@@ -154,6 +186,9 @@ class SchemeMethod(MethodConfig, metaclass=_SchemeShorthand):
 
     def spec(self) -> QuantSpec:
         return self.scheme
+
+    def planned_weight(self, shape: torch.Size, layer: LayerInfo):
+        return placeholders.affine(shape, self.scheme)
 
     def _scheme_words(self) -> list[str]:
         return names.scheme_words(self.scheme, resolve_scheme(None, self.default_scheme))
@@ -180,7 +215,7 @@ def method_from_dict(d: dict) -> MethodConfig:
     if not isinstance(d, dict):
         raise LowbitError(f"a method config must be a dict, got {type(d).__name__}")
     name = d.get("method")
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise LowbitError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
     return METHODS[name].from_dict({k: v for k, v in d.items() if k != "method"})
 

@@ -13,6 +13,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.methods import names
 from lowbit.methods.base import MethodConfig, register_method
+from lowbit.weights import placeholders
 from lowbit.weights.ggml import GGMLTensor, canonical_type, fit_type, quantize_to_tensor
 
 
@@ -63,6 +64,9 @@ class GGMLQuant(GGMLConfigMixin, MethodConfig):
 
         with searches():   # the compiled scale searches when the kernels load (the same fits, faster)
             return quantize_to_tensor(weight, fit_type(self.type, weight.shape[-1]), imatrix, self.search)
+
+    def planned_weight(self, shape, layer) -> GGMLTensor:
+        return placeholders.ggml(shape, fit_type(self.type, shape[-1]))
 
     def short_name(self) -> str:
         return "-".join([self.name, self.type.lower(), *names.method_words(self)])

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from lowbit.errors import LowbitError
 from lowbit.methods.base import MethodConfig, register_method
 from lowbit.methods.w8a8 import int8_weight
-from lowbit.weights.int8 import MixedInt8Weight
+from lowbit.weights import placeholders
+from lowbit.weights.int8 import WEIGHT_SPEC, MixedInt8Weight
 
 DEFAULT_THRESHOLD = 6.0
 
@@ -40,3 +41,6 @@ class LLMInt8(MethodConfig):
             # single forward sees: there only the tokens of that call count)
             q.extras["calibration_outlier_fraction"] = float((stats.act_absmax() >= self.threshold).float().mean())
         return MixedInt8Weight(q, self.threshold)
+
+    def planned_weight(self, shape, layer) -> MixedInt8Weight:
+        return MixedInt8Weight(placeholders.affine(shape, WEIGHT_SPEC), self.threshold)

@@ -17,13 +17,17 @@ import re
 from dataclasses import MISSING, fields
 
 from lowbit.core import QuantSpec
+from lowbit.core.spec import SCALE_DTYPES, ZERO_DTYPES
 from lowbit.errors import LowbitError
 from lowbit.formats import canonical_name, get_format
 
-SCHEME_WORDS = "intN, uintN, a format name (nf4, fp4, fp8_e4m3, ...), gN, bN, channel, tensor, sym, asym"
-_INT = re.compile(r"(u?)int(\d+)")
-_GROUP = re.compile(r"[gb](\d+)")
-_NUMBER = re.compile(r"-?\d+(\.\d*)?(e-?\d+)?")
+SCHEME_WORDS = ("intN, uintN, a format name (nf4, fp4, fp8_e4m3, ...), gN, bN, channel, tensor, sym, asym, "
+                "s<dtype> for scales (sfp32, sbf16, se8m0), z<dtype> for zero points (zfp16, zint)")
+_INT = re.compile(r"(u?)int(\d+)", re.ASCII)
+_GROUP = re.compile(r"[gb](\d+)", re.ASCII)
+_NUMBER = re.compile(r"\d+(\.\d*)?(e-?\d+)?", re.ASCII)
+_SCALE_WORDS = {f"s{d}": d for d in SCALE_DTYPES}
+_ZERO_WORDS = {f"z{d}": d for d in ZERO_DTYPES}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -38,33 +42,50 @@ def _format_word(word: str) -> str | None:
     return None if get_format(name).is_integer else name
 
 
+def _scheme_word(w: str) -> tuple[str, dict] | None:
+    """(the slot a scheme word fills, the changes it makes), or None when it is not a scheme word."""
+    if m := _INT.fullmatch(w):
+        return "grid", {"bits": int(m.group(2)), **({"symmetric": False} if m.group(1) else {})}
+    if m := _GROUP.fullmatch(w):
+        return "group", {"group_size": int(m.group(1))}
+    if w in ("channel", "tensor"):
+        return "group", {"group_size": None, "granularity": w}
+    if w in ("sym", "asym"):
+        return "symmetry", {"symmetric": w == "sym"}
+    if w in _SCALE_WORDS:
+        return "scale", {"scale_dtype": _SCALE_WORDS[w]}
+    if w in _ZERO_WORDS:
+        return "zero", {"zero_dtype": _ZERO_WORDS[w]}
+    if (fmt := _format_word(w)) is not None:
+        return "grid", {"format": fmt}
+    return None
+
+
 def parse_scheme(words: list[str], default: QuantSpec) -> tuple[QuantSpec, list[str]]:
-    """(the scheme the words describe on top of `default`, the words that are not scheme words)."""
+    """(the scheme the words describe on top of `default`, the words that are not scheme words). Two
+    words for one slot (two grids, two group sizes, uint4 and sym ...) are an error."""
     changes: dict = {}
-    grid = group = False
+    filled: dict[str, str] = {}
     rest = []
     for w in words:
-        m_int, m_group, fmt = _INT.fullmatch(w), _GROUP.fullmatch(w), None
-        if m_int:
-            changes["bits"], grid = int(m_int.group(2)), True
-            if m_int.group(1):
-                changes["symmetric"] = False
-        elif m_group:
-            changes["group_size"], group = int(m_group.group(1)), True
-        elif w in ("channel", "tensor"):
-            group = True
-            changes["group_size"] = None
-            changes["granularity"] = w
-        elif w in ("sym", "asym"):
-            changes["symmetric"] = w == "sym"
-        elif (fmt := _format_word(w)) is not None:
-            changes["format"], grid = fmt, True
-            changes.setdefault("symmetric", True)
-        else:
+        found = _scheme_word(w)
+        if found is None:
             rest.append(w)
-    if grid and not group:
+            continue
+        slot, change = found
+        if "symmetric" in change and slot == "grid":
+            _fill(filled, "symmetry", w)
+        _fill(filled, slot, w)
+        changes.update(change)
+    if "grid" in filled and "group" not in filled:
         changes["group_size"] = None
     return _apply(default, changes), rest
+
+
+def _fill(filled: dict, slot: str, word: str) -> None:
+    if slot in filled:
+        raise LowbitError(f"the words {filled[slot]!r} and {word!r} both set the {slot} of the scheme")
+    filled[slot] = word
 
 
 def _apply(default: QuantSpec, changes: dict) -> QuantSpec:
@@ -81,10 +102,14 @@ def scheme_words(spec: QuantSpec, default: QuantSpec) -> list[str]:
     words = [f"int{fmt.bits}" if fmt.is_integer else spec.format]
     if spec.granularity == "group":
         words.append(f"g{spec.group_size}")
-    elif spec.granularity == "tensor":
-        words.append("tensor")
-    if spec.symmetric != default.symmetric:
+    elif spec.granularity in ("tensor", "token"):
+        words.append(spec.granularity)
+    if spec.symmetric != default.symmetric or fmt.is_integer and fmt.signed != spec.symmetric:
         words.append("sym" if spec.symmetric else "asym")
+    if spec.scale_dtype != default.scale_dtype:
+        words.append(f"s{spec.scale_dtype}")
+    if spec.zero_dtype != default.zero_dtype and not spec.symmetric:
+        words.append(f"z{spec.zero_dtype}")
     return words
 
 
@@ -113,15 +138,21 @@ def parse_words(cls, words: list[str], full_name: str) -> dict:
     kwargs: dict = {}
     defaults = _defaults(cls)
     valued = {p: f for p, f in cls.words.items() if isinstance(f, str)}
+    set_by: dict[str, str] = {}
     for w in words:
         if isinstance(cls.words.get(w), dict):
-            kwargs.update(cls.words[w])
-            continue
-        prefix = next((p for p in valued if w.startswith(p) and _number(w[len(p):], 0) is not None), None)
-        if prefix is None:
-            raise LowbitError(f"unrecognised word {w!r} in method name {full_name!r}; {cls.name} takes "
-                              f"{expected_words(cls)}")
-        kwargs[valued[prefix]] = _number(w[len(prefix):], defaults.get(valued[prefix]))
+            change = cls.words[w]
+        else:
+            prefix = next((p for p in valued if w.startswith(p) and _number(w[len(p):], 0) is not None), None)
+            if prefix is None:
+                raise LowbitError(f"unrecognised word {w!r} in method name {full_name!r}; {cls.name} takes "
+                                  f"{expected_words(cls)}")
+            change = {valued[prefix]: _number(w[len(prefix):], defaults.get(valued[prefix]))}
+        for field_name in change:
+            if field_name in set_by:
+                raise LowbitError(f"the words {set_by[field_name]!r} and {w!r} in {full_name!r} both set {field_name}")
+            set_by[field_name] = w
+        kwargs.update(change)
     return kwargs
 
 

@@ -19,6 +19,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
 from lowbit.methods.base import MethodConfig, register_method
+from lowbit.weights import placeholders
 from lowbit.weights.bnb4 import (COMPUTE_DTYPES, FORMAT_OF, Quantized4bit, check_block_size, check_quant_type,
                                  double_quantize, pack_nibbles)
 
@@ -93,6 +94,9 @@ class NF4(MethodConfig):
 
     def quantize_weight(self, weight: torch.Tensor, stats=None) -> Quantized4bit:
         return quantize_4bit(weight, self.block_size, self.quant_type, self.double_quant)
+
+    def planned_weight(self, shape, layer) -> Quantized4bit:
+        return placeholders.bnb4(shape, self.block_size, self.quant_type, self.double_quant)
 
     def module_options(self) -> dict:
         return {"compute_dtype": COMPUTE_DTYPES[self.compute_dtype]}

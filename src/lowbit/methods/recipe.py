@@ -24,16 +24,13 @@ class Recipe:
 
     def __post_init__(self):
         self.default = _config(self.default)
-        self.overrides = [(p, None if c is None else _config(c)) for p, c in self.overrides]
+        if not isinstance(self.overrides, (list, tuple)):
+            raise LowbitError(f"recipe overrides must be a list of (pattern, config) pairs, got {type(self.overrides).__name__}")
+        self.overrides = [_override(o) for o in self.overrides]
+        if isinstance(self.skip, str) or not isinstance(self.skip, (list, tuple)) or \
+                not all(isinstance(p, str) for p in self.skip):
+            raise LowbitError(f"recipe skip must be a list of name patterns, got {self.skip!r}")
         self.skip = tuple(self.skip)
-
-    def configs(self) -> list[MethodConfig]:
-        """Every distinct config the recipe uses, default first."""
-        out = [self.default]
-        for _, c in self.overrides:
-            if c is not None and c not in out:
-                out.append(c)
-        return out
 
     def config_for(self, name: str) -> MethodConfig | None:
         for pattern, config in self.overrides:
@@ -42,6 +39,10 @@ class Recipe:
         if any(fnmatch(name, p) for p in self.skip):
             return None
         return self.default
+
+    def configs(self) -> list[MethodConfig]:
+        """Every config this recipe may apply: the default, then each override's (full precision left out)."""
+        return [self.default] + [c for _, c in self.overrides if c is not None]
 
     def to_dict(self) -> dict:
         return {"default": self.default.to_dict(),
@@ -52,17 +53,28 @@ class Recipe:
     def from_dict(cls, d: dict) -> "Recipe":
         if not isinstance(d, dict) or "default" not in d:
             raise LowbitError("a recipe must be a dict with a 'default' method config")
-        return cls(method_from_dict(d["default"]),
-                   [(p, None if c is None else method_from_dict(c)) for p, c in d.get("overrides", [])],
-                   tuple(d.get("skip", DEFAULT_SKIP)))
+        overrides = d.get("overrides", [])
+        if not isinstance(overrides, list) or not all(isinstance(o, list) and len(o) == 2 for o in overrides):
+            raise LowbitError("recipe overrides must be a list of [pattern, config] pairs")
+        return cls(_config(d["default"]), [(p, None if c is None else _config(c)) for p, c in overrides],
+                   d.get("skip", list(DEFAULT_SKIP)))
 
 
 def _config(c) -> MethodConfig:
+    """A config from a config, a short name or a saved dict."""
     if isinstance(c, MethodConfig):
         return c
     if isinstance(c, str):
         return parse_method(c)
+    if isinstance(c, dict):
+        return method_from_dict(c)
     raise LowbitError(f"expected a method config or a method name, got {type(c).__name__}")
+
+
+def _override(o) -> tuple[str, MethodConfig | None]:
+    if not isinstance(o, (list, tuple)) or len(o) != 2 or not isinstance(o[0], str):
+        raise LowbitError(f"a recipe override is a (name pattern, config or None) pair, got {o!r}")
+    return o[0], None if o[1] is None else _config(o[1])
 
 
 def as_recipe(config_or_recipe) -> Recipe:

@@ -25,6 +25,7 @@ class RTN(SchemeMethod):
     """scheme (default int4 g128 symmetric, fp16 scales); observer: minmax, mse or percentile."""
 
     name = "rtn"
+    granularities = ("tensor", "channel", "group")
     words = {"mse": {"observer": "mse"}, "percentile": {"observer": "percentile"}, "minmax": {"observer": "minmax"}}
     observer: str = "minmax"
 

@@ -13,6 +13,7 @@ from lowbit.core import QuantizedTensor, quantize
 from lowbit.errors import LowbitError
 from lowbit.methods.base import MethodConfig, register_method
 from lowbit.methods.stats import LayerStats
+from lowbit.weights import placeholders
 from lowbit.weights.int8 import ACTIVATIONS, WEIGHT_SPEC, ActQuantWeight
 
 ACTIVATION_WORDS = {"static": {"activation": "tensor"}, "dynamic": {"activation": "token"}}
@@ -53,3 +54,7 @@ class W8A8(MethodConfig):
     def quantize_weight(self, weight, stats=None) -> ActQuantWeight:
         scale = static_input_scale(stats, self.short_name()) if self.activation == "tensor" else None
         return ActQuantWeight(int8_weight(weight), self.activation, scale)
+
+    def planned_weight(self, shape, layer) -> ActQuantWeight:
+        return ActQuantWeight(placeholders.affine(shape, WEIGHT_SPEC), self.activation,
+                              1.0 if self.activation == "tensor" else None)

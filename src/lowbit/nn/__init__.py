@@ -1,13 +1,14 @@
 """Modules that hold quantised weights and run them, chosen by weight type (nn/registry.py):
 
     QuantizedTensor -> QuantLinear        Quantized4bit -> Linear4bit        GGMLTensor -> GGMLLinear
-    ActQuantWeight  -> W8A8Linear         MixedInt8Weight -> Int8MixedLinear
+    ActQuantWeight  -> W8A8Linear         MixedInt8Weight -> Int8MixedLinear   SpQRWeight -> SpQRLinear
 """
 from lowbit.nn.ggml_linear import GGMLLinear
 from lowbit.nn.linear import QuantLinear
 from lowbit.nn.linear4bit import Linear4bit
 from lowbit.nn.registry import MODULES, WEIGHT_MODULES, module_for, register_module
+from lowbit.nn.spqr import SpQRLinear
 from lowbit.nn.w8a8 import Int8MixedLinear, W8A8Linear
 
-__all__ = ["QuantLinear", "Linear4bit", "GGMLLinear", "W8A8Linear", "Int8MixedLinear", "MODULES", "WEIGHT_MODULES",
+__all__ = ["QuantLinear", "Linear4bit", "GGMLLinear", "W8A8Linear", "Int8MixedLinear", "SpQRLinear", "MODULES", "WEIGHT_MODULES",
            "module_for", "register_module"]

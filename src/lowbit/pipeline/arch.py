@@ -33,10 +33,6 @@ class Arch:
     norm_offset: float = 0.0                       # Gemma's RMSNorm multiplies by (1 + weight)
     causal: bool = True
 
-    def role(self, name: str) -> str | None:
-        """The role of a module, by its name relative to a block or (outside the blocks) to the model."""
-        return self.roles.get(name) or self.globals.get(name)
-
 
 _LLAMA_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                  ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -127,6 +123,13 @@ def block_list(model: nn.Module, arch: Arch) -> tuple[str, nn.ModuleList]:
         if isinstance(blocks, nn.ModuleList) and len(blocks):
             return path, blocks
     raise LowbitError(f"unsupported architecture {arch.family!r}: no decoder blocks at {', '.join(arch.block_paths)}")
+
+
+def shared_input_groups(model: nn.Module) -> list[list[str]]:
+    """Full names of every group of two or more Linears that read one input (q/k/v, gate/up)."""
+    arch = describe(model)
+    path, blocks = block_list(model, arch)
+    return [[f"{path}.{i}.{n}" for n in g] for i in range(len(blocks)) for g in arch.groups if len(g) > 1]
 
 
 def sequential_groups(arch: Arch, linear_names: list[str]) -> list[list[str]]:

@@ -1,5 +1,11 @@
-"""Calibration data: the bundled text, local .txt/.jsonl/.parquet files or a saved `datasets` dataset,
-cut into N seeded windows of L tokens."""
+"""Calibration data: the bundled text, local .txt/.jsonl/.parquet files or a saved `datasets` dataset.
+
+Two ways to feed it (`CalibrationSet`, pipeline/samples.py): "windows", N seeded windows of L tokens cut
+from one stream of every document (what a causal LM trained on packed text sees), and "samples", each
+document its own sequence with the tokenizer's special tokens, chat rows through its chat template,
+batched with padding and an attention mask (what llm-compressor and AutoGPTQ feed; what an encoder sees).
+A document is a string, or a conversation: a list of {"role", "content"} messages (a jsonl row's
+`messages` field)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +16,20 @@ import torch
 from lowbit.errors import LowbitError
 
 
-def read_texts(source=None) -> list[str]:
-    """Documents from a source: None (bundled calibration text), a list of strings, or a path."""
+def needs_calibration(config) -> bool:
+    """Whether a method (or every config of a Recipe) reads calibration activations: its declared stats,
+    a sequential pass, or an input-scale search."""
+    from lowbit.methods.recipe import Recipe
+    from lowbit.methods.scaling import InputScaling
+
+    if isinstance(config, Recipe):
+        return any(needs_calibration(c) for c in config.configs())
+    return bool(config.required_stats) or config.sequential or isinstance(config, InputScaling)
+
+
+def read_texts(source=None) -> list:
+    """Documents from a source: None (bundled calibration text), a list of strings (or conversations),
+    or a path."""
     if source is None:
         from lowbit.data import bundled_documents
 
@@ -19,8 +37,8 @@ def read_texts(source=None) -> list[str]:
     if isinstance(source, str) and not Path(source).exists() and ("\n" in source or " " in source):
         return [source]  # a literal text, not a path
     if isinstance(source, (list, tuple)):
-        if not all(isinstance(t, str) for t in source):
-            raise LowbitError("calibration texts must be strings")
+        if not all(isinstance(t, str) or _is_conversation(t) for t in source):
+            raise LowbitError("calibration texts must be strings or conversations (lists of role/content dicts)")
         return list(source)
     path = Path(source)
     if not path.exists():
@@ -36,8 +54,15 @@ def read_texts(source=None) -> list[str]:
     raise LowbitError(f"unsupported calibration file {path.name}: use .txt, .jsonl, .parquet or a saved dataset folder")
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    texts = []
+def _is_conversation(doc) -> bool:
+    return (isinstance(doc, list) and bool(doc)
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in doc))
+
+
+def _read_jsonl(path: Path) -> list:
+    """A `text` string or a `messages` conversation per row (chat rows go through the chat template)."""
+    docs = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -45,10 +70,13 @@ def _read_jsonl(path: Path) -> list[str]:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise LowbitError(f"{path}:{i} is not valid JSON")
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise LowbitError(f"{path}:{i} has no string field 'text'")
-        texts.append(row["text"])
-    return texts
+        if isinstance(row, dict) and _is_conversation(row.get("messages")):
+            docs.append(row["messages"])
+        elif isinstance(row, dict) and isinstance(row.get("text"), str):
+            docs.append(row["text"])
+        else:
+            raise LowbitError(f"{path}:{i} has no string field 'text' and no 'messages' list of role/content dicts")
+    return docs
 
 
 def _read_parquet(path: Path) -> list[str]:
@@ -73,26 +101,3 @@ def _read_saved_dataset(path: Path) -> list[str]:
     if "text" not in ds.column_names:
         raise LowbitError(f"{path} has no 'text' column")
     return list(ds["text"])
-
-
-def tokenize_texts(tokenizer, texts: list[str]) -> torch.Tensor:
-    sep = tokenizer.eos_token or "\n\n"
-    ids = tokenizer(sep.join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    return ids
-
-
-def sample_windows(ids: torch.Tensor, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """n_samples windows of seq_len tokens at seeded random offsets: [n_samples, seq_len]."""
-    if n_samples < 1 or seq_len < 2:
-        raise LowbitError(f"need at least 1 sample of at least 2 tokens, got {n_samples} x {seq_len}")
-    if ids.numel() < seq_len:
-        raise LowbitError(f"calibration text has {ids.numel()} tokens, fewer than one sample of {seq_len}")
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=gen)
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
-
-
-def calibration_batch(tokenizer, source=None, n_samples: int = 128, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
-    if tokenizer is None:
-        raise LowbitError("calibration text needs a tokenizer, and this model folder has none")
-    return sample_windows(tokenize_texts(tokenizer, read_texts(source)), n_samples, seq_len, seed)

@@ -12,12 +12,19 @@ def method_from_args(args):
     from lowbit.methods import METHODS, parse_method
 
     name = args.method.lower()
-    if name not in METHODS:
-        return parse_method(name)
-    cls = METHODS[name]
     given = {"bits": args.bits, "group_size": args.group_size, "observer": args.observer,
              "symmetric": False if args.asym else None}
+    flags = {k: v for k, v in given.items() if v is not None}
+    if name not in METHODS:
+        if flags:
+            raise LowbitError(f"--bits/--group-size/--asym/--observer go with a bare method name (rtn, gptq ...); "
+                              f"{args.method!r} already names its scheme: write the change into it (e.g. rtn-int3-g64)")
+        return parse_method(name)
+    cls = METHODS[name]
     names = {f.name for f in fields(cls)} | set(getattr(cls, "shorthand", ()))
+    ignored = sorted(k for k in flags if k not in names)
+    if ignored:
+        raise LowbitError(f"{cls.name} takes no {ignored[0].replace('_', '-')} setting")
     kwargs = {k: v for k, v in given.items() if v is not None and k in names}
     if args.group_size == 0 and "group_size" in names:
         kwargs["group_size"] = None  # --group-size 0: per channel
@@ -27,6 +34,7 @@ def method_from_args(args):
 def _cmd_quantize(args) -> str:
     from lowbit import api
     from lowbit.methods.recipe import DEFAULT_SKIP, Recipe
+    from lowbit.pipeline.calibration import needs_calibration
     from lowbit.pipeline.report import summarize
 
     out = Path(args.output)
@@ -35,10 +43,21 @@ def _cmd_quantize(args) -> str:
     config = method_from_args(args)
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     recipe = Recipe(config, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
-    api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer, n_samples=args.samples,
-                 seq_len=args.seq_len, seed=args.seed, progress=not args.quiet)
+    calibrate = needs_calibration(recipe) or args.calibration or args.samples or args.seq_len
+    # a calibration-free method reads no text and runs no forward pass unless asked (for the report)
+    api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer if calibrate else None,
+                 n_samples=args.samples or api.DEFAULT_SAMPLES, seq_len=args.seq_len, seed=args.seed,
+                 progress=not args.quiet, target=args.target, calibration_mode=args.calibration_mode)
     api.save(model, out, tokenizer=tokenizer)
-    return f"{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to {out}"
+    return f"{model.lowbit_calibration}\n{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to {out}"
+
+
+def add_calibration_mode(p) -> None:
+    p.add_argument("--calibration-mode", choices=["auto", "windows", "samples"], default="auto",
+                   help="windows: seeded windows of one stream of the documents; samples: each document its own "
+                        "sequence with the tokenizer's special tokens (chat rows through its chat template), "
+                        "padding masked out of every statistic; auto (default): samples for encoders and chat "
+                        "rows, windows otherwise")
 
 
 def register(sub) -> None:
@@ -50,10 +69,15 @@ def register(sub) -> None:
     p.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
     p.add_argument("--observer", choices=["minmax", "mse", "percentile"], help="how ranges are chosen (RTN)")
     p.add_argument("--skip", nargs="*", help="extra Linear name patterns to keep in full precision")
-    p.add_argument("--calibration", help=".txt, .jsonl, .parquet or saved dataset folder (default: bundled text)")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seq-len", type=int, help="tokens per window (default min(context, 256))")
+    p.add_argument("--calibration", help=".txt, .jsonl, .parquet or saved dataset folder (default: bundled text; "
+                   "calibration-free methods such as rtn and hqq read none unless given this, --samples or --seq-len, "
+                   "which then only feed the report's output errors)")
+    add_calibration_mode(p)
+    p.add_argument("--samples", type=int, help="calibration windows or samples (default 128)")
+    p.add_argument("--seq-len", type=int, help="tokens per window, at most per sample (default min(context, 256))")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", choices=["vllm", "llama.cpp", "transformers"],
+                   help="check, before any work, that this engine can serve the result (kernel limits per layer)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist)")

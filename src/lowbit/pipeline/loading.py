@@ -98,5 +98,10 @@ def conv1d_to_linear(model: nn.Module) -> int:
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
+    try:
+        parent = root.get_submodule(parent_name) if parent_name else root
+        if not hasattr(parent, child):
+            raise AttributeError(child)
+    except (AttributeError, IndexError, TypeError):
+        raise LowbitError(f"the model has no module {name!r}") from None
     setattr(parent, child, module)

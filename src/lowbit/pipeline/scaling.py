@@ -12,10 +12,18 @@ from torch import nn
 from lowbit.methods.recipe import Recipe, as_recipe
 from lowbit.methods.scaling import InputScaling, ScaleContext
 from lowbit.pipeline.arch import Arch, block_list, describe
-from lowbit.pipeline.blocks import BlockInput, advance, block_linears, capture_block_inputs, collect_stats, run_block
+from lowbit.pipeline.blocks import (
+    BlockInput,
+    advance,
+    block_linears,
+    capture_block_inputs,
+    collect_stats,
+    run_block,
+)
 from lowbit.pipeline.fold import InputSource, fold_scales, foldable_groups
 from lowbit.pipeline.loading import conv1d_to_linear
 from lowbit.pipeline.replay import Replay
+from lowbit.pipeline.samples import CalibrationSet
 
 
 def _scaling_plan(block: nn.Module, arch: Arch, recipe: Recipe, prefix: str):
@@ -31,14 +39,15 @@ def _scaling_plan(block: nn.Module, arch: Arch, recipe: Recipe, prefix: str):
 
 def _block_error(block, batches, targets, linears: list[nn.Linear], approx: list[torch.Tensor],
                  replay: Replay) -> float:
-    """Squared error of the block's outputs against `targets` (float64) with the Linears' weights set to
-    `approx`. What precedes the Linears is replayed, not recomputed."""
+    """Squared error of the block's outputs at real tokens against `targets` (their float64 rows) with the
+    Linears' weights set to `approx`. What precedes the Linears is replayed, not recomputed."""
     held = [m.weight.data for m in linears]
     try:
         for m, w in zip(linears, approx):
             m.weight.data = w
         with torch.no_grad():
-            return sum(float((replay.run(i, x).double() - t).pow(2).sum())
+            # real tokens only: a padded position's output is never used, so its error must not count
+            return sum(float((x.real(replay.run(i, x)).double() - t).pow(2).sum())
                        for i, (x, t) in enumerate(zip(batches, targets)))
     finally:
         for m, w in zip(linears, held):
@@ -72,7 +81,7 @@ def scale_block(block: nn.Module, arch: Arch, inputs: list[BlockInput], recipe: 
         if not batches:
             continue
         stats = collect_stats(block, batches, {g[0]: linears[g[0]] for g, _ in mine}, config.keeps_inputs)
-        targets = [run_block(block, x).double() for x in batches] if config.uses_block_error else None
+        targets = [x.real(run_block(block, x)).double() for x in batches] if config.uses_block_error else None
         for group, source in mine:
             if stats[group[0]].n_tokens == 0:
                 continue
@@ -82,15 +91,16 @@ def scale_block(block: nn.Module, arch: Arch, inputs: list[BlockInput], recipe: 
                 fold_scales(source, [linears[n] for n in group], s)
 
 
-def prepare_model(model: nn.Module, config, calibration: torch.Tensor, batch_size: int = 8) -> nn.Module:
+def prepare_model(model: nn.Module, config, calibration, batch_size: int = 8) -> nn.Module:
     """Run only the scaling step of a config (or recipe) over every block, without quantising: the model
-    keeps its full-precision weights, with the scales folded in."""
+    keeps its full-precision weights, with the scales folded in. calibration: ids [n, L] or a
+    CalibrationSet."""
     recipe = as_recipe(config)
     model.eval()
     conv1d_to_linear(model)
     arch = describe(model)
     path, blocks = block_list(model, arch)
-    inputs = capture_block_inputs(model, blocks[0], list(calibration.split(batch_size)))
+    inputs = capture_block_inputs(model, blocks[0], CalibrationSet.of(calibration).batches(batch_size))
     for i, block in enumerate(blocks):
         scale_block(block, arch, inputs, recipe, f"{path}.{i}", i)
         advance(block, inputs)

@@ -9,13 +9,15 @@ it, copying it bit for bit where a format can hold it.
     GGMLTensor        llama.cpp's ggml blocks, one class per block type (ggml/)
     ActQuantWeight    an int8 weight whose Linear also quantises its input (W8A8) (int8.py)
     MixedInt8Weight   an int8 weight with LLM.int8()'s float outlier columns (int8.py)
+    SpQRWeight        SpQR's dense 3-bit base with quantised statistics plus sparse fp16 outliers (sparse.py)
 
-A new weight type (codebooks and signs for QuiP#/AQLM, sparse outliers for SpQR) is a module here with
+A new weight type (codebooks and signs for QuiP#/AQLM) is a module here with
 dequantize(), shape, dtype, storage_bits/bits_per_element/nbytes, plus a module registered for it in nn/.
 """
 from lowbit.core import QuantizedTensor
 from lowbit.weights.bnb4 import Quantized4bit
 from lowbit.weights.ggml import GGMLTensor
 from lowbit.weights.int8 import ActQuantWeight, MixedInt8Weight
+from lowbit.weights.sparse import SpQRWeight
 
-__all__ = ["QuantizedTensor", "Quantized4bit", "GGMLTensor", "ActQuantWeight", "MixedInt8Weight"]
+__all__ = ["QuantizedTensor", "Quantized4bit", "GGMLTensor", "ActQuantWeight", "MixedInt8Weight", "SpQRWeight"]

@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import torch
 
+from lowbit.core.quantize import StoredSize
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
 
@@ -144,7 +145,7 @@ def double_dequantize(codes: torch.Tensor, nested: torch.Tensor, offset: torch.T
 # The quantised tensor
 
 @dataclass
-class Quantized4bit:
+class Quantized4bit(StoredSize):
     """A tensor in bnb's 4-bit layout: what the 4-bit Linear holds and the bnb exporter writes.
 
     packed:        uint8 [ceil(n/2)], two codes a byte, first in the high nibble
@@ -199,13 +200,5 @@ class Quantized4bit:
         if self.double_quant:
             return bits + 8 * self.n_blocks + 32 * self.nested_absmax.numel() + 32
         return bits + 32 * self.n_blocks
-
-    @property
-    def bits_per_element(self) -> float:
-        return self.storage_bits / self.numel
-
-    @property
-    def nbytes(self) -> int:
-        return (self.storage_bits + 7) // 8
 
 

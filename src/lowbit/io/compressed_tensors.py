@@ -1,0 +1,295 @@
+"""The compressed-tensors checkpoint layout (vLLM's preferred format; transformers reads it too).
+
+A model folder whose config.json carries a `quantization_config` with quant_method "compressed-tensors":
+`config_groups` (each a QuantizationScheme: targets, weights args, input_activations args, format), an
+`ignore` list, a global `format`, quantization_status "compressed". Per quantised Linear `<m>`
+(compressed-tensors 0.x, vLLM's compressed_tensors schemes):
+
+    pack-quantized   <m>.weight_packed int32 [N, ceil(K*b/32)]  b-bit values + 2^(b-1), 32 consecutive
+                                                                 values in b words, little-endian bits
+                     <m>.weight_scale  [N, G] (group), [N, 1] (channel)
+                     <m>.weight_zero_point int32 [ceil(N*b/32), G] (asymmetric; packed along N)
+                     <m>.weight_shape  int64 [2]
+    int-quantized    <m>.weight int8 [N, K], <m>.weight_scale [N, 1]; <m>.input_scale [1] when the
+                     activations are static per tensor (W8A8; dynamic per token stores nothing)
+    float-quantized  <m>.weight float8_e4m3fn [N, K], <m>.weight_scale [N, 1] or [1]
+
+and w = (q - zero) * scale, q and zero in the *signed* range [-2^(b-1), 2^(b-1)). Scales are written as
+float32 so that compressed-tensors' decompression (which computes in the scale's dtype) gives exactly
+lowbit's values; loaders cast them to the model's dtype, losslessly for fp16/bf16 scales.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit._version import __version__
+from lowbit.core import QuantizedTensor, QuantSpec, pack_bits, unpack_bits
+from lowbit.errors import LowbitError
+from lowbit.io import Exporter, register_exporter, register_importer
+from lowbit.io.hf_folder import DTYPES, finish_import, float_tensors, plain_model, read_tensors, write_hf_folder
+from lowbit.nn import module_for
+from lowbit.pipeline.loading import set_module
+from lowbit.weights import ActQuantWeight
+
+QUANT_METHOD = "compressed-tensors"
+PACKED, INT, FLOAT = "pack-quantized", "int-quantized", "float-quantized"
+FLOAT_FORMATS = {"fp8_e4m3": (torch.float8_e4m3fn, 8)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which format holds a weight
+
+def weight_format(w) -> str | None:
+    """The compressed-tensors format that stores `w` exactly, or None."""
+    if isinstance(w, ActQuantWeight):
+        return INT
+    if not isinstance(w, QuantizedTensor) or w.g_idx is not None or w.spec.float_zero:
+        return None
+    spec = w.spec
+    if spec.granularity not in ("channel", "group", "tensor"):
+        return None
+    if spec.number_format.is_integer and 2 <= spec.bits <= 8:
+        return PACKED
+    if spec.format in FLOAT_FORMATS and spec.granularity in ("channel", "tensor"):
+        return FLOAT
+    return None
+
+
+def problem(w) -> str | None:
+    if weight_format(w) is not None:
+        return None
+    if isinstance(w, QuantizedTensor) and w.g_idx is not None:
+        return "compressed-tensors has no group index (act-order with dynamic groups); use static groups"
+    return ("compressed-tensors holds 2..8-bit integer grids per tensor/channel/group, FP8 E4M3 per tensor/"
+            "channel, and W8A8 int8")
+
+
+# ---------------------------------------------------------------------------------------------------
+# QuantSpec <-> compressed-tensors QuantizationArgs
+
+def weight_args(spec: QuantSpec) -> dict:
+    is_int = spec.number_format.is_integer
+    args = {"num_bits": spec.bits if is_int else FLOAT_FORMATS[spec.format][1], "type": "int" if is_int else "float",
+            "symmetric": spec.symmetric, "strategy": spec.granularity, "group_size": spec.group_size,
+            "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None}
+    return args
+
+
+def input_args(w) -> dict | None:
+    if not isinstance(w, ActQuantWeight):
+        return None
+    dynamic = w.activation == "token"
+    return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": w.activation, "dynamic": dynamic,
+            "group_size": None, "actorder": None, "observer": None if dynamic else "minmax", "block_structure": None}
+
+
+def spec_from_args(args: dict, scale: torch.Tensor) -> QuantSpec:
+    """The lowbit scheme a weights' QuantizationArgs describe (scale dtype: the narrowest that holds them)."""
+    bits, sym, strategy = int(args.get("num_bits", 8)), bool(args.get("symmetric", True)), args.get("strategy")
+    if args.get("type", "int") == "float":
+        if bits != 8:
+            raise LowbitError(f"compressed-tensors float weights of {bits} bits are not supported here (FP8 only)")
+        fmt = "fp8_e4m3"
+    else:
+        fmt = f"int{bits}" if sym else f"uint{bits}"
+    if strategy not in ("channel", "group", "tensor"):
+        raise LowbitError(f"compressed-tensors weight strategy {strategy!r} is not supported here")
+    group = int(args["group_size"]) if strategy == "group" else None
+    return QuantSpec(fmt, strategy, group, sym, _scale_dtype(scale))
+
+
+def _scale_dtype(scale: torch.Tensor) -> str:
+    s = scale.float()
+    for name in ("fp16", "bf16"):
+        if torch.equal(s.to(DTYPES[name]).float(), s):
+            return name
+    return "fp32"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensors of one Linear
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned b-bit values [R, C] -> int32 [R, ceil(C*b/32)]: each row a little-endian bit stream."""
+    rows, cols = values.shape
+    padded = -(-cols // 32) * 32
+    v = torch.nn.functional.pad(values.to(torch.int64), (0, padded - cols))
+    words = pack_bits(v, bits).view(torch.int32).reshape(rows, padded * bits // 32)
+    return words[:, : -(-cols * bits // 32)].contiguous()
+
+
+def unpack_rows(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    rows = words.shape[0]
+    padded = -(-cols // 32) * 32
+    full = torch.nn.functional.pad(words, (0, padded * bits // 32 - words.shape[1]))
+    return unpack_bits(full.contiguous().view(torch.uint8), bits, rows * padded).reshape(rows, padded)[:, :cols]
+
+
+def _offset(spec: QuantSpec) -> int:
+    """What turns a level of the grid into compressed-tensors' stored unsigned value (q + 2^(b-1))."""
+    return (1 << (spec.bits - 1)) if spec.number_format.signed else 0
+
+
+def module_tensors(name: str, w) -> dict[str, torch.Tensor]:
+    fmt = weight_format(w)
+    q = w.weight if isinstance(w, ActQuantWeight) else w
+    scale = q.scale.float().reshape(q.shape[0], -1) if q.spec.granularity != "tensor" else q.scale.reshape(1)
+    out = {f"{name}.weight_scale": scale.contiguous()}
+    levels = q.spec.number_format.decode(q.codes)
+    if fmt == PACKED:
+        spec = q.spec
+        out[f"{name}.weight_packed"] = pack_rows(levels.to(torch.int64) + _offset(spec), spec.bits)
+        out[f"{name}.weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
+        if not spec.symmetric:
+            zero = q.zero.to(torch.int64) + _offset(spec)
+            out[f"{name}.weight_zero_point"] = pack_rows(zero.T.contiguous(), spec.bits).T.contiguous()
+    elif fmt == INT:
+        out[f"{name}.weight"] = levels.to(torch.int8).contiguous()
+        if w.activation == "tensor":
+            out[f"{name}.input_scale"] = torch.tensor([float(w.input_scale)], dtype=torch.float32)
+    else:
+        out[f"{name}.weight"] = levels.to(FLOAT_FORMATS[q.spec.format][0]).contiguous()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# quantization_config
+
+def _scheme(w) -> dict:
+    q = w.weight if isinstance(w, ActQuantWeight) else w
+    return {"weights": weight_args(q.spec), "input_activations": input_args(w), "output_activations": None,
+            "format": weight_format(w)}
+
+
+def quantization_config(weights: dict, ignore: list[str]) -> dict:
+    """One config group per distinct scheme; targets are the Linears' names ("Linear" when one group)."""
+    groups: dict[str, dict] = {}
+    for name, w in weights.items():
+        key = json.dumps(_scheme(w), sort_keys=True)
+        groups.setdefault(key, {**_scheme(w), "targets": []})["targets"].append(name)
+    if len(groups) == 1:
+        next(iter(groups.values()))["targets"] = ["Linear"]
+    formats = {g["format"] for g in groups.values()}
+    return {"quant_method": QUANT_METHOD, "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "config_groups": {f"group_{i}": g for i, g in enumerate(groups.values())},
+            "ignore": ignore, "quantization_status": "compressed", "kv_cache_scheme": None,
+            "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {},
+            "version": f"lowbit-{__version__}"}
+
+
+class CompressedTensorsExporter(Exporter):
+    """compressed-tensors: pack-quantized int grids (weight-only), int-quantized W8A8, float-quantized
+    FP8. dtype: what the unquantised tensors are stored in ("bf16", "fp16", "fp32" or None: as held)."""
+
+    name = "compressed-tensors"
+    requantize_with = "rtn-int4-g128"
+
+    def problem(self, weight) -> str | None:
+        return problem(weight)
+
+    def write(self, model, weights, out, tokenizer=None, dtype: str | None = "bf16", **_options) -> Path:
+        if not weights:
+            raise LowbitError("nothing to export in compressed-tensors: the model holds no quantised Linear")
+        float_dtype = DTYPES.get(dtype) if dtype else None
+        tensors = float_tensors(model, weights, float_dtype)
+        for name, w in weights.items():
+            tensors.update(module_tensors(name, w))
+            bias = getattr(model.get_submodule(name), "bias", None)
+            if bias is not None:
+                tensors[f"{name}.bias"] = bias.detach().to(float_dtype or bias.dtype).contiguous().clone()
+        ignore = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
+        return write_hf_folder(out, model, tensors, tokenizer, quantization_config(weights, ignore), float_dtype)
+
+
+register_exporter(CompressedTensorsExporter())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Import
+
+def read_quantization_config(path: Path) -> dict:
+    try:
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LowbitError(f"cannot read {path / 'config.json'}: {e}")
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise LowbitError(f"{path} is not a compressed-tensors checkpoint (quant_method {qc.get('quant_method')!r})")
+    if not isinstance(qc.get("config_groups"), dict) or not qc["config_groups"]:
+        raise LowbitError(f"{path}: compressed-tensors config has no config_groups")
+    return qc
+
+
+def _matches(target: str, name: str, module: nn.Module) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name or target == type(module).__name__
+
+
+def scheme_of(qc: dict, name: str, module: nn.Module) -> dict | None:
+    """The config group whose targets name this module (None when ignored or untargeted)."""
+    if any(_matches(t, name, module) for t in qc.get("ignore") or []):
+        return None
+    for group in qc["config_groups"].values():
+        if any(_matches(t, name, module) for t in group.get("targets", [])):
+            return group
+    return None
+
+
+def _get(tensors: dict, key: str) -> torch.Tensor:
+    if key not in tensors:
+        raise LowbitError(f"compressed-tensors checkpoint lacks {key}")
+    return tensors.pop(key)
+
+
+def quantized_from_tensors(tensors: dict, name: str, group: dict):
+    """The lowbit weight stored under `name` in the format its config group names (consumes its tensors)."""
+    args, inputs = group.get("weights") or {}, group.get("input_activations")
+    fmt = group.get("format") or (PACKED if f"{name}.weight_packed" in tensors else None)
+    if f"{name}.weight_g_idx" in tensors:
+        raise LowbitError(f"{name}: act-order group indices (weight_g_idx) are not supported here")
+    scale = _get(tensors, f"{name}.weight_scale").float()
+    spec = spec_from_args(args, scale)
+    if fmt == PACKED:
+        rows, cols = (int(x) for x in _get(tensors, f"{name}.weight_shape").tolist())
+        levels = unpack_rows(_get(tensors, f"{name}.weight_packed"), spec.bits, cols).to(torch.int64) - _offset(spec)
+        zero = torch.full((rows, scale.numel() // rows or 1), spec.implied_zero)
+        if not spec.symmetric:
+            packed_zero = _get(tensors, f"{name}.weight_zero_point")
+            zero = unpack_rows(packed_zero.T.contiguous(), spec.bits, rows).T.float() - _offset(spec)
+    else:
+        stored = _get(tensors, f"{name}.weight")
+        rows, cols = stored.shape
+        levels = stored.view(torch.uint8) if fmt == FLOAT else stored.to(torch.int64)
+        zero = torch.zeros(rows if spec.granularity != "tensor" else 1, 1)
+    codes = levels if fmt == FLOAT else spec.number_format.encode(levels.float())
+    scale = scale.reshape(zero.shape) if spec.granularity != "tensor" else scale.reshape(1, 1)
+    q = QuantizedTensor(codes.reshape(rows, cols), scale, zero.float().reshape(scale.shape), spec)
+    if inputs:
+        static = not inputs.get("dynamic", False)
+        input_scale = float(_get(tensors, f"{name}.input_scale").reshape(-1)[0]) if static else None
+        return ActQuantWeight(q, "tensor" if static else "token", input_scale)
+    return q
+
+
+def import_compressed_tensors(path):
+    """(model, tokenizer or None) from a compressed-tensors folder, its quantised Linears as lowbit modules."""
+    path = Path(path)
+    qc = read_quantization_config(path)
+    tensors = read_tensors(path)
+    model = plain_model(path)
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        group = scheme_of(qc, name, module)
+        if group is None or f"{name}.weight_scale" not in tensors:
+            continue
+        w = quantized_from_tensors(tensors, name, group)
+        bias = tensors.pop(f"{name}.bias", None)
+        set_module(model, name, module_for(w, None if bias is None else bias.float()))
+    return finish_import(model, tensors, path)
+
+
+register_importer(QUANT_METHOD, import_compressed_tensors)

@@ -1,0 +1,103 @@
+"""vLLM's CPU build serves lowbit's compressed-tensors, GPTQ and AWQ exports of the bundled model, and its
+next-token predictions agree with lowbit's own model. vLLM runs in an environment of its own (it pins
+other transformers/compressed-tensors versions): `make test-serving` makes `.venv-serving` and runs these
+tests; without it they skip, saying why.
+
+vLLM computes in bf16 with its own kernels (and the non-quantised tensors are stored at bf16), lowbit in
+fp32: agreement is measured, not exact — teacher-forced top-1 over held-out windows and greedy tokens."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit.io
+from lowbit import api
+
+pytestmark = pytest.mark.serving
+ROOT = Path(__file__).resolve().parents[2]
+SERVING_PYTHON = Path(os.environ.get("LOWBIT_SERVING_PYTHON", ROOT / ".venv-serving" / "bin" / "python"))
+RESULTS = os.environ.get("LOWBIT_SERVING_RESULTS")
+EXPORTS = {   # model name -> (lowbit method, export format)
+    "ct-w4a16-gptq": ("gptq-int4-g128", "compressed-tensors"), "ct-w4a16-awq-asym": ("awq-uint4-g128", "compressed-tensors"),
+    "ct-w8a8-dynamic": ("w8a8", "compressed-tensors"), "gptq": ("gptq-int4-g128", "gptq"), "awq": ("awq-uint4-g128", "awq"),
+}
+N_CTX, WINDOWS, PROMPT, MAX_TOKENS, SAMPLES = 256, 2, 32, 16, 8
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    if not SERVING_PYTHON.is_file():
+        pytest.skip(f"no vLLM environment at {SERVING_PYTHON} (make test-serving creates it)")
+    from lowbit.data import bundled_text
+
+    folder = tmp_path_factory.mktemp("serving")
+    base, tok = api.load_model()
+    ids = tok(bundled_text("eval")[:120000])["input_ids"]
+    windows = [ids[i * N_CTX:(i + 1) * N_CTX] for i in range(WINDOWS)]
+    prompts = [w[:PROMPT] for w in windows]
+    models, ours, quantised = {}, {}, {}
+    for name, (method, fmt) in EXPORTS.items():
+        if method not in quantised:
+            quantised[method] = api.quantize(api.load_model()[0], method, tokenizer=tok, n_samples=SAMPLES,
+                                             progress=False)
+        model = quantised[method]
+        models[name] = str(api.export(model, folder / name, format=fmt, tokenizer=tok))
+        ours[name] = lowbit_predictions(model, windows, prompts)
+    job = folder / "job.json"
+    job.write_text(json.dumps({"models": models, "windows": windows, "prompts": prompts, "max_tokens": MAX_TOKENS}))
+    out = folder / "vllm.json"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    runner = Path(lowbit.io.__file__).with_name("vllm_runner.py")
+    done = subprocess.run([str(SERVING_PYTHON), str(runner), str(job), str(out)], capture_output=True, text=True,
+                          env=env, timeout=3000)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return ours, json.loads(out.read_text())
+
+
+def lowbit_predictions(model, windows, prompts) -> dict:
+    with torch.no_grad():
+        top1 = [model(torch.tensor([w])).logits[0, :-1].argmax(-1).tolist() for w in windows]
+        greedy = [model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False)[0, len(p):].tolist()
+                  for p in prompts]
+    return {"top1": top1, "greedy": greedy}
+
+
+def agreement(ours: dict, theirs: dict) -> dict:
+    a = torch.tensor(sum(ours["top1"], [])), torch.tensor(sum(theirs["top1"], []))
+    first_divergence = []
+    for x, y in zip(ours["greedy"], theirs["greedy"]):
+        same = [i for i, (u, v) in enumerate(zip(x, y)) if u != v]
+        first_divergence.append(same[0] if same else len(x))
+    return {"top1_agreement": round(float((a[0] == a[1]).float().mean()), 4), "positions": len(a[0]),
+            "greedy_tokens_before_divergence": first_divergence}
+
+
+@pytest.mark.parametrize("name", list(EXPORTS))
+def test_vllm_serves_the_export_and_agrees(served, name):
+    ours, theirs = served
+    stats = agreement(ours[name], theirs[name])
+    if RESULTS:
+        data = json.loads(Path(RESULTS).read_text()) if Path(RESULTS).exists() else {}
+        data[name] = stats
+        Path(RESULTS).write_text(json.dumps(data, indent=1))
+    print(name, stats, file=sys.stderr)
+    assert stats["top1_agreement"] >= 0.9
+    assert sum(stats["greedy_tokens_before_divergence"]) >= MAX_TOKENS   # not garbage from the first token
+
+
+def test_export_verify_with_vllm(tmp_path, capsys):
+    if not SERVING_PYTHON.is_file():
+        pytest.skip(f"no vLLM environment at {SERVING_PYTHON} (make test-serving creates it)")
+    from lowbit.cli import main
+
+    assert main(["quantize", "--method", "rtn-int4-g128", "--samples", "8", "--quiet", "-o", str(tmp_path / "q")]) == 0
+    os.environ.setdefault("LOWBIT_VLLM_PYTHON", str(SERVING_PYTHON))
+    assert main(["export", str(tmp_path / "q"), "--format", "gptq", "--verify", "-o", str(tmp_path / "g")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("verify: vllm loads") and float(line.split(" on ")[1].split("%")[0]) >= 90.0
