@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv demo test test-interop hqq-peer test-serving clean
+.PHONY: venv kernels demo test test-interop hqq-peer test-serving clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +17,19 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The fused CPU kernels (C++, about half a minute once; cached by source hash in ~/.cache/lowbit/kernels).
+# Never fatal: without a compiler every module keeps its Python path.
+kernels: venv
+	$(PY) -m lowbit.kernels.native
+
 # The comparison table on the bundled model; 32 calibration windows keep the calibrated methods quick.
 DEMO_METHODS ?= fp16,rtn-int8,rtn-int4-g128,gptq-int4-g128,nf4,q4_k_m
 
-demo: venv
+demo: kernels
 	$(VENV)/bin/lowbit demo
 	$(VENV)/bin/lowbit compare --methods $(DEMO_METHODS) --samples 32
 
-test: venv
+test: kernels
 	$(PY) -m pytest
 
 # Peer libraries for the interop tests. llama-cpp-python compiles llama.cpp from source (about ten

@@ -11,10 +11,11 @@ from lowbit.errors import LowbitError
 from lowbit.io import get_exporter, get_importer
 from lowbit.io.gguf import EXPORTER, export_gguf, gguf_names
 from lowbit.io.gguf_read import load_gguf
+from lowbit.kernels import native
+from lowbit.kernels.ggml_search import searches
 from lowbit.methods.ggml_mix import tensor_type
 from lowbit.weights.ggml import dequantize_ggml, quantize_ggml
 from tests.conftest import build_tiny_model
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,7 +68,8 @@ def test_gguf_reader_returns_our_values_for_every_tensor(llama, q4_k_m_file):
             assert kind == "F32" and torch.equal(torch.from_numpy(np.array(t.data)), w)
             continue
         theirs = torch.from_numpy(quants.dequantize(np.array(t.data), GGMLQuantizationType[kind]))
-        ours = dequantize_ggml(quantize_ggml(w, kind, search=False), kind)
+        with searches():   # what the exporter runs when the compiled kernels load
+            ours = dequantize_ggml(quantize_ggml(w, kind, search=False), kind)
         assert kind == tensor_type("q4_k_m", t.name, 2, w.shape[1], n_gqa=2)
         assert torch.equal(theirs, ours), t.name
     assert len(seen) == 2 + 2 * 9 + 1
@@ -101,7 +103,13 @@ def test_f32_file_holds_convert_hf_permuted_weights(llama, tiny_tokenizer, tmp_p
     assert torch.equal(tensors["blk.1.attn_v.weight"], llama.model.layers[1].self_attn.v_proj.weight.detach())
 
 
-def test_loaded_model_is_the_dequantised_model(llama, q4_k_m_file, tiny_tokenizer):
+def test_loaded_model_is_the_dequantised_model(llama, q4_k_m_file, tiny_tokenizer, monkeypatch):
+    """Exactly, on the Python path (the fused kernels sum in another order: tests/kernels bound them)."""
+    w = llama.model.layers[0].self_attn.q_proj.weight.detach()
+    with searches():   # as the exporter quantised it
+        q_weight = dequantize_ggml(quantize_ggml(w, "Q4_K", search=False), "Q4_K")
+    monkeypatch.setitem(native._state, "lib", None)
+    monkeypatch.setitem(native._state, "why", "the Python path is the exact reference")
     model, tok = load_gguf(q4_k_m_file)
     reference = type(llama)(llama.config).eval()
     reference.load_state_dict(llama.state_dict())
@@ -114,9 +122,7 @@ def test_loaded_model_is_the_dequantised_model(llama, q4_k_m_file, tiny_tokenize
     assert tok(text)["input_ids"] == ids[0].tolist()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
-    q = model.model.layers[0].self_attn.q_proj
-    w = llama.model.layers[0].self_attn.q_proj.weight.detach()
-    assert torch.equal(q.dequantized_weight(), dequantize_ggml(quantize_ggml(w, "Q4_K", search=False), "Q4_K"))
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.dequantized_weight(), q_weight)
 
 
 def test_pipeline_blocks_are_copied_not_requantised(llama, tiny_tokenizer, tmp_path):

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.methods.base import method_from_dict, parse_method
-from lowbit.methods.base import LayerInfo
-from lowbit.methods.ggml_quant import GGMLQuant
-from lowbit.weights.ggml import (BLOCK_TYPES, dequantize_ggml, quantize_ggml)
+from lowbit.kernels.ggml_search import searches
+from lowbit.methods.base import LayerInfo, method_from_dict, parse_method
 from lowbit.methods.ggml_mix import tensor_type, use_more_bits
+from lowbit.methods.ggml_quant import GGMLQuant
 from lowbit.methods.stats import LayerStats
 from lowbit.nn.ggml_linear import GGMLLinear
+from lowbit.weights.ggml import BLOCK_TYPES, dequantize_ggml, quantize_ggml
 from tests.weights.ggml_helpers import awkward_weights
 
 TYPES = list(BLOCK_TYPES)
@@ -90,7 +90,8 @@ def test_imatrix_comes_from_the_calibration_gram_matrix():
     stats.update(x)
     w = torch.randn(8, 256)
     got = GGMLQuant(type="Q4_K", imatrix=True).quantize_weight(w, stats)
-    want = quantize_ggml(w, "Q4_K", imatrix=(x.double() ** 2).mean(0).float())
+    with searches():   # the method runs the compiled searches when they load
+        want = quantize_ggml(w, "Q4_K", imatrix=(x.double() ** 2).mean(0).float())
     assert np.array_equal(got.data.numpy(), want)
     with pytest.raises(LowbitError, match="calibration"):
         GGMLQuant(type="Q4_K", imatrix=True).quantize_weight(w, LayerStats(256))

@@ -24,6 +24,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, quantized_weights, register_exporter
 from lowbit.io.gguf_rope import rope_for_export
+from lowbit.kernels.ggml_search import searches
 from lowbit.methods.ggml_mix import FILE_TYPES, file_type, tensor_type
 from lowbit.pipeline.arch import Arch, block_list, describe
 from lowbit.weights.ggml import GGMLTensor, quantize_ggml
@@ -219,7 +220,8 @@ def _stored(name: str, source, target: str, importance, search: bool, held: str)
         source = source.dequantize().float()
     if source.dim() == 1:
         return quantize_ggml(source.reshape(1, -1), "F32").reshape(-1), "F32"
-    return quantize_ggml(source, target, importance, search), target
+    with searches():   # the compiled scale searches when the kernels load (lowbit.kernels.ggml_search)
+        return quantize_ggml(source, target, importance, search), target
 
 
 def gguf_tensors(model, ftype: str, weights: dict | None = None, imatrix: dict | None = None, search: bool = True,

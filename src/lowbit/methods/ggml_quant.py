@@ -60,7 +60,10 @@ class GGMLQuant(GGMLConfigMixin, MethodConfig):
 
     def quantize_weight(self, weight, stats=None) -> GGMLTensor:
         imatrix = importance_from_stats(stats) if self.imatrix else None
-        return quantize_to_tensor(weight, fit_type(self.type, weight.shape[-1]), imatrix, self.search)
+        from lowbit.kernels.ggml_search import searches   # here: importing lowbit loads no kernels
+
+        with searches():   # the compiled scale searches when the kernels load (the same fits, faster)
+            return quantize_to_tensor(weight, fit_type(self.type, weight.shape[-1]), imatrix, self.search)
 
     def planned_weight(self, shape, layer) -> GGMLTensor:
         return placeholders.ggml(shape, fit_type(self.type, shape[-1]))

@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.kernels.fused import Plan, ggml_plan
+from lowbit.nn.fast import FastPath
 from lowbit.nn.registry import register_module
-from lowbit.weights.ggml import GGMLTensor, canonical_type, dequantize_ggml, row_nbytes
+from lowbit.weights.ggml import BLOCK_TYPES, GGML_TYPES, GGMLTensor, canonical_type, dequantize_ggml, row_nbytes
 
 
 @register_module(GGMLTensor)
-class GGMLLinear(nn.Module):
+class GGMLLinear(FastPath, nn.Module):
     def __init__(self, in_features: int, out_features: int, type_name: str, bias: bool = False,
                  compute_dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -44,6 +46,17 @@ class GGMLLinear(nn.Module):
         return dequantize_ggml(self.blocks, self.type, self.in_features).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fast_forward(x)
+        return self.python_forward(x) if y is None else y
+
+    def build_plan(self) -> Plan | None:
+        """Block types run in the fused kernels (F16/F32/BF16 rows keep the Python path)."""
+        if self.type not in BLOCK_TYPES or self.compute_dtype is not torch.float32:
+            return None
+        return ggml_plan(self.blocks, GGML_TYPES[self.type][0], self.out_features, self.in_features)
+
+    def python_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference path: the whole weight dequantised, then torch's matmul in x's dtype."""
         w = self.dequantized_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 

@@ -13,6 +13,8 @@ from lowbit.core import QuantizedTensor, QuantSpec, block_shape, pack_bits, unpa
 from lowbit.core.qparams import TORCH_FLOAT_DTYPES
 from lowbit.formats import get_format
 from lowbit.kernels.dequant import dequantize_int_packed
+from lowbit.kernels.fused import Plan, affine_plan
+from lowbit.nn.fast import FastPath
 from lowbit.nn.registry import register_module
 
 _SCALE_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -31,7 +33,7 @@ def load_scales(stored: torch.Tensor, scale_dtype: str) -> torch.Tensor:
 
 
 @register_module(QuantizedTensor)
-class QuantLinear(nn.Module):
+class QuantLinear(FastPath, nn.Module):
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
                  has_g_idx: bool = False, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -95,8 +97,50 @@ class QuantLinear(nn.Module):
         return zero + self.spec.number_format.qmin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fast_forward(x)
+        return self.python_forward(x) if y is None else y
+
+    def python_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference path: the whole weight dequantised, then torch's matmul in x's dtype."""
         w = self.dequantized_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def build_plan(self) -> Plan | None:
+        """The packed buffers as the fused kernels read them (see lowbit.kernels.fused.affine_plan)."""
+        spec, n, k = self.spec, self.out_features, self.in_features
+        fmt = spec.number_format
+        if (not fmt.is_integer or self.g_idx is not None) and self.compute_dtype is not torch.float32:
+            return None   # the Python path rounds these weights to compute_dtype first
+        group = {"channel": k, "tensor": k, "group": spec.group_size}.get(spec.granularity)
+        if group is None:
+            return None
+        scales = load_scales(self.scales, spec.scale_dtype) if spec.scale_dtype == "e8m0" else self.scales
+        zeros = self.zeros
+        if spec.granularity == "tensor":   # one scale: spread over the rows
+            zeros = None if zeros is None else self._zero_levels(load_scales(self.scales, spec.scale_dtype)).expand(n, 1)
+            scales = scales.expand(n, 1)
+        levels = fmt.table.float() - (spec.implied_zero if spec.symmetric else 0.0)
+        codes, columns = self.qweight, None
+        if self.g_idx is not None:
+            codes, columns = self._act_order_codes()
+            if codes is None:
+                return None
+        plan = affine_plan(codes, spec.bits, n, k, group, levels, scales, zeros, float(fmt.qmin) if fmt.is_integer
+                           else 0.0, (1 if fmt.signed else 2) if spec.bits == 8 and fmt.is_integer else 0)
+        if plan is not None:
+            plan.columns = columns
+        return plan
+
+    def _act_order_codes(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(codes with the columns sorted by group, that column order), when every group has group_size
+        columns; a runtime copy of the codes (not saved), so act-order weights take their codes twice."""
+        k, gs, bits = self.in_features, self.spec.group_size, self.spec.bits
+        g = self.g_idx.long()
+        columns = torch.argsort(g, stable=True)
+        if gs is None or not torch.equal(g[columns], torch.arange(k) // gs):
+            return None, None
+        codes = unpack_bits(self.qweight, bits, self.out_features * k).reshape(self.out_features, k)
+        return pack_bits(codes[:, columns], bits), columns
 
     def layer_config(self) -> dict:
         """What the native format records to rebuild this module empty before loading its tensors."""

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.kernels.fused import Plan, affine_plan
+from lowbit.nn.fast import FastPath
 from lowbit.nn.registry import register_module
 from lowbit.weights.bnb4 import (COMPUTE_DTYPES, DTYPE_NAMES, NESTED_BLOCK_SIZE, Quantized4bit, check_block_size,
-                                 check_quant_type)
+                                 check_quant_type, code_table, dynamic_map)
 
 _WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,7 +26,7 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 @register_module(Quantized4bit)
-class Linear4bit(nn.Module):
+class Linear4bit(FastPath, nn.Module):
     def __init__(self, in_features: int, out_features: int, quant_type: str = "nf4", block_size: int = 64,
                  double_quant: bool = False, bias: bool = False, compute_dtype: torch.dtype = torch.bfloat16,
                  weight_dtype: torch.dtype = torch.float32):
@@ -77,6 +79,20 @@ class Linear4bit(nn.Module):
             return self.quantized().dequantize(dtype or self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fast_forward(x, self.compute_dtype)
+        return self.python_forward(x) if y is None else y
+
+    def build_plan(self) -> Plan | None:
+        """The bnb blocks as the fused kernels read them: 4-bit codes (high nibble first) of the format's
+        16 levels, one absmax per block; rows must hold whole blocks."""
+        if self.in_features % self.block_size:
+            return None
+        dq = (dynamic_map(), self.nested_absmax, self.nested_offset) if self.double_quant else None
+        return affine_plan(self.qweight, 4, self.out_features, self.in_features, self.block_size,
+                           code_table(self.quant_type), self.absmax, hi_first=True, bnb_double_quant=dq)
+
+    def python_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference path: the whole weight dequantised to compute_dtype, then torch's matmul."""
         w = self.dequantized_weight(torch.float32).to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         return F.linear(x.to(self.compute_dtype), w, bias).to(x.dtype)

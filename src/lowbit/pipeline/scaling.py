@@ -12,9 +12,17 @@ from torch import nn
 from lowbit.methods.recipe import Recipe, as_recipe
 from lowbit.methods.scaling import InputScaling, ScaleContext
 from lowbit.pipeline.arch import Arch, block_list, describe
-from lowbit.pipeline.blocks import BlockInput, advance, block_linears, capture_block_inputs, collect_stats, run_block
+from lowbit.pipeline.blocks import (
+    BlockInput,
+    advance,
+    block_linears,
+    capture_block_inputs,
+    collect_stats,
+    run_block,
+)
 from lowbit.pipeline.fold import InputSource, fold_scales, foldable_groups
 from lowbit.pipeline.loading import conv1d_to_linear
+from lowbit.pipeline.replay import Replay
 from lowbit.pipeline.samples import CalibrationSet
 
 
@@ -29,16 +37,18 @@ def _scaling_plan(block: nn.Module, arch: Arch, recipe: Recipe, prefix: str):
     return plan
 
 
-def _block_error(block, batches, targets, linears: list[nn.Linear], approx: list[torch.Tensor]) -> float:
-    """Squared error of the block's outputs against `targets` with the Linears' weights set to `approx`."""
+def _block_error(block, batches, targets, linears: list[nn.Linear], approx: list[torch.Tensor],
+                 replay: Replay) -> float:
+    """Squared error of the block's outputs at real tokens against `targets` (their float64 rows) with the
+    Linears' weights set to `approx`. What precedes the Linears is replayed, not recomputed."""
     held = [m.weight.data for m in linears]
     try:
         for m, w in zip(linears, approx):
             m.weight.data = w
         with torch.no_grad():
             # real tokens only: a padded position's output is never used, so its error must not count
-            return sum(float((x.real(run_block(block, x)).double() - x.real(t).double()).pow(2).sum())
-                       for x, t in zip(batches, targets))
+            return sum(float((x.real(replay.run(i, x)).double() - t).pow(2).sum())
+                       for i, (x, t) in enumerate(zip(batches, targets)))
     finally:
         for m, w in zip(linears, held):
             m.weight.data = w
@@ -48,8 +58,12 @@ def _context(block, linears, group, source: InputSource, stats, batches, targets
     mods = [linears[n] for n in group]
     error = None
     if targets is not None:
+        replay = []   # recorded on the first call, with the weights the block has then
+
         def error(approx, mods=mods):
-            return _block_error(block, batches, targets, mods, approx)
+            if not replay:
+                replay.append(Replay(block, mods[0], batches))
+            return _block_error(block, batches, targets, mods, approx, replay[0])
     return ScaleContext([m.weight.detach() for m in mods], stats, source.index, source.width, source.kind, error,
                         seed)
 
@@ -67,7 +81,7 @@ def scale_block(block: nn.Module, arch: Arch, inputs: list[BlockInput], recipe: 
         if not batches:
             continue
         stats = collect_stats(block, batches, {g[0]: linears[g[0]] for g, _ in mine}, config.keeps_inputs)
-        targets = [run_block(block, x) for x in batches] if config.uses_block_error else None
+        targets = [x.real(run_block(block, x)).double() for x in batches] if config.uses_block_error else None
         for group, source in mine:
             if stats[group[0]].n_tokens == 0:
                 continue

@@ -7,11 +7,28 @@ times one fp16 scale.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 
 from lowbit.weights.ggml.fields import fp16, nearest_int, signed_absmax
 
 GROUP_MAX_EPS = 1e-15
+
+# A compiled implementation of make_qkx/qx/qp/q3_quants (lowbit.kernels.ggml_search), used while set.
+# The method and the GGUF exporter set it when the compiled kernels load; the torch code below is the
+# reference and the fallback (the two differ only in the order of each sub-block's sums).
+_NATIVE: ContextVar = ContextVar("lowbit_ggml_native_searches", default=None)
+
+
+@contextmanager
+def native_searches(impl):
+    token = _NATIVE.set(impl)
+    try:
+        yield
+    finally:
+        _NATIVE.reset(token)
 
 
 def _f32(values) -> torch.Tensor:
@@ -42,6 +59,8 @@ def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor | None) -> tuple[
     """Symmetric codes l in [-nmax, nmax-1] and scale: 19 trial inverse scales -(nmax + 0.1 k)/max,
     each followed by the weighted least-squares scale; keeps the largest (sum w x l)^2 / sum w l^2.
     w None means w = x^2 (ggml's rmse_type 1). Returns (scale [...], l [..., n])."""
+    if (native := _NATIVE.get()) is not None:
+        return native.make_qx_quants(x, nmax, w)
     shape, n = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, n)
     w = x * x if w is None else w.reshape(-1, n)
@@ -68,6 +87,8 @@ def make_qkx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rd
     (or absolute) error is lower. As in ggml, `min` moves to the best fit so far, so the later trials are
     taken around it: the trials run in order, each vectorised over all sub-blocks.
     Returns (scale [...], the_min [...] >= 0, l [..., n])."""
+    if (native := _NATIVE.get()) is not None:
+        return native.make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad)
     shape, n = x.shape[:-1], x.shape[-1]
     x, w = x.reshape(-1, n), w.reshape(-1, n)
 
@@ -131,6 +152,8 @@ def coordinate_descent(x, w, l, lo, hi, sumlx, suml2, need_sl2_positive):
 
 def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Q3_K's reference sub-block fit: codes from -nmax/max, then coordinate descent with weights x^2."""
+    if (native := _NATIVE.get()) is not None:
+        return native.make_q3_quants(x, nmax)
     mx = signed_absmax(x)
     zero = mx.abs() < GROUP_MAX_EPS
     iscale = -nmax / torch.where(zero, 1.0, mx)
@@ -145,6 +168,8 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
 def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-negative values (sub-block scales or mins) onto 0..nmax with a weighted search of the scale
     (ggml's make_qp_quants). Returns (scale [...], l [..., n])."""
+    if (native := _NATIVE.get()) is not None:
+        return native.make_qp_quants(x, nmax, w)
     mx = x.amax(-1).clamp(min=0)
     zero = mx < GROUP_MAX_EPS
     mx = torch.where(zero, 1.0, mx)
