@@ -5,9 +5,6 @@ place only when everything is written; and the tensors outside the quantised mod
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,25 +17,12 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-def atomic_folder(out: Path) -> Path:
-    """A temporary sibling folder of `out` (which must not exist yet)."""
-    out = Path(out)
-    if out.exists():
-        raise LowbitError(f"output folder already exists: {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-
-
-@contextmanager
 def writing_folder(out):
-    """Write into a temporary sibling folder that becomes `out` only when the block completes."""
-    tmp = atomic_folder(out)
-    try:
-        yield tmp
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Write into a temporary sibling folder that becomes `out` only when the block completes (removed on
+    any error, Ctrl-C or SIGTERM; a full disk is one line)."""
+    from lowbit.io.atomic import atomic_output
+
+    return atomic_output(out, folder=True)
 
 
 def float_tensors(model: nn.Module, skip: set[str] | dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
