@@ -18,6 +18,7 @@ from lowbit.errors import LowbitError
 from lowbit.io.hf_folder import write_metadata, writing_folder
 from lowbit.methods.recipe import Recipe
 from lowbit.nn import MODULES
+from lowbit.pipeline.checkpoint import check_against_disk, check_finite, meta_model, read_header
 from lowbit.pipeline.loading import conv1d_to_linear, load_tokenizer, read_config, set_module
 from lowbit.pipeline.report import report_to_json
 
@@ -54,7 +55,7 @@ def _read_meta(path: Path) -> dict:
         meta = json.loads((path / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LowbitError(f"{path / CONFIG_FILE} is not valid JSON: {e}")
-    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
         raise LowbitError(f"{path} is not a lowbit v{FORMAT_VERSION} model folder")
     return meta
 
@@ -77,16 +78,22 @@ def load(path):
     if not is_native(path):
         raise LowbitError(f"not a lowbit model folder: {path} (no {CONFIG_FILE})")
     meta = _read_meta(path)
-    model = _empty_model(path, meta)
-    conv1d_to_linear(model)
     modules = meta.get("modules")
     if not isinstance(modules, dict):
         raise LowbitError(f"{path / CONFIG_FILE}: 'modules' must map module names to their layouts")
-    for name, cfg in modules.items():
-        set_module(model, name, _rebuild(name, cfg, path))
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise LowbitError(f"{weights} is missing")
+    headers = read_header(weights)  # validated by hand before safetensors or torch allocate anything
+    shapes = meta_model(lambda: _empty_model(path, meta))
+    if shapes is None:
+        raise LowbitError(f"cannot build the model {path / 'config.json'} describes")
+    check_against_disk(shapes, headers, path, quantized=True)
+    model = _empty_model(path, meta)
+    conv1d_to_linear(model)
+    for name, cfg in modules.items():
+        _check_layout(model, name, cfg, path)
+        set_module(model, name, _rebuild(name, cfg, path))
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except Exception as e:  # safetensors raises its own types for truncated or corrupt files
@@ -94,12 +101,27 @@ def load(path):
                       str(e).splitlines()[0])
         raise LowbitError(f"cannot read {weights}: {detail}") from e
     _check_keys(model, missing, unexpected, weights)
+    check_finite(model, path)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if meta.get("recipe"):
         model.lowbit_recipe = Recipe.from_dict(meta["recipe"])
     model.eval()
     return model, load_tokenizer(path)
+
+
+def _check_layout(model: nn.Module, name: str, cfg, path: Path) -> None:
+    """A layout's shape is the shape of the Linear it replaces (a lying layout would allocate at will)."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise LowbitError(f"{path / CONFIG_FILE} names {name!r}, which the model does not have") from None
+    if not isinstance(cfg, dict) or not hasattr(old, "weight") or old.weight.dim() != 2:
+        return
+    want = {"in_features": old.weight.shape[1], "out_features": old.weight.shape[0]}
+    for key, n in want.items():
+        if key in cfg and cfg[key] != n:
+            raise LowbitError(f"{path / CONFIG_FILE}: {name} has {key} {cfg[key]!r}, the model's Linear has {n}")
 
 
 def _rebuild(name: str, cfg, path: Path) -> nn.Module:

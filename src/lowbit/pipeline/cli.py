@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from pathlib import Path
 
 from lowbit.errors import LowbitError
 
@@ -37,9 +36,13 @@ def _cmd_quantize(args) -> str:
     from lowbit.pipeline.calibration import needs_calibration
     from lowbit.pipeline.report import summarize
 
-    out = Path(args.output)
-    if out.exists():
-        raise LowbitError(f"output folder already exists: {out}")
+    from lowbit.io.atomic import check_output
+
+    out = check_output(args.output, "output folder")  # before any work: a bad path costs seconds, not a run
+    if args.samples is not None and args.samples < 1:
+        raise LowbitError(f"--samples must be at least 1, got {args.samples}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise LowbitError(f"--seq-len must be at least 2, got {args.seq_len}")
     config = method_from_args(args)
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     recipe = Recipe(config, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
@@ -48,6 +51,8 @@ def _cmd_quantize(args) -> str:
     api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer if calibrate else None,
                  n_samples=args.samples or api.DEFAULT_SAMPLES, seq_len=args.seq_len, seed=args.seed,
                  progress=not args.quiet, target=args.target, calibration_mode=args.calibration_mode)
+    if not any(hasattr(m, "layer_config") for m in model.modules()):
+        raise LowbitError("nothing was quantised (every Linear was skipped or unsupported); nothing written")
     api.save(model, out, tokenizer=tokenizer)
     return f"{model.lowbit_calibration}\n{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to {out}"
 
@@ -58,6 +63,11 @@ def add_calibration_mode(p) -> None:
                         "sequence with the tokenizer's special tokens (chat rows through its chat template), "
                         "padding masked out of every statistic; auto (default): samples for encoders and chat "
                         "rows, windows otherwise")
+
+
+def add_threads(p) -> None:
+    p.add_argument("--threads", type=int, help="CPU threads for tensor work (default: torch's choice; on a busy "
+                   "machine fewer is often faster)")
 
 
 def register(sub) -> None:
@@ -80,5 +90,6 @@ def register(sub) -> None:
                    help="check, before any work, that this engine can serve the result (kernel limits per layer)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads(p)
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     p.set_defaults(run=_cmd_quantize)

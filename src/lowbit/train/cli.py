@@ -31,7 +31,10 @@ def _read_text(path):
 
 
 def _cmd_finetune(args) -> str:
+    from lowbit.io.atomic import check_output
     from lowbit.train.finetune import finetune, render_summary
+
+    check_output(args.output, "adapter folder")  # before any training
 
     lora = LoraSettings(args.rank, args.alpha, args.dropout,
                         tuple(t.strip() for t in args.target.split(",") if t.strip()), args.seed)
