@@ -126,7 +126,7 @@ def _check_layout(model: nn.Module, name: str, cfg, path: Path) -> None:
 
 def _rebuild(name: str, cfg, path: Path) -> nn.Module:
     """The empty module a saved layout describes; a malformed layout is a one-line error naming it."""
-    if not isinstance(cfg, dict) or cfg.get("module") not in MODULES:
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("module"), str) or cfg["module"] not in MODULES:
         kind = cfg.get("module") if isinstance(cfg, dict) else cfg
         raise LowbitError(f"unknown module type {kind!r} for {name} in {path / CONFIG_FILE}")
     try:

@@ -75,6 +75,11 @@ def _check_entries(header: dict, data_bytes: int, bad) -> None:
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
         if start < end:
             raise bad(f"tensors {a!r} and {b!r} overlap")
+        if start > end:
+            raise bad(f"a gap of {start - end:,} bytes lies between tensors {a!r} and {b!r}")
+    first, last = (spans[0][0], spans[-1][1]) if spans else (0, 0)
+    if first != 0 or last != data_bytes:  # safetensors' own rule: the tensors cover the data exactly
+        raise bad(f"the tensors cover bytes {first:,} to {last:,} of {data_bytes:,}")
 
 
 def weight_headers(path) -> dict[str, dict]:

@@ -60,8 +60,8 @@ def load_model(path=None, dtype: torch.dtype = torch.float32, trust_remote_code:
     from lowbit.pipeline.checkpoint import check_against_disk, check_finite, loading_problems, meta_model, weight_headers
 
     path = resolve_model_path(path)
-    headers = weight_headers(path)  # validated by hand before any loader reads them; pickles refused
     config = read_config(path, trust_remote_code)
+    headers = weight_headers(path)  # validated by hand before any loader reads them; pickles refused
     cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     shapes = meta_model(lambda: cls.from_config(config, trust_remote_code=trust_remote_code))
     if shapes is None:
