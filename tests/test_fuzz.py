@@ -25,6 +25,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def loads_or_refuses(load, path, max_growth_mb: float = 500) -> None:
+    """load(path) returns or raises a one-line LowbitError, and the process's peak memory barely grows."""
+    before = peak_rss_mb()
+    try:
+        load(path)
+    except LowbitError as e:
+        assert "\n" not in str(e)
+    assert peak_rss_mb() - before < max_growth_mb
+
+
 @pytest.fixture(scope="module")
 def small_safetensors(tmp_path_factory):
     from safetensors.torch import save_file
@@ -96,12 +106,7 @@ def test_native_config_reader_never_crashes(native_folder, tmp_path, layout, nam
         target = meta["modules"].get(name) or next(iter(meta["modules"].values()))
         target[key] = layout
     (folder / "lowbit_config.json").write_text(json.dumps(meta))
-    before = peak_rss_mb()
-    try:
-        load(folder)
-    except LowbitError as e:
-        assert "\n" not in str(e)
-    assert peak_rss_mb() - before < 500
+    loads_or_refuses(load, folder)
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +128,4 @@ def test_gguf_reader_never_crashes(small_gguf, tmp_path, edits, wide):
         data[pos:pos + 8] = struct.pack("<Q", value)
     path = tmp_path / "f.gguf"
     path.write_bytes(bytes(data))
-    before = peak_rss_mb()
-    try:
-        load_gguf(path)
-    except LowbitError as e:
-        assert "\n" not in str(e)
-    assert peak_rss_mb() - before < 500
+    loads_or_refuses(load_gguf, path)
