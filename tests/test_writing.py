@@ -112,3 +112,31 @@ def test_version_and_a_broken_pipe(capsys):
     p = subprocess.run(f"{sys.executable} -m lowbit demo memory | head -1", shell=True, capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": src})
     assert "Traceback" not in p.stderr and "Broken pipe" not in p.stderr
+
+
+def test_unquantised_tensors_keep_the_input_dtype(tmp_path, capsys):
+    """An fp16 model's embeddings and norms stay fp16: the int4 folder is far smaller than the fp16 input."""
+    import json
+
+    import transformers as t
+    from safetensors import safe_open
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = t.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, vocab_size=4096)
+    t.LlamaForCausalLM(config).to(torch.float16).save_pretrained(tmp_path / "hf")
+    bundled = Path(__file__).resolve().parents[1] / "data" / "lowbit-tiny-llama"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "hf" / name).write_bytes((bundled / name).read_bytes())
+    assert main(["quantize", str(tmp_path / "hf"), "--method", "rtn-int4-g32", "--quiet", "-o", str(tmp_path / "q")]) == 0
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "F16"
+        assert f.get_slice("model.norm.weight").get_dtype() == "F16"
+    assert json.loads((tmp_path / "q" / "config.json").read_text()).get("dtype", "float16") == "float16"
+    fp16 = (tmp_path / "hf" / "model.safetensors").stat().st_size
+    assert (tmp_path / "q" / "model.safetensors").stat().st_size < fp16  # fp32 embeddings made it larger
+    mask = os.umask(0)
+    os.umask(mask)
+    assert mode(tmp_path / "q" / "model.safetensors") == 0o666 & ~mask and mode(tmp_path / "q") == 0o777 & ~mask
+    assert main(["eval", str(tmp_path / "q"), "--no-speed", "--max-eval-tokens", "64", "--json"]) == 0

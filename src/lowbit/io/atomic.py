@@ -67,6 +67,7 @@ def atomic_output(out, folder: bool):
         raise _one_line(e, out) from e
     try:
         yield tmp
+        _follow_umask(tmp)
         if out.exists():
             raise LowbitError(f"output already exists: {out} (written by something else meanwhile)")
         os.replace(tmp, out)
@@ -75,6 +76,13 @@ def atomic_output(out, folder: bool):
         if isinstance(e, Exception) and no_space(e):
             raise _one_line(e, out) from e
         raise
+
+
+def _follow_umask(path: Path) -> None:
+    """Give what was written the umask's permissions (some writers, safetensors among them, create 0600)."""
+    mask = umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _one_line(e: BaseException, out: Path) -> BaseException:

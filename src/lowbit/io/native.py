@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.io.hf_folder import write_metadata, writing_folder
+from lowbit.io.hf_folder import float_tensors, model_config, write_metadata, writing_folder
 from lowbit.methods.recipe import Recipe
 from lowbit.nn import MODULES
-from lowbit.pipeline.checkpoint import check_against_disk, check_finite, meta_model, read_header
+from lowbit.pipeline.checkpoint import check_against_disk, check_finite, meta_model, read_header, stored_dtype
 from lowbit.pipeline.loading import conv1d_to_linear, load_tokenizer, read_config, set_module
 from lowbit.pipeline.report import report_to_json
 
@@ -34,7 +34,7 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 def save(model: nn.Module, out, tokenizer=None) -> Path:
     out = Path(out)
     with writing_folder(out) as tmp:
-        write_metadata(tmp, model, model.config, tokenizer)
+        write_metadata(tmp, model, _saved_config(model), tokenizer)
         recipe = getattr(model, "lowbit_recipe", None)
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_class": type(model).__name__,
                 "recipe": recipe.to_dict() if recipe is not None else None,
@@ -42,8 +42,23 @@ def save(model: nn.Module, out, tokenizer=None) -> Path:
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
         if getattr(model, "lowbit_report", None) is not None:
             (tmp / "quant_report.json").write_text(report_to_json(model.lowbit_report))
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def _tensors(model: nn.Module) -> dict:
+    """The quantised modules' tensors as they are, the rest in the dtype the model was loaded from (an fp16
+    model's embeddings and norms stay fp16, so the folder is the size its memory report promises)."""
+    quantized = quantized_modules(model)
+    tensors = float_tensors(model, quantized, getattr(model, "lowbit_source_dtype", None))
+    for name, m in quantized.items():
+        tensors.update({f"{name}.{k}": v.detach().contiguous() for k, v in m.state_dict().items()})
+    return tensors
+
+
+def _saved_config(model: nn.Module):
+    dtype = getattr(model, "lowbit_source_dtype", None)
+    return model_config(model, getattr(model.config, "quantization_config", None), dtype) if dtype else model.config
 
 
 def is_native(path) -> bool:
@@ -102,6 +117,7 @@ def load(path):
         raise LowbitError(f"cannot read {weights}: {detail}") from e
     _check_keys(model, missing, unexpected, weights)
     check_finite(model, path)
+    model.lowbit_source_dtype = stored_dtype(headers)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if meta.get("recipe"):

@@ -100,6 +100,18 @@ def weight_headers(path) -> dict[str, dict]:
     return out
 
 
+TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def stored_dtype(headers: dict[str, dict]) -> torch.dtype | None:
+    """The floating dtype most of the stored elements have (fp16, bf16 or fp32), None when none is."""
+    counts: dict[str, int] = {}
+    for e in headers.values():
+        if e["dtype"] in TORCH_DTYPES:
+            counts[e["dtype"]] = counts.get(e["dtype"], 0) + math.prod(e["shape"])
+    return TORCH_DTYPES[max(counts, key=counts.get)] if counts else None
+
+
 def available_memory() -> int | None:
     """Bytes of memory available now (Linux MemAvailable), or None when unknown."""
     try:

@@ -57,7 +57,8 @@ def load_model(path=None, dtype: torch.dtype = torch.float32, trust_remote_code:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress is per block; theirs would interleave with it
-    from lowbit.pipeline.checkpoint import check_against_disk, check_finite, loading_problems, meta_model, weight_headers
+    from lowbit.pipeline.checkpoint import (check_against_disk, check_finite, loading_problems, meta_model, stored_dtype,
+                                           weight_headers)
 
     path = resolve_model_path(path)
     config = read_config(path, trust_remote_code)
@@ -78,6 +79,7 @@ def load_model(path=None, dtype: torch.dtype = torch.float32, trust_remote_code:
     if problem:
         raise LowbitError(f"the weights in {path} do not match its config.json: {problem}")
     check_finite(model, path)
+    model.lowbit_source_dtype = stored_dtype(headers)  # what a save writes the unquantised tensors in
     model.eval()
     return model, load_tokenizer(path)
 
