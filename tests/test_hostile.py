@@ -434,6 +434,34 @@ def _(base, tmp):
     return ["calc", "memory", "--params", "nan"]
 
 
+@case("gptq on a folder without a tokenizer")
+def _(base, tmp):
+    m = copy_of(base, "hf", tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (m / name).unlink()
+    return quantize(m, tmp, "--method", "gptq-int4-g32")
+
+
+@case("--seq-len beyond the model's context")
+def _(base, tmp):
+    return quantize(base / "hf", tmp, "--seq-len", "4096", "--samples", "2")
+
+
+@case("eval --context beyond the model's context")
+def _(base, tmp):
+    return ["eval", str(base / "hf"), "--no-speed", "--context", "4096"]
+
+
+@case("--threads 0")
+def _(base, tmp):
+    return quantize(base / "hf", tmp, "--threads", "0")
+
+
+@case("compare --samples -1")
+def _(base, tmp):
+    return ["compare", str(base / "hf"), "--samples", "-1", "--out", str(tmp / "out")]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Output paths (checked before any work)
 
@@ -477,6 +505,23 @@ def _(base, tmp):
     (tmp / "out").mkdir()
     (tmp / "out" / "compare.json").write_text("[]")
     return ["compare", str(base / "hf"), "--methods", "rtn-int8", "--no-speed", "--out", str(tmp / "out")]
+
+
+@case("gptq import of a truncated folder")
+def _(base, tmp):
+    m = copy_of(base, "hf", tmp)
+    f = m / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:5000])
+    return ["import", str(m), "--format", "gptq", "-o", str(tmp / "out")]
+
+
+@case("gptq import of a pickle-only folder")
+def _(base, tmp):
+    m = copy_of(base, "hf", tmp)
+    (m / "model.safetensors").unlink()
+    import pickle
+    (m / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload()))
+    return ["import", str(m), "--format", "gptq", "-o", str(tmp / "out")]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -76,12 +76,24 @@ def quantize(model, config, calibration=None, tokenizer=None, n_samples: int = D
     elif isinstance(calibration, CalibrationSet):
         calib = calibration
     elif tokenizer is None and calibration is None:
+        _refuse_uncalibrated(config)
         calib = None  # no tokenizer: calibration-free methods still work, the report says no tokens were seen
     else:
         check_context(model, seq_len)
         mode = resolve_mode(calibration_mode, describe(model).causal, calibration)
         calib = build_calibration(tokenizer, calibration, n_samples, seq_len or default_seq_len(model), seed, mode)
     return quantize_model(model, config, calib, batch_size=batch_size, progress=progress)
+
+
+def _refuse_uncalibrated(config) -> None:
+    """A method that needs calibration activations, given none, is an error (never a silent RTN)."""
+    from lowbit.methods import parse_method
+    from lowbit.pipeline.calibration import needs_calibration
+
+    resolved = parse_method(config) if isinstance(config, str) else config
+    if needs_calibration(resolved):
+        raise LowbitError("this method needs calibration activations and there is no tokenizer to make them: add "
+                          "the tokenizer files to the model folder, or pass calibration token ids")
 
 
 def export(model, out, format: str, tokenizer=None, requantize: bool = False, **options):

@@ -155,11 +155,13 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of every .safetensors file in `path` (a truncated or corrupt file is a one-line error)."""
     from safetensors import safe_open
 
+    from lowbit.pipeline.checkpoint import read_header, weight_headers
+
+    weight_headers(path)  # pickles refused, no .safetensors named
     files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise LowbitError(f"no .safetensors weights in {path}")
     tensors = {}
     for f in files:
+        read_header(f)  # validated by hand before safetensors allocates anything
         try:
             with safe_open(str(f), framework="pt") as fh:
                 tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
@@ -184,6 +186,7 @@ def plain_model(path: Path) -> nn.Module:
 def finish_import(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path):
     """Load the remaining (float) tensors into `model`, whose quantised modules are already in place;
     (model, tokenizer or None). Missing or unexpected tensors are an error (tied weights may be absent)."""
+    from lowbit.pipeline.checkpoint import check_finite
     from lowbit.pipeline.loading import load_tokenizer
 
     float_state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
@@ -194,6 +197,7 @@ def finish_import(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path
         raise LowbitError(f"{path} does not match the model: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    check_finite(model, path)
     return model.eval(), load_tokenizer(Path(path))
 
 
