@@ -67,7 +67,8 @@ def load_model(path=None, dtype: torch.dtype = torch.float32, trust_remote_code:
     shapes = meta_model(lambda: cls.from_config(config, trust_remote_code=trust_remote_code))
     if shapes is None:
         raise LowbitError(f"cannot build the model {path / 'config.json'} describes")
-    check_against_disk(shapes, headers, path)
+    # a pre-quantised checkpoint (quantization_config) stores packed tensors: its size is checked loosely
+    check_against_disk(shapes, headers, path, quantized=getattr(config, "quantization_config", None) is not None)
     tied = _tied_keys(shapes)
     del shapes
     try:
