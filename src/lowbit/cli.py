@@ -125,7 +125,17 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt  # unwinds like Ctrl-C, so every temporary output is removed on the way out
 
 
+def _quiet_libraries() -> None:
+    """Import-time chatter of optional libraries (torchao's missing kernels, torch's pytree notices) is
+    not the user's business: errors stay one line."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None) is not None:
         from lowbit.pipeline.checkpoint import environment_threads

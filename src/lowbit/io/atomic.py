@@ -34,11 +34,17 @@ def umask() -> int:
     return mask
 
 
-def no_space(e: BaseException) -> bool:
-    """A full disk, whether reported as OSError or as a library's own error with the OS message."""
+def no_space(e: BaseException, where: Path | None = None) -> bool:
+    """A full disk, whether reported as OSError, as a library's own error with the OS message, or as a
+    short write (numpy's "N requested and M written") on a device with no room left."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
+    if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+        return True
+    try:
+        return isinstance(e, OSError) and where is not None and shutil.disk_usage(where).free < 2 ** 20
+    except OSError:
+        return False
 
 
 def _remove(path: Path) -> None:
@@ -73,8 +79,8 @@ def atomic_output(out, folder: bool):
         os.replace(tmp, out)
     except BaseException as e:
         _remove(tmp)
-        if isinstance(e, Exception) and no_space(e):
-            raise _one_line(e, out) from e
+        if isinstance(e, Exception) and no_space(e, out.parent):
+            raise LowbitError(f"no space left on device writing {out}") from e
         raise
 
 
