@@ -139,4 +139,8 @@ def test_unquantised_tensors_keep_the_input_dtype(tmp_path, capsys):
     mask = os.umask(0)
     os.umask(mask)
     assert mode(tmp_path / "q" / "model.safetensors") == 0o666 & ~mask and mode(tmp_path / "q") == 0o777 & ~mask
+    capsys.readouterr()
     assert main(["eval", str(tmp_path / "q"), "--no-speed", "--max-eval-tokens", "64", "--json"]) == 0
+    promised = json.loads(capsys.readouterr().out)["memory_bytes"]
+    size = (tmp_path / "q" / "model.safetensors").stat().st_size
+    assert abs(size - promised) < 0.05 * promised, (size, promised)  # the folder is the size eval promises

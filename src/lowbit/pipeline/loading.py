@@ -71,11 +71,15 @@ def load_model(path=None, dtype: torch.dtype = torch.float32, trust_remote_code:
     check_against_disk(shapes, headers, path, quantized=getattr(config, "quantization_config", None) is not None)
     tied = _tied_keys(shapes)
     del shapes
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is a table on stderr; ours below is one line
     try:
         model, info = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                           output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise LowbitError(f"cannot load the weights in {path}: {str(e).splitlines()[0]}") from e
+    finally:
+        hf_logging.set_verbosity(level)
     problem = loading_problems(info, tied)
     if problem:
         raise LowbitError(f"the weights in {path} do not match its config.json: {problem}")
