@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from lowbit.cli import main
+from tests.conftest import fp16_llama_folder
 
-BUNDLED = Path(__file__).resolve().parents[1] / "data" / "lowbit-tiny-llama"
 CASES: dict = {}
 
 
@@ -33,16 +33,8 @@ def case(name):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A tiny fp16 Llama folder (2 layers, hidden 64) with the bundled tokenizer."""
-    import transformers as t
-
     root = tmp_path_factory.mktemp("hostile-base")
-    torch.manual_seed(0)
-    config = t.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=128, vocab_size=4096)
-    model = t.LlamaForCausalLM(config).to(torch.float16)
-    model.save_pretrained(root / "hf")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(BUNDLED / name, root / "hf" / name)
+    fp16_llama_folder(root / "hf")
     assert main(["quantize", str(root / "hf"), "--method", "rtn-int4-g32", "--quiet", "-o", str(root / "native")]) == 0
     return root
 

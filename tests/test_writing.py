@@ -16,6 +16,7 @@ import pytest
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import atomic_output, check_output, write_bytes
+from tests.conftest import fp16_llama_folder
 
 
 def mode(p: Path) -> int:
@@ -118,17 +119,9 @@ def test_unquantised_tensors_keep_the_input_dtype(tmp_path, capsys):
     """An fp16 model's embeddings and norms stay fp16: the int4 folder is far smaller than the fp16 input."""
     import json
 
-    import transformers as t
     from safetensors import safe_open
 
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    config = t.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=128, vocab_size=4096)
-    t.LlamaForCausalLM(config).to(torch.float16).save_pretrained(tmp_path / "hf")
-    bundled = Path(__file__).resolve().parents[1] / "data" / "lowbit-tiny-llama"
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / "hf" / name).write_bytes((bundled / name).read_bytes())
+    fp16_llama_folder(tmp_path / "hf")
     assert main(["quantize", str(tmp_path / "hf"), "--method", "rtn-int4-g32", "--quiet", "-o", str(tmp_path / "q")]) == 0
     with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
         assert f.get_slice("model.embed_tokens.weight").get_dtype() == "F16"

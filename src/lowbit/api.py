@@ -32,7 +32,27 @@ def load_model(path=None, trust_remote_code: bool = False):
         return load_native(path)
     if path is not None and Path(path).is_file() and Path(path).suffix == ".gguf":
         return get_importer("gguf")(path)
+    importer = _quantized_folder_format(path)
+    if importer is not None:  # a GPTQ/AWQ/bnb/compressed-tensors folder: read by lowbit, no optimum needed
+        return get_importer(importer)(path)
     return load_hf_model(path, torch.float32, trust_remote_code)
+
+
+# quantization_config's quant_method -> the importer that reads the folder
+QUANT_METHOD_IMPORTERS = {"gptq": "gptq", "awq": "awq", "bitsandbytes": "bnb", "compressed-tensors": "compressed-tensors"}
+
+
+def _quantized_folder_format(path) -> str | None:
+    import json
+
+    config = Path(path) / "config.json" if path is not None else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        qc = json.loads(config.read_text()).get("quantization_config")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None  # the ordinary loader reports a bad config.json in one line
+    return QUANT_METHOD_IMPORTERS.get(qc.get("quant_method")) if isinstance(qc, dict) else None
 
 
 load = load_model
