@@ -299,6 +299,11 @@ def _(base, tmp):
     return ["eval", str(_auto_map(base, tmp)), "--no-speed"]
 
 
+@case("auto_map without --trust-remote-code, compare")
+def _(base, tmp):
+    return ["compare", str(_auto_map(base, tmp)), "--methods", "rtn-int8", "--no-speed", "--out", str(tmp / "out")]
+
+
 @case("auto_map without --trust-remote-code, export")
 def _(base, tmp):
     return ["export", str(_auto_map(base, tmp)), "--format", "gguf", "-o", str(tmp / "out")]
@@ -566,6 +571,12 @@ def test_hostile_input_is_refused_in_one_line(name, base, tmp_path, capsys, monk
     assert 1 <= len(lines) <= 2, err
     assert _listing(tmp_path) == before, "output left behind"
     assert not Path(PWNED).exists(), "code from the input ran"
+    if "--trust-remote-code" in err:  # the hint names a flag this command has
+        from lowbit.cli import build_parser
+
+        command = build_parser()._subparsers._group_actions[0].choices[argv[0]]
+        assert "--trust-remote-code" in command._option_string_actions
+
 
 
 def test_catalogue_size():

@@ -79,7 +79,8 @@ def _cmd_compare(args) -> str:
         check_report_out(args.out)  # never overwritten, and refused before minutes of work
     rows = compare(args.methods, args.model, args.calibration, text=_read_text(args.text), context=args.context,
                    max_eval_tokens=args.max_eval_tokens, n_samples=args.samples, seq_len=args.seq_len,
-                   seed=args.seed, speed=not args.no_speed, calibration_mode=args.calibration_mode)
+                   seed=args.seed, speed=not args.no_speed, calibration_mode=args.calibration_mode,
+                   trust_remote_code=args.trust_remote_code)
     written = write_report(rows, args.out) if args.out else []
     if args.json:
         return render_json(rows)
@@ -99,6 +100,7 @@ def _add_eval_options(p, model_help: str) -> None:
     p.add_argument("--context", type=_positive_int,
                    help="window length in tokens (default: the model's context, at most 256)")
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode speed measurement")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     add_threads(p)
 
 
@@ -109,7 +111,6 @@ def register(sub) -> None:
     ev = sub.add_parser("eval", help="perplexity, fidelity, memory and speed of one model")
     _add_eval_options(ev, "Hugging Face or lowbit-quantised model folder")
     ev.add_argument("--reference", help="full-precision model folder to measure KL / top-1 / delta-PPL against")
-    ev.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     ev.set_defaults(run=_cmd_eval)
 
     cmp = sub.add_parser("compare", help="quantise with several methods and compare them in one table")
