@@ -84,21 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--group-size", type=int, help="with --bits: elements per scale group")
     mem.add_argument("--scale-bits", type=int, default=16, help="bits per group scale (default 16)")
     mem.add_argument("--zero-bits", type=int, default=0, help="bits per group zero point (default 0)")
-    mem.add_argument("--json", action="store_true")
+    mem.add_argument("--json", action="store_true", help="machine-readable output")
     mem.set_defaults(run=_cmd_calc_memory)
 
     kv = calc.add_parser("kv-cache", help="KV-cache memory")
-    kv.add_argument("--layers", type=int, required=True)
+    kv.add_argument("--layers", type=int, required=True, help="decoder layers")
     kv.add_argument("--kv-heads", type=int, required=True, help="key/value heads (fewer than query heads under GQA)")
-    kv.add_argument("--head-dim", type=int, required=True)
-    kv.add_argument("--seq-len", type=int, required=True)
-    kv.add_argument("--batch", type=int, default=1)
+    kv.add_argument("--head-dim", type=int, required=True, help="dimension of one attention head")
+    kv.add_argument("--seq-len", type=int, required=True, help="tokens held in the cache")
+    kv.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
     kv.add_argument("--dtype", default="fp16", help="fp32, fp16, bf16, fp8, int8, int4, ...")
-    kv.add_argument("--json", action="store_true")
+    kv.add_argument("--json", action="store_true", help="machine-readable output")
     kv.set_defaults(run=_cmd_calc_kv)
 
     demo = sub.add_parser("demo", help="worked exercises and tables")
-    demo.add_argument("which", nargs="?", default="all", choices=["all", "basics", "formats", "memory", "outliers"])
+    demo.add_argument("which", nargs="?", default="all", choices=["all", "basics", "formats", "memory", "outliers"],
+                      help="which part (default all; outliers takes minutes)")
     demo.set_defaults(run=_cmd_demo)
 
     for mod in COMMAND_MODULES:

@@ -124,5 +124,5 @@ def register(sub) -> None:
     add_calibration_mode(cmp)
     cmp.add_argument("--samples", type=_positive_int, help="calibration windows or samples (default: lowbit.api's, 128)")
     cmp.add_argument("--seq-len", type=_positive_int, help="tokens per calibration window (default min(context, 256))")
-    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     cmp.set_defaults(run=_cmd_compare)

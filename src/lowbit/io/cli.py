@@ -79,7 +79,7 @@ def register(sub) -> None:
     p.set_defaults(run=_cmd_export)
 
     q = sub.add_parser("import", help="read a gguf/gptq/awq/bnb model into the native format")
-    q.add_argument("path")
+    q.add_argument("path", help="the .gguf file or model folder to read")
     q.add_argument("--format", required=True, help="gguf, gptq, awq, bnb or compressed-tensors")
     add_threads(q)
     q.add_argument("-o", "--output", required=True, help="native folder to write (must not exist)")

@@ -73,8 +73,11 @@ def add_threads(p) -> None:
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="quantise a model folder (default: the bundled model)")
     p.add_argument("model", nargs="?", default=None, help="Hugging Face model folder; omitted: the bundled model")
-    p.add_argument("--method", default="rtn", help="rtn, gptq, ... or a short name such as rtn-int4-g128")
-    p.add_argument("--bits", type=int)
+    from lowbit.methods import METHODS
+
+    p.add_argument("--method", default="rtn", help=f"a method ({', '.join(sorted(METHODS))}) with --bits, --group-size "
+                   "..., or a short name that states its scheme, such as rtn-int4-g128 or gptq-int4-g128 (default rtn)")
+    p.add_argument("--bits", type=int, help="bits per weight (with a bare method name)")
     p.add_argument("--group-size", type=int, help="elements per scale group; 0 = per output channel")
     p.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
     p.add_argument("--observer", choices=["minmax", "mse", "percentile"], help="how ranges are chosen (RTN)")
@@ -85,7 +88,7 @@ def register(sub) -> None:
     add_calibration_mode(p)
     p.add_argument("--samples", type=int, help="calibration windows or samples (default 128)")
     p.add_argument("--seq-len", type=int, help="tokens per window, at most per sample (default min(context, 256))")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     p.add_argument("--target", choices=["vllm", "llama.cpp", "transformers"],
                    help="check, before any work, that this engine can serve the result (kernel limits per layer)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
