@@ -123,6 +123,7 @@ def test_unquantised_tensors_keep_the_input_dtype(tmp_path, capsys):
 
     fp16_llama_folder(tmp_path / "hf")
     assert main(["quantize", str(tmp_path / "hf"), "--method", "rtn-int4-g32", "--quiet", "-o", str(tmp_path / "q")]) == 0
+    assert "MB of weights" in capsys.readouterr().out
     with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
         assert f.get_slice("model.embed_tokens.weight").get_dtype() == "F16"
         assert f.get_slice("model.norm.weight").get_dtype() == "F16"

@@ -54,7 +54,9 @@ def _cmd_quantize(args) -> str:
     if not any(hasattr(m, "layer_config") for m in model.modules()):
         raise LowbitError("nothing was quantised (every Linear was skipped or unsupported); nothing written")
     api.save(model, out, tokenizer=tokenizer)
-    return f"{model.lowbit_calibration}\n{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to {out}"
+    weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return (f"{model.lowbit_calibration}\n{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to "
+            f"{out} ({weights / 1e6:,.2f} MB of weights; `lowbit eval` reports the memory it promises)")
 
 
 def add_calibration_mode(p) -> None:
