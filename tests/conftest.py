@@ -88,3 +88,20 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
         return path
 
     return make
+
+
+def fp16_llama_folder(path):
+    """A tiny fp16 Llama folder (2 layers, hidden 64, vocabulary 4096) with the bundled tokenizer's files."""
+    import shutil
+    from pathlib import Path
+
+    import transformers as t
+
+    torch.manual_seed(0)
+    config = t.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, vocab_size=4096)
+    t.LlamaForCausalLM(config).to(torch.float16).save_pretrained(path)
+    bundled = Path(__file__).resolve().parents[1] / "data" / "lowbit-tiny-llama"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bundled / name, Path(path) / name)
+    return Path(path)

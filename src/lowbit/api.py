@@ -32,7 +32,27 @@ def load_model(path=None, trust_remote_code: bool = False):
         return load_native(path)
     if path is not None and Path(path).is_file() and Path(path).suffix == ".gguf":
         return get_importer("gguf")(path)
+    importer = _quantized_folder_format(path)
+    if importer is not None:  # a GPTQ/AWQ/bnb/compressed-tensors folder: read by lowbit, no optimum needed
+        return get_importer(importer)(path)
     return load_hf_model(path, torch.float32, trust_remote_code)
+
+
+# quantization_config's quant_method -> the importer that reads the folder
+QUANT_METHOD_IMPORTERS = {"gptq": "gptq", "awq": "awq", "bitsandbytes": "bnb", "compressed-tensors": "compressed-tensors"}
+
+
+def _quantized_folder_format(path) -> str | None:
+    import json
+
+    config = Path(path) / "config.json" if path is not None else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        qc = json.loads(config.read_text()).get("quantization_config")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None  # the ordinary loader reports a bad config.json in one line
+    return QUANT_METHOD_IMPORTERS.get(qc.get("quant_method")) if isinstance(qc, dict) else None
 
 
 load = load_model
@@ -76,12 +96,24 @@ def quantize(model, config, calibration=None, tokenizer=None, n_samples: int = D
     elif isinstance(calibration, CalibrationSet):
         calib = calibration
     elif tokenizer is None and calibration is None:
+        _refuse_uncalibrated(config)
         calib = None  # no tokenizer: calibration-free methods still work, the report says no tokens were seen
     else:
         check_context(model, seq_len)
         mode = resolve_mode(calibration_mode, describe(model).causal, calibration)
         calib = build_calibration(tokenizer, calibration, n_samples, seq_len or default_seq_len(model), seed, mode)
     return quantize_model(model, config, calib, batch_size=batch_size, progress=progress)
+
+
+def _refuse_uncalibrated(config) -> None:
+    """A method that needs calibration activations, given none, is an error (never a silent RTN)."""
+    from lowbit.methods import parse_method
+    from lowbit.pipeline.calibration import needs_calibration
+
+    resolved = parse_method(config) if isinstance(config, str) else config
+    if needs_calibration(resolved):
+        raise LowbitError("this method needs calibration activations and there is no tokenizer to make them: add "
+                          "the tokenizer files to the model folder, or pass calibration token ids")
 
 
 def export(model, out, format: str, tokenizer=None, requantize: bool = False, **options):

@@ -4,6 +4,8 @@ GB = 1e9 bytes, GiB = 2**30 bytes; both are printed because vendors and tools di
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 
 from lowbit.errors import LowbitError
@@ -45,8 +47,8 @@ def bits_per_weight(bits: float, group_size: int | None = None, scale_bits: int 
 
 def weight_memory(params: float, bits: float, group_size: int | None = None,
                   scale_bits: int = 16, zero_bits: int = 0, label: str | None = None) -> MemoryRow:
-    if not params > 0:
-        raise LowbitError(f"parameter count must be positive, got {params}")
+    if not (params > 0 and math.isfinite(params)):
+        raise LowbitError(f"parameter count must be a positive finite number, got {params}")
     bpw = bits_per_weight(bits, group_size, scale_bits, zero_bits)
     nbytes = params * bpw / 8
     return MemoryRow(label or f"{bits}-bit", bpw, nbytes, nbytes / GB, nbytes / GIB)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
+import signal
 import sys
 
 from lowbit.errors import LowbitError
@@ -13,6 +15,8 @@ from lowbit.errors import LowbitError
 def _cmd_calc_memory(args) -> str:
     from lowbit.calc import as_dict, weight_memory, weight_table
 
+    if args.bits is None and args.group_size is not None:
+        raise LowbitError("--group-size needs --bits (the table without --bits lists fixed precisions)")
     if args.bits is not None:
         rows = [weight_memory(args.params, args.bits, args.group_size, args.scale_bits, args.zero_bits,
                               label=f"{args.bits:g}-bit" + (f"-g{args.group_size}" if args.group_size else ""))]
@@ -54,11 +58,23 @@ def _positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number: {text!r}")
     return v
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with errors in one line (its usage block is what --help is for)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowbit", description="Quantise large language models.")
+    p = Parser(prog="lowbit", description="Quantise large language models.")
+    from lowbit._version import __version__
+
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     calc = sub.add_parser("calc", help="memory calculators").add_subparsers(dest="calc", required=True)
@@ -68,21 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--group-size", type=int, help="with --bits: elements per scale group")
     mem.add_argument("--scale-bits", type=int, default=16, help="bits per group scale (default 16)")
     mem.add_argument("--zero-bits", type=int, default=0, help="bits per group zero point (default 0)")
-    mem.add_argument("--json", action="store_true")
+    mem.add_argument("--json", action="store_true", help="machine-readable output")
     mem.set_defaults(run=_cmd_calc_memory)
 
     kv = calc.add_parser("kv-cache", help="KV-cache memory")
-    kv.add_argument("--layers", type=int, required=True)
+    kv.add_argument("--layers", type=int, required=True, help="decoder layers")
     kv.add_argument("--kv-heads", type=int, required=True, help="key/value heads (fewer than query heads under GQA)")
-    kv.add_argument("--head-dim", type=int, required=True)
-    kv.add_argument("--seq-len", type=int, required=True)
-    kv.add_argument("--batch", type=int, default=1)
+    kv.add_argument("--head-dim", type=int, required=True, help="dimension of one attention head")
+    kv.add_argument("--seq-len", type=int, required=True, help="tokens held in the cache")
+    kv.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
     kv.add_argument("--dtype", default="fp16", help="fp32, fp16, bf16, fp8, int8, int4, ...")
-    kv.add_argument("--json", action="store_true")
+    kv.add_argument("--json", action="store_true", help="machine-readable output")
     kv.set_defaults(run=_cmd_calc_kv)
 
     demo = sub.add_parser("demo", help="worked exercises and tables")
-    demo.add_argument("which", nargs="?", default="all", choices=["all", "basics", "formats", "memory", "outliers"])
+    demo.add_argument("which", nargs="?", default="all", choices=["all", "basics", "formats", "memory", "outliers"],
+                      help="which part (default all; outliers takes minutes)")
     demo.set_defaults(run=_cmd_demo)
 
     for mod in COMMAND_MODULES:
@@ -105,18 +122,67 @@ def _optional_module(name: str):
         return None
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so every temporary output is removed on the way out
+
+
+def _quiet_libraries() -> None:
+    """Import-time chatter of optional libraries (torchao's missing kernels, torch's pytree notices) is
+    not the user's business: errors stay one line."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        from lowbit.pipeline.checkpoint import environment_threads
+
+        try:
+            environment_threads(args.threads)
+        except LowbitError as e:
+            print(f"lowbit: error: {e}", file=sys.stderr)
+            return 2
+    previous = _install(signal.SIGTERM, _terminate)
     try:
         out = args.run(args)
     except (LowbitError, OSError) as e:
         if os.environ.get("LOWBIT_DEBUG"):
             raise
-        print(f"lowbit: error: {e}", file=sys.stderr)
+        print(f"lowbit: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    finally:
+        _install(signal.SIGTERM, previous)
     if out:
-        print(out)
+        try:
+            print(out)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `lowbit ... | head`: the reader left, which is not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def _install(signum, handler):
+    try:
+        return signal.signal(signum, handler)
+    except (ValueError, OSError, TypeError):  # not the main thread
+        return None
+
+
+def _one_line(e: BaseException) -> str:
+    from lowbit.io.atomic import no_space
+
+    if isinstance(e, OSError) and not isinstance(e, LowbitError):
+        if no_space(e):
+            return f"no space left on device writing {e.filename or 'the output'}"
+        return f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+    return str(e)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_truncated_weights_are_a_clear_error(tmp_path):
     out = save(model, tmp_path / "q")
     data = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(LowbitError, match="cannot read"):
+    with pytest.raises(LowbitError, match="not a valid safetensors file"):
         load(out)
 
 

@@ -23,10 +23,12 @@ def _positive_int(text: str) -> int:
 def _read_text(path) -> str | None:
     if path is None:
         return None
+    from lowbit.pipeline.calibration import read_utf8
+
     p = Path(path)
     if not p.is_file():
         raise LowbitError(f"eval text not found: {p}")
-    return p.read_text(encoding="utf-8")
+    return read_utf8(p)
 
 
 def _cmd_eval(args) -> str:
@@ -34,8 +36,8 @@ def _cmd_eval(args) -> str:
     from lowbit.eval.evaluate import eval_windows, evaluate
     from lowbit.eval.fidelity import build_reference
 
-    model, tokenizer = api.load_model(args.model)
     text = _read_text(args.text)
+    model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     reference = None
     if args.reference:
         ref_model, ref_tokenizer = api.load_model(args.reference)
@@ -70,10 +72,15 @@ def _cmd_compare(args) -> str:
     from lowbit.eval.compare import compare, parse_methods
     from lowbit.eval.report import render_json, render_text, write_report
 
+    from lowbit.eval.report import check_report_out
+
     parse_methods(args.methods)  # a bad name is reported before the model is loaded
+    if args.out:
+        check_report_out(args.out)  # never overwritten, and refused before minutes of work
     rows = compare(args.methods, args.model, args.calibration, text=_read_text(args.text), context=args.context,
                    max_eval_tokens=args.max_eval_tokens, n_samples=args.samples, seq_len=args.seq_len,
-                   seed=args.seed, speed=not args.no_speed, calibration_mode=args.calibration_mode)
+                   seed=args.seed, speed=not args.no_speed, calibration_mode=args.calibration_mode,
+                   trust_remote_code=args.trust_remote_code)
     written = write_report(rows, args.out) if args.out else []
     if args.json:
         return render_json(rows)
@@ -84,6 +91,8 @@ def _cmd_compare(args) -> str:
 
 
 def _add_eval_options(p, model_help: str) -> None:
+    from lowbit.pipeline.cli import add_threads
+
     p.add_argument("model", nargs="?", default=None, help=f"{model_help}; omitted: the bundled model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--text", help="held-out UTF-8 text file (default: the bundled eval text)")
@@ -91,6 +100,8 @@ def _add_eval_options(p, model_help: str) -> None:
     p.add_argument("--context", type=_positive_int,
                    help="window length in tokens (default: the model's context, at most 256)")
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode speed measurement")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
+    add_threads(p)
 
 
 def register(sub) -> None:
@@ -113,5 +124,5 @@ def register(sub) -> None:
     add_calibration_mode(cmp)
     cmp.add_argument("--samples", type=_positive_int, help="calibration windows or samples (default: lowbit.api's, 128)")
     cmp.add_argument("--seq-len", type=_positive_int, help="tokens per calibration window (default min(context, 256))")
-    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     cmp.set_defaults(run=_cmd_compare)

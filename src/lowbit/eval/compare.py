@@ -59,7 +59,7 @@ def compare(methods, model_path=None, calibration=None, *, text: str | None = No
             max_eval_tokens: int | None = DEFAULT_MAX_EVAL_TOKENS,
             max_fidelity_tokens: int = DEFAULT_MAX_FIDELITY_TOKENS, n_samples: int | None = None,
             seq_len: int | None = None, seed: int = 0, speed: bool = True, calibration_mode: str = "auto",
-            progress: Callable[[str], None] | None = stderr_progress) -> list[dict]:
+            progress: Callable[[str], None] | None = stderr_progress, trust_remote_code: bool = False) -> list[dict]:
     """One row per method (see evaluate() for the fields, plus method, quantize_s and config).
 
     methods: names such as "fp16", "rtn-int8", "rtn-int4-g128" (a comma-separated string or a list).
@@ -70,7 +70,7 @@ def compare(methods, model_path=None, calibration=None, *, text: str | None = No
 
     plan = parse_methods(methods)  # before any loading: a typo fails in a second, not after minutes
     say = progress or (lambda message: None)
-    base, tokenizer = api.load_model(model_path)
+    base, tokenizer = api.load_model(model_path, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise LowbitError(f"the model folder {model_path or 'of the bundled model'} has no tokenizer; "
                           "evaluation on text needs one")

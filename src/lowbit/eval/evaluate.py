@@ -47,6 +47,9 @@ def eval_windows(model, tokenizer=None, text: str | None = None, ids=None, conte
     if ids is None:
         ids = tokenize(tokenizer, bundled_eval_text() if text is None else text, max_eval_tokens)
     ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)[:max_eval_tokens]
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is not None and limit and context > limit:
+        raise LowbitError(f"--context {context} is longer than the model's context of {limit} positions")
     return split_windows(ids, context or model_context(model))
 
 

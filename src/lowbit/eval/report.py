@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from lowbit.errors import LowbitError
 
 from lowbit.table import format_table
 
@@ -61,20 +61,6 @@ def render_json(rows: list[dict]) -> str:
     return json.dumps(rows, indent=2, default=str)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot_png(rows: list[dict]) -> bytes | None:
     """Perplexity against memory, one point per method named in the legend; None without matplotlib."""
     try:
@@ -106,15 +92,47 @@ def plot_png(rows: list[dict]) -> bytes | None:
     return buf.getvalue()
 
 
-def write_report(rows: list[dict], out_dir) -> list[Path]:
-    """compare.md, compare.json and compare.png (when matplotlib is present) in out_dir."""
+REPORT_FILES = ("compare.md", "compare.json", "compare.png")
+
+
+def check_report_out(out_dir) -> Path:
+    """The report folder may be written: no earlier report in it (never overwritten), checked before work."""
+    from lowbit.io.atomic import check_output
+
     out = Path(out_dir)
-    written = []
-    for name, text in (("compare.md", render_markdown(rows)), ("compare.json", render_json(rows) + "\n")):
-        write_atomic(out / name, text.encode("utf-8"))
-        written.append(out / name)
+    if not out.exists():
+        return check_output(out, "report folder")
+    if not out.is_dir():
+        raise LowbitError(f"--out {out} is a file, not a folder")
+    old = [n for n in REPORT_FILES if (out / n).exists()]
+    if old:
+        raise LowbitError(f"{out / old[0]} already exists: remove the old report or choose another --out")
+    return out
+
+
+def write_report(rows: list[dict], out_dir) -> list[Path]:
+    """compare.md, compare.json and compare.png (when matplotlib is present) in out_dir: a new folder is
+    written whole or not at all; into an existing one, files written before a failure are removed."""
+    from lowbit.io.atomic import atomic_output
+
+    out = check_report_out(out_dir)
     png = plot_png(rows)
+    files = {"compare.md": render_markdown(rows).encode(), "compare.json": (render_json(rows) + "\n").encode()}
     if png is not None:
-        write_atomic(out / "compare.png", png)
-        written.append(out / "compare.png")
+        files["compare.png"] = png
+    if not out.exists():
+        with atomic_output(out, folder=True) as tmp:
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+        return [out / n for n in files]
+    written = []
+    try:
+        for name, data in files.items():
+            with atomic_output(out / name, folder=False) as tmp:
+                tmp.write_bytes(data)
+            written.append(out / name)
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
     return written

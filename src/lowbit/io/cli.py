@@ -11,10 +11,10 @@ def _cmd_export(args) -> str:
     from lowbit import api
     from lowbit.io import get_exporter
 
+    from lowbit.io.atomic import check_output
+
     exporter = get_exporter(args.format)  # unknown format: fail before loading anything
-    out = Path(args.output)
-    if out.exists():
-        raise LowbitError(f"output already exists: {out}")
+    out = check_output(args.output)
     if args.type and args.format != "gguf":
         raise LowbitError("--type applies to --format gguf only")
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
@@ -47,10 +47,10 @@ def _cmd_import(args) -> str:
     from lowbit import api
     from lowbit.io import get_importer
 
+    from lowbit.io.atomic import check_output
+
     importer = get_importer(args.format)
-    out = Path(args.output)
-    if out.exists():
-        raise LowbitError(f"output folder already exists: {out}")
+    out = check_output(args.output, "output folder")
     if not Path(args.path).exists():
         raise LowbitError(f"not found: {args.path}")
     model, tokenizer = importer(args.path)
@@ -59,6 +59,8 @@ def _cmd_import(args) -> str:
 
 
 def register(sub) -> None:
+    from lowbit.pipeline.cli import add_threads
+
     p = sub.add_parser("export", help="write a model in a serving format (gguf, gptq, awq, bnb, compressed-tensors)")
     p.add_argument("model", nargs="?", default=None,
                    help="a lowbit-quantised folder (or a HF folder for gguf, which quantises itself); default: bundled model")
@@ -71,12 +73,14 @@ def register(sub) -> None:
     p.add_argument("--verify", action="store_true",
                    help="load the written files with their consumer (llama.cpp, transformers, vLLM) when installed "
                         "and print its agreement with this model on held-out text")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
+    add_threads(p)
+    p.add_argument("-o", "--output", required=True, help="file or folder to write (must not exist)")
     p.set_defaults(run=_cmd_export)
 
     q = sub.add_parser("import", help="read a gguf/gptq/awq/bnb model into the native format")
-    q.add_argument("path")
+    q.add_argument("path", help="the .gguf file or model folder to read")
     q.add_argument("--format", required=True, help="gguf, gptq, awq, bnb or compressed-tensors")
-    q.add_argument("-o", "--output", required=True)
+    add_threads(q)
+    q.add_argument("-o", "--output", required=True, help="native folder to write (must not exist)")
     q.set_defaults(run=_cmd_import)

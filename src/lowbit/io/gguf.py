@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, quantized_weights, register_exporter
+from lowbit.io.atomic import atomic_output
 from lowbit.io.gguf_rope import rope_for_export
 from lowbit.kernels.ggml_search import searches
 from lowbit.methods.ggml_mix import FILE_TYPES, file_type, tensor_type
@@ -305,11 +305,8 @@ class GGUFExporter(Exporter):
         # without a file type the model's own types are kept; an explicit one must match, or re-round them
         held = "keep" if type is None else "reround" if requantize else "refuse"
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        try:
-            writer = GGUFWriter(tmp, "llama")
+        with atomic_output(out, folder=False) as tmp:
+            writer = GGUFWriter(str(tmp), "llama")
             source_name = Path(getattr(model.config, "_name_or_path", "") or "lowbit-model").name
             _write_hparams(writer, model.config, ftype, name or source_name)
             _write_tokenizer(writer, tokenizer, model.config.vocab_size, tokenizer_pre)
@@ -321,10 +318,6 @@ class GGUFExporter(Exporter):
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
             writer.close()
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return out
 
 

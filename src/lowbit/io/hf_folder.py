@@ -5,9 +5,6 @@ place only when everything is written; and the tensors outside the quantised mod
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,25 +17,12 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-def atomic_folder(out: Path) -> Path:
-    """A temporary sibling folder of `out` (which must not exist yet)."""
-    out = Path(out)
-    if out.exists():
-        raise LowbitError(f"output folder already exists: {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-
-
-@contextmanager
 def writing_folder(out):
-    """Write into a temporary sibling folder that becomes `out` only when the block completes."""
-    tmp = atomic_folder(out)
-    try:
-        yield tmp
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Write into a temporary sibling folder that becomes `out` only when the block completes (removed on
+    any error, Ctrl-C or SIGTERM; a full disk is one line)."""
+    from lowbit.io.atomic import atomic_output
+
+    return atomic_output(out, folder=True)
 
 
 def float_tensors(model: nn.Module, skip: set[str] | dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -171,11 +155,13 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of every .safetensors file in `path` (a truncated or corrupt file is a one-line error)."""
     from safetensors import safe_open
 
+    from lowbit.pipeline.checkpoint import read_header, weight_headers
+
+    weight_headers(path)  # pickles refused, no .safetensors named
     files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise LowbitError(f"no .safetensors weights in {path}")
     tensors = {}
     for f in files:
+        read_header(f)  # validated by hand before safetensors allocates anything
         try:
             with safe_open(str(f), framework="pt") as fh:
                 tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
@@ -200,6 +186,7 @@ def plain_model(path: Path) -> nn.Module:
 def finish_import(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path):
     """Load the remaining (float) tensors into `model`, whose quantised modules are already in place;
     (model, tokenizer or None). Missing or unexpected tensors are an error (tied weights may be absent)."""
+    from lowbit.pipeline.checkpoint import check_finite
     from lowbit.pipeline.loading import load_tokenizer
 
     float_state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
@@ -210,6 +197,7 @@ def finish_import(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path
         raise LowbitError(f"{path} does not match the model: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    check_finite(model, path)
     return model.eval(), load_tokenizer(Path(path))
 
 

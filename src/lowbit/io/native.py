@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.io.hf_folder import write_metadata, writing_folder
+from lowbit.io.hf_folder import float_tensors, model_config, write_metadata, writing_folder
 from lowbit.methods.recipe import Recipe
 from lowbit.nn import MODULES
+from lowbit.pipeline.checkpoint import check_against_disk, check_finite, meta_model, read_header, stored_dtype
 from lowbit.pipeline.loading import conv1d_to_linear, load_tokenizer, read_config, set_module
 from lowbit.pipeline.report import report_to_json
 
@@ -33,7 +34,7 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 def save(model: nn.Module, out, tokenizer=None) -> Path:
     out = Path(out)
     with writing_folder(out) as tmp:
-        write_metadata(tmp, model, model.config, tokenizer)
+        write_metadata(tmp, model, _saved_config(model), tokenizer)
         recipe = getattr(model, "lowbit_recipe", None)
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_class": type(model).__name__,
                 "recipe": recipe.to_dict() if recipe is not None else None,
@@ -41,8 +42,23 @@ def save(model: nn.Module, out, tokenizer=None) -> Path:
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
         if getattr(model, "lowbit_report", None) is not None:
             (tmp / "quant_report.json").write_text(report_to_json(model.lowbit_report))
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file(_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def _tensors(model: nn.Module) -> dict:
+    """The quantised modules' tensors as they are, the rest in the dtype the model was loaded from (an fp16
+    model's embeddings and norms stay fp16, so the folder is the size its memory report promises)."""
+    quantized = quantized_modules(model)
+    tensors = float_tensors(model, quantized, getattr(model, "lowbit_source_dtype", None))
+    for name, m in quantized.items():
+        tensors.update({f"{name}.{k}": v.detach().contiguous() for k, v in m.state_dict().items()})
+    return tensors
+
+
+def _saved_config(model: nn.Module):
+    dtype = getattr(model, "lowbit_source_dtype", None)
+    return model_config(model, getattr(model.config, "quantization_config", None), dtype) if dtype else model.config
 
 
 def is_native(path) -> bool:
@@ -54,7 +70,7 @@ def _read_meta(path: Path) -> dict:
         meta = json.loads((path / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LowbitError(f"{path / CONFIG_FILE} is not valid JSON: {e}")
-    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
         raise LowbitError(f"{path} is not a lowbit v{FORMAT_VERSION} model folder")
     return meta
 
@@ -77,16 +93,22 @@ def load(path):
     if not is_native(path):
         raise LowbitError(f"not a lowbit model folder: {path} (no {CONFIG_FILE})")
     meta = _read_meta(path)
-    model = _empty_model(path, meta)
-    conv1d_to_linear(model)
     modules = meta.get("modules")
     if not isinstance(modules, dict):
         raise LowbitError(f"{path / CONFIG_FILE}: 'modules' must map module names to their layouts")
-    for name, cfg in modules.items():
-        set_module(model, name, _rebuild(name, cfg, path))
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise LowbitError(f"{weights} is missing")
+    headers = read_header(weights)  # validated by hand before safetensors or torch allocate anything
+    shapes = meta_model(lambda: _empty_model(path, meta))
+    if shapes is None:
+        raise LowbitError(f"cannot build the model {path / 'config.json'} describes")
+    check_against_disk(shapes, headers, path, quantized=True)
+    model = _empty_model(path, meta)
+    conv1d_to_linear(model)
+    for name, cfg in modules.items():
+        _check_layout(model, name, cfg, path)
+        set_module(model, name, _rebuild(name, cfg, path))
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except Exception as e:  # safetensors raises its own types for truncated or corrupt files
@@ -94,6 +116,8 @@ def load(path):
                       str(e).splitlines()[0])
         raise LowbitError(f"cannot read {weights}: {detail}") from e
     _check_keys(model, missing, unexpected, weights)
+    check_finite(model, path)
+    model.lowbit_source_dtype = stored_dtype(headers)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if meta.get("recipe"):
@@ -102,9 +126,23 @@ def load(path):
     return model, load_tokenizer(path)
 
 
+def _check_layout(model: nn.Module, name: str, cfg, path: Path) -> None:
+    """A layout's shape is the shape of the Linear it replaces (a lying layout would allocate at will)."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise LowbitError(f"{path / CONFIG_FILE} names {name!r}, which the model does not have") from None
+    if not isinstance(cfg, dict) or not hasattr(old, "weight") or old.weight.dim() != 2:
+        return
+    want = {"in_features": old.weight.shape[1], "out_features": old.weight.shape[0]}
+    for key, n in want.items():
+        if key in cfg and cfg[key] != n:
+            raise LowbitError(f"{path / CONFIG_FILE}: {name} has {key} {cfg[key]!r}, the model's Linear has {n}")
+
+
 def _rebuild(name: str, cfg, path: Path) -> nn.Module:
     """The empty module a saved layout describes; a malformed layout is a one-line error naming it."""
-    if not isinstance(cfg, dict) or cfg.get("module") not in MODULES:
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("module"), str) or cfg["module"] not in MODULES:
         kind = cfg.get("module") if isinstance(cfg, dict) else cfg
         raise LowbitError(f"unknown module type {kind!r} for {name} in {path / CONFIG_FILE}")
     try:

@@ -33,7 +33,8 @@ def read_texts(source=None) -> list:
         from lowbit.data import bundled_documents
 
         return bundled_documents("calibration")
-    if isinstance(source, str) and not Path(source).exists() and ("\n" in source or " " in source):
+    if isinstance(source, str) and not Path(source).exists() and ("\n" in source or " " in source) \
+            and not _looks_like_path(source):
         return [source]  # a literal text, not a path
     if isinstance(source, (list, tuple)):
         if not all(isinstance(t, str) or _is_conversation(t) for t in source):
@@ -45,12 +46,28 @@ def read_texts(source=None) -> list:
     if path.is_dir():
         return _read_saved_dataset(path)
     if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
+        return [read_utf8(path)]
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     if path.suffix == ".parquet":
         return _read_parquet(path)
     raise LowbitError(f"unsupported calibration file {path.name}: use .txt, .jsonl, .parquet or a saved dataset folder")
+
+
+def _looks_like_path(text: str) -> bool:
+    """One line ending in a data file's suffix, or naming folders: meant as a path, not as text."""
+    return "\n" not in text and (text.rstrip().endswith((".txt", ".jsonl", ".parquet", ".json"))
+                                 or text.startswith(("/", "./", "../", "~")))
+
+
+def read_utf8(path) -> str:
+    """A text file's contents; not UTF-8 is a one-line error naming the file and the byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                          "convert it, e.g. iconv -t UTF-8") from None
 
 
 def _is_conversation(doc) -> bool:
@@ -62,7 +79,7 @@ def _is_conversation(doc) -> bool:
 def _read_jsonl(path: Path) -> list:
     """A `text` string or a `messages` conversation per row (chat rows go through the chat template)."""
     docs = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from pathlib import Path
 
 from lowbit.errors import LowbitError
 
@@ -37,9 +36,13 @@ def _cmd_quantize(args) -> str:
     from lowbit.pipeline.calibration import needs_calibration
     from lowbit.pipeline.report import summarize
 
-    out = Path(args.output)
-    if out.exists():
-        raise LowbitError(f"output folder already exists: {out}")
+    from lowbit.io.atomic import check_output
+
+    out = check_output(args.output, "output folder")  # before any work: a bad path costs seconds, not a run
+    if args.samples is not None and args.samples < 1:
+        raise LowbitError(f"--samples must be at least 1, got {args.samples}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise LowbitError(f"--seq-len must be at least 2, got {args.seq_len}")
     config = method_from_args(args)
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     recipe = Recipe(config, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
@@ -48,8 +51,12 @@ def _cmd_quantize(args) -> str:
     api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer if calibrate else None,
                  n_samples=args.samples or api.DEFAULT_SAMPLES, seq_len=args.seq_len, seed=args.seed,
                  progress=not args.quiet, target=args.target, calibration_mode=args.calibration_mode)
+    if not any(hasattr(m, "layer_config") for m in model.modules()):
+        raise LowbitError("nothing was quantised (every Linear was skipped or unsupported); nothing written")
     api.save(model, out, tokenizer=tokenizer)
-    return f"{model.lowbit_calibration}\n{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to {out}"
+    weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return (f"{model.lowbit_calibration}\n{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to "
+            f"{out} ({weights / 1e6:,.2f} MB of weights; `lowbit eval` reports the memory it promises)")
 
 
 def add_calibration_mode(p) -> None:
@@ -60,11 +67,19 @@ def add_calibration_mode(p) -> None:
                         "rows, windows otherwise")
 
 
+def add_threads(p) -> None:
+    p.add_argument("--threads", type=int, help="CPU threads for tensor work (default: torch's choice; on a busy "
+                   "machine fewer is often faster)")
+
+
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="quantise a model folder (default: the bundled model)")
     p.add_argument("model", nargs="?", default=None, help="Hugging Face model folder; omitted: the bundled model")
-    p.add_argument("--method", default="rtn", help="rtn, gptq, ... or a short name such as rtn-int4-g128")
-    p.add_argument("--bits", type=int)
+    from lowbit.methods import METHODS
+
+    p.add_argument("--method", default="rtn", help=f"a method ({', '.join(sorted(METHODS))}) with --bits, --group-size "
+                   "..., or a short name that states its scheme, such as rtn-int4-g128 or gptq-int4-g128 (default rtn)")
+    p.add_argument("--bits", type=int, help="bits per weight (with a bare method name)")
     p.add_argument("--group-size", type=int, help="elements per scale group; 0 = per output channel")
     p.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
     p.add_argument("--observer", choices=["minmax", "mse", "percentile"], help="how ranges are chosen (RTN)")
@@ -75,10 +90,11 @@ def register(sub) -> None:
     add_calibration_mode(p)
     p.add_argument("--samples", type=int, help="calibration windows or samples (default 128)")
     p.add_argument("--seq-len", type=int, help="tokens per window, at most per sample (default min(context, 256))")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
     p.add_argument("--target", choices=["vllm", "llama.cpp", "transformers"],
                    help="check, before any work, that this engine can serve the result (kernel limits per layer)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads(p)
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     p.set_defaults(run=_cmd_quantize)

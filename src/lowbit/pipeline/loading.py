@@ -39,7 +39,7 @@ def read_config(path: Path, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as e:
         model_type = json.loads((path / "config.json").read_text()).get("model_type", "?")
-        hint = "" if trust_remote_code else " (if it ships its own code, pass --trust-remote-code)"
+        hint = "" if trust_remote_code else " (if it ships its own code and you trust it, pass --trust-remote-code)"
         raise LowbitError(f"unsupported architecture {model_type!r}: transformers cannot build it{hint}") from e
 
 
@@ -57,15 +57,41 @@ def load_model(path=None, dtype: torch.dtype = torch.float32, trust_remote_code:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress is per block; theirs would interleave with it
+    from lowbit.pipeline.checkpoint import (check_against_disk, check_finite, loading_problems, meta_model, stored_dtype,
+                                           weight_headers)
+
     path = resolve_model_path(path)
     config = read_config(path, trust_remote_code)
+    headers = weight_headers(path)  # validated by hand before any loader reads them; pickles refused
     cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    shapes = meta_model(lambda: cls.from_config(config, trust_remote_code=trust_remote_code))
+    if shapes is None:
+        raise LowbitError(f"cannot build the model {path / 'config.json'} describes")
+    # a pre-quantised checkpoint (quantization_config) stores packed tensors: its size is checked loosely
+    check_against_disk(shapes, headers, path, quantized=getattr(config, "quantization_config", None) is not None)
+    tied = _tied_keys(shapes)
+    del shapes
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is a table on stderr; ours below is one line
     try:
-        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+        model, info = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                          output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
         raise LowbitError(f"cannot load the weights in {path}: {str(e).splitlines()[0]}") from e
+    finally:
+        hf_logging.set_verbosity(level)
+    problem = loading_problems(info, tied)
+    if problem:
+        raise LowbitError(f"the weights in {path} do not match its config.json: {problem}")
+    check_finite(model, path)
+    model.lowbit_source_dtype = stored_dtype(headers)  # what a save writes the unquantised tensors in
     model.eval()
     return model, load_tokenizer(path)
+
+
+def _tied_keys(model) -> set:
+    keys = getattr(model, "_tied_weights_keys", None) or ()
+    return set(keys)
 
 
 def load_tokenizer(path: Path):

@@ -70,8 +70,10 @@ def summarize(layers: list[LayerReport], top: int = 5) -> str:
     rows = [[r.name, r.method, r.bits_per_weight, r.relative_error, r.weight_error,
              "-" if r.clipped_fraction is None else r.clipped_fraction] for r in ranked[:top]]
     n_warn = sum(bool(r.warnings) for r in layers)
-    mean_err = sum(r.relative_error for r in layers if not math.isnan(r.relative_error)) / len(layers)
-    lines = [f"{len(layers)} Linears quantised; mean relative output error {mean_err:.4g}. "
+    measured = [r.relative_error for r in layers if not math.isnan(r.relative_error)]
+    mean = (f"mean relative output error {sum(measured) / len(measured):.4g}" if measured
+            else "output errors not measured (no calibration pass)")
+    lines = [f"{len(layers)} Linears quantised; {mean}. "
              f"The {min(top, len(layers))} that moved most:",
              format_table(["layer", "method", "bits/w", "rel. output err", "rel. weight err", "clipped"], rows)]
     if n_warn:

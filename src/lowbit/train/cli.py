@@ -31,7 +31,10 @@ def _read_text(path):
 
 
 def _cmd_finetune(args) -> str:
+    from lowbit.io.atomic import check_output
     from lowbit.train.finetune import finetune, render_summary
+
+    check_output(args.output, "adapter folder")  # before any training
 
     lora = LoraSettings(args.rank, args.alpha, args.dropout,
                         tuple(t.strip() for t in args.target.split(",") if t.strip()), args.seed)
@@ -53,22 +56,22 @@ def register(sub) -> None:
     p = sub.add_parser("finetune", help="QLoRA: LoRA adapters trained on a frozen NF4 base, saved for PEFT")
     p.add_argument("path", nargs="?", default=None, help="model folder (default: the bundled model)")
     p.add_argument("-o", "--output", required=True, help="adapter folder to write (must not exist)")
-    p.add_argument("--rank", type=_positive_int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA scaling alpha (default 16)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
     p.add_argument("--target", default=",".join(DEFAULT_TARGETS), help="comma-separated Linear names")
-    p.add_argument("--steps", type=_positive_int, default=200)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--seq-len", type=_positive_int, default=256)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_positive_int, default=200, help="optimiser steps (default 200)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--quant", default="nf4-dq", help="the base's 4-bit scheme when the model is not NF4 yet")
     p.add_argument("--compute-dtype", choices=["bf16", "fp32", "fp16"],
                    help="dtype the 4-bit Linears multiply in (default: as --quant says, bf16 unless it ends in "
                         "-fp32/-fp16; bf16 trains ~1.3x faster than fp32 on an AVX512-BF16 CPU). Adapters are fp32")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, slower")
     p.add_argument("--train-file", help="training text (default: the bundled training text)")
     p.add_argument("--eval-file", help="held-out text (default: the bundled eval text)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(run=_cmd_finetune)
