@@ -11,7 +11,7 @@ import torch
 
 from lowbit.core import QuantizedTensor
 from lowbit.errors import LowbitError
-from lowbit.weights.int8 import ACTIVATIONS, _Int8Weight
+from lowbit.weights.int8 import _Int8Weight, check_activation_quant
 
 FP8_FORMATS = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 ACT_FORMAT = "fp8_e4m3"
@@ -37,8 +37,4 @@ class FP8ActWeight(_Int8Weight):
 
     def __post_init__(self):
         check_fp8_weight(self.weight)
-        if self.activation not in ACTIVATIONS:
-            raise LowbitError(f"activation quantisation must be 'token' (per-token dynamic) or 'tensor' "
-                              f"(per-tensor static), got {self.activation!r}")
-        if self.activation == "tensor" and not (self.input_scale is not None and float(self.input_scale) > 0):
-            raise LowbitError("static (per-tensor) activation quantisation needs a positive calibrated input scale")
+        check_activation_quant(self.activation, self.input_scale)
