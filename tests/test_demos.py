@@ -31,3 +31,17 @@ def test_kv_table_figures():
     assert rows[("70B", 131072, "fp16")]["gib"] == 40
     assert rows[("70B", 131072, "int4")]["gib"] == 10
     assert len(rows) == 2 * 3 * 3
+
+
+def test_gaussian_mse_table_matches_the_literature_within_3_percent():
+    """NF4 g64 0.0085, INT4 asym g64 0.0083, FP4 g64 0.0112, MXFP4 0.0133 (unit Gaussian, absmax scales)."""
+    from lowbit.demos import RATE_DISTORTION_4BIT, gaussian_mse, render_formats
+
+    rows = {label: (bpw, mse, known) for label, bpw, mse, known in gaussian_mse()}
+    checked = [(label, mse, known) for label, (_, mse, known) in rows.items() if known is not None]
+    assert len(checked) == 4
+    for label, mse, known in checked:
+        assert abs(mse - known) <= 0.03 * known, (label, mse, known)
+    assert rows["MXFP4 (E2M1 b32, E8M0)"][0] == 4.25 and rows["NVFP4 (E2M1 b16, E4M3 + FP32)"][1] < rows["MXFP4 (E2M1 b32, E8M0)"][1]
+    assert all(mse > RATE_DISTORTION_4BIT for label, (bpw, mse, _) in rows.items() if bpw < 5)
+    assert "MXFP4" in render_formats() and "rate-distortion" in render_formats()

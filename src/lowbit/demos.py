@@ -90,6 +90,43 @@ def render_basics() -> str:
     return "\n".join(out)
 
 
+# (label, scheme, literature MSE on unit Gaussian weights or None): each format at its natural block size
+GAUSSIAN_SCHEMES = [
+    ("NF4 g64", QuantSpec("nf4", "group", 64, scale_dtype="fp32"), 0.0085),
+    ("INT4 asym g64", QuantSpec("uint4", "group", 64, False, scale_dtype="fp32"), 0.0083),
+    ("FP4 E2M1 g64", QuantSpec("fp4_e2m1", "group", 64, scale_dtype="fp32"), 0.0112),
+    ("MXFP4 (E2M1 b32, E8M0)", QuantSpec("fp4_e2m1", "group", 32, scale_dtype="mx"), 0.0133),
+    ("NVFP4 (E2M1 b16, E4M3 + FP32)", QuantSpec("fp4_e2m1", "group", 16, scale_dtype="nv"), None),
+    ("MXFP6 E2M3", QuantSpec("fp6_e2m3", "group", 32, scale_dtype="mx"), None),
+    ("MXFP6 E3M2", QuantSpec("fp6_e3m2", "group", 32, scale_dtype="mx"), None),
+    ("MXFP8 E4M3", QuantSpec("fp8_e4m3", "group", 32, scale_dtype="mx"), None),
+    ("MXFP8 E5M2", QuantSpec("fp8_e5m2", "group", 32, scale_dtype="mx"), None),
+    ("MXINT8", QuantSpec("int8", "group", 32, scale_dtype="mx"), None),
+    ("FP8 E4M3 per channel", QuantSpec("fp8_e4m3", "channel", scale_dtype="fp32"), None),
+    ("INT8 per channel", QuantSpec("int8", "channel", scale_dtype="fp32"), None),
+]
+RATE_DISTORTION_4BIT = 2.0 ** -8      # D(R) = sigma^2 2^(-2R) for a unit Gaussian at R = 4 bits
+
+
+def gaussian_mse(seed: int = 0, rows: int = 256, cols: int = 4096) -> list[tuple[str, float, float, float | None]]:
+    """(label, bits per weight, mean squared error, literature value) of each GAUSSIAN_SCHEMES entry on one
+    [rows, cols] N(0, 1) matrix, rows being output channels and blocks running along cols."""
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    out = []
+    for label, spec, known in GAUSSIAN_SCHEMES:
+        q = quantize(x, spec)
+        out.append((label, q.bits_per_element, float(((q.dequantize() - x) ** 2).mean()), known))
+    return out
+
+
+def render_gaussian_mse() -> str:
+    rows = [[label, round(bpw, 3), f"{mse:.5f}", "" if known is None else f"{known:.4f}"]
+            for label, bpw, mse, known in gaussian_mse()]
+    return "\n".join(["Mean squared error on unit Gaussian weights (256 x 4096, absmax scales, round to nearest)",
+                      format_table(["scheme", "bits/weight", "MSE", "literature"], rows),
+                      f"4-bit rate-distortion limit (2^-8): {RATE_DISTORTION_4BIT:.4f}"])
+
+
 def render_formats() -> str:
     rows = []
     for name in ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "nf4", "bnb_fp4", "int8", "int4", "ternary"):
@@ -99,7 +136,8 @@ def render_formats() -> str:
     out = ["Number formats (finite values; smallest positive is the smallest subnormal for floats)",
            format_table(["format", "bits", "values", "max", "smallest > 0"], rows), "",
            "FP4 E2M1 values: " + ", ".join(f"{v:g}" for v in get_format("fp4_e2m1").values().tolist()),
-           "NF4 levels:      " + ", ".join(f"{v:.4f}" for v in get_format("nf4").values().tolist())]
+           "NF4 levels:      " + ", ".join(f"{v:.4f}" for v in get_format("nf4").values().tolist()), "",
+           render_gaussian_mse()]
     return "\n".join(out)
 
 

@@ -19,7 +19,8 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32 
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme  # noqa: E402
 
 METHODS = ["rtn-int4-g32", "rtn-uint4-g64", "rtn-int8", "gptq-int3-g32", "rtn-int2-g32-asym", "awq-uint4-g32",
-           "w8a8", "w8a8-static", "smoothquant-static", "rtn-fp8_e4m3-channel", "rtn-fp8_e4m3-tensor"]
+           "w8a8", "w8a8-static", "smoothquant-static", "rtn-fp8_e4m3-channel", "rtn-fp8_e4m3-tensor",
+           "rtn-fp8_e4m3-a8dyn", "rtn-fp8_e4m3-tensor-a8static", "rtn-mxint8"]
 
 
 def small_llama():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.core import mx
 from lowbit.core.spec import QuantSpec
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
@@ -45,11 +46,27 @@ def symmetric_capacity(spec: QuantSpec) -> float:
     return cap
 
 
-def scale_and_zero(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block scale and zero point that map the range [lo, hi] onto the format's grid."""
+def global_scale(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
+    """The per-tensor FP32 scale a spec needs besides its block scales (NVFP4's G), or None."""
+    return mx.nv_global_scale(x.detach().abs().max(), spec.number_format) if spec.scale_dtype == mx.NV_SCALE else None
+
+
+def scale_and_zero(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
+                   global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block scale and zero point that map the range [lo, hi] onto the format's grid. MX scales
+    follow the OCP rule and NVFP4 scales sit under the tensor's global scale (core/mx.py); without
+    `global_scale` an NVFP4 spec takes it from the largest |lo|, |hi| given."""
     lo = torch.clamp(lo.float(), max=0.0)
     hi = torch.clamp(hi.float(), min=0.0)
     fmt = spec.number_format
+    if spec.scale_dtype == mx.MX_SCALE:
+        scale = mx.mx_scale(torch.maximum(-lo, hi), fmt)
+        return scale, torch.zeros_like(scale)
+    if spec.scale_dtype == mx.NV_SCALE:
+        amax = torch.maximum(-lo, hi)
+        g = mx.nv_global_scale(amax.max(), fmt) if global_scale is None else global_scale
+        scale = mx.nv_scale(amax, fmt, g)
+        return scale, torch.zeros_like(scale)
     if spec.symmetric:
         scale = torch.maximum(-lo, hi) / symmetric_capacity(spec)
     else:
@@ -65,7 +82,17 @@ def scale_and_zero(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple
     return scale, zero
 
 
+def _saturate(levels: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """MX integer elements saturate symmetrically at ±qmax (the OCP reference code's rule for MXINT8)."""
+    fmt = spec.number_format
+    if spec.scale_dtype == mx.MX_SCALE and fmt.is_integer:
+        return torch.clamp(levels, -fmt.qmax, fmt.qmax)
+    return levels
+
+
 def encode_blocks(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    if spec.scale_dtype in (mx.MX_SCALE, mx.NV_SCALE):   # exact quotients: ties of the decoded grid stay ties
+        return spec.number_format.encode(_saturate(blocks.double() / scale[..., None].double(), spec))
     return spec.number_format.encode(blocks / scale[..., None] + zero[..., None])
 
 
@@ -75,5 +102,5 @@ def decode_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
 
 def fake_quantize_blocks(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantise and dequantise in one step (no codes kept): what the model sees after quantisation."""
-    levels = spec.number_format.round(blocks / scale[..., None] + zero[..., None])
+    levels = spec.number_format.round(_saturate(blocks / scale[..., None] + zero[..., None], spec))
     return (levels - zero[..., None]) * scale[..., None]

@@ -8,7 +8,7 @@ import torch
 from lowbit.core.blocks import block_shape, check_tensor, to_blocks
 from lowbit.core.observers import get_observer
 from lowbit.core.packing import pack_bits, packed_nbytes
-from lowbit.core.qparams import decode_blocks, encode_blocks, scale_and_zero
+from lowbit.core.qparams import decode_blocks, encode_blocks, global_scale, scale_and_zero
 from lowbit.core.spec import QuantSpec
 
 
@@ -34,7 +34,8 @@ class QuantizedTensor(StoredSize):
            (not stored) when symmetric
     g_idx: optional int32 [columns]: the group of each column when groups are not contiguous
            (GPTQ with act-order); None means column c belongs to group c // group_size
-    extras: method-specific tensors (codebooks, sparse outliers, ...) that travel with the weight
+    extras: method-specific tensors (codebooks, sparse outliers, ...) that travel with the weight;
+            "global_scale" float32 [1]: NVFP4's tensor scale G (scale holds the effective s / G)
     """
 
     codes: torch.Tensor
@@ -70,7 +71,8 @@ class QuantizedTensor(StoredSize):
         """Exact bits to store this tensor packed: codes, plus a scale (and zero) per block."""
         n_blocks = self.scale.numel()
         code_bytes = packed_nbytes(self.numel, self.spec.bits)
-        return 8 * code_bytes + n_blocks * (self.spec.scale_bits + self.spec.zero_bits)
+        return 8 * code_bytes + n_blocks * (self.spec.scale_bits + self.spec.zero_bits) + 32 * (
+            "global_scale" in self.extras)
 
     def packed_codes(self) -> torch.Tensor:
         return pack_bits(self.codes, self.spec.bits)
@@ -81,9 +83,11 @@ def quantize(x: torch.Tensor, spec: QuantSpec, observer="minmax") -> QuantizedTe
     check_tensor(x)
     blocks = to_blocks(x.detach().float(), spec)
     lo, hi = get_observer(observer)(blocks, spec)
-    scale, zero = scale_and_zero(lo, hi, spec)
+    g = global_scale(torch.stack([lo, hi]), spec)
+    scale, zero = scale_and_zero(lo, hi, spec, g)
     codes = encode_blocks(blocks, scale, zero, spec).reshape(x.shape)
-    return QuantizedTensor(codes=codes, scale=scale, zero=zero, spec=spec, dtype=x.dtype)
+    extras = {} if g is None else {"global_scale": g}
+    return QuantizedTensor(codes=codes, scale=scale, zero=zero, spec=spec, dtype=x.dtype, extras=extras)
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:

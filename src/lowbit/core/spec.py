@@ -7,7 +7,9 @@ from lowbit.errors import LowbitError
 from lowbit.formats import NumberFormat, canonical_name, get_format
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
-SCALE_DTYPES = {"fp32": 32, "fp16": 16, "bf16": 16, "e8m0": 8}
+# "e8m0": powers of two rounded up (never clipping); "mx": E8M0 by the OCP MX v1.0 rule (floor(log2 amax) -
+# emax_elem, elements saturate); "nv": FP8 E4M3 block scales under one FP32 tensor scale (NVFP4). core/mx.py.
+SCALE_DTYPES = {"fp32": 32, "fp16": 16, "bf16": 16, "e8m0": 8, "mx": 8, "nv": 8}
 # "int": an integer zero point on the grid, stored in `bits` bits; a float dtype: a free float zero point
 # (HQQ's), stored at that precision.
 ZERO_DTYPES = {"int": None, "fp32": 32, "fp16": 16, "bf16": 16}
@@ -24,7 +26,8 @@ class QuantSpec:
     symmetric:   zero point fixed (0 on a signed grid, the middle code on an unsigned one) and not
                  stored; asymmetric stores a zero point per block (integer formats only)
     scale_dtype: how scales are stored (fp32, fp16, bf16, e8m0); scales are rounded up to it so the
-                 stored scale never clips the block
+                 stored scale never clips the block. "mx" and "nv" are the microscaling rules (OCP MX
+                 E8M0 by floor(log2 amax) - emax, saturating; NVFP4's E4M3 under an FP32 tensor scale)
     zero_dtype:  how an asymmetric zero point is stored: "int" (on the grid, `bits` bits, as GPTQ and
                  AWQ store it) or a float dtype (a free float zero point, as HQQ stores it)
 
@@ -55,6 +58,8 @@ class QuantSpec:
             raise LowbitError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.zero_dtype not in ZERO_DTYPES:
             raise LowbitError(f"zero_dtype must be one of {', '.join(ZERO_DTYPES)}, got {self.zero_dtype!r}")
+        if not self.symmetric and self.scale_dtype in ("mx", "nv"):
+            raise LowbitError(f"{self.scale_dtype} scales are for symmetric grids (MX and NVFP4 store no zero point)")
         if not self.symmetric and not self.number_format.is_integer:
             raise LowbitError(f"asymmetric quantisation needs an integer grid; {self.format} is symmetric only")
 

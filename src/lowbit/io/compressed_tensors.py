@@ -12,7 +12,9 @@ A model folder whose config.json carries a `quantization_config` with quant_meth
                      <m>.weight_shape  int64 [2]
     int-quantized    <m>.weight int8 [N, K], <m>.weight_scale [N, 1]; <m>.input_scale [1] when the
                      activations are static per tensor (W8A8; dynamic per token stores nothing)
-    float-quantized  <m>.weight float8_e4m3fn [N, K], <m>.weight_scale [N, 1] or [1]
+    float-quantized  <m>.weight float8_e4m3fn [N, K], <m>.weight_scale [N, 1] or [1]; with FP8 input
+                     activations (W8A8-FP8) input args of type float, per token (dynamic) or per tensor
+                     with <m>.input_scale [1]
 
 and w = (q - zero) * scale, q and zero in the *signed* range [-2^(b-1), 2^(b-1)). Scales are written as
 float32 so that compressed-tensors' decompression (which computes in the scale's dtype) gives exactly
@@ -34,7 +36,7 @@ from lowbit.io import Exporter, register_exporter, register_importer
 from lowbit.io.hf_folder import DTYPES, finish_import, float_tensors, plain_model, read_tensors, write_hf_folder
 from lowbit.nn import module_for
 from lowbit.pipeline.loading import set_module
-from lowbit.weights import ActQuantWeight
+from lowbit.weights import ActQuantWeight, FP8ActWeight
 
 QUANT_METHOD = "compressed-tensors"
 PACKED, INT, FLOAT = "pack-quantized", "int-quantized", "float-quantized"
@@ -48,6 +50,8 @@ def weight_format(w) -> str | None:
     """The compressed-tensors format that stores `w` exactly, or None."""
     if isinstance(w, ActQuantWeight):
         return INT
+    if isinstance(w, FP8ActWeight):
+        return FLOAT if w.weight.spec.format in FLOAT_FORMATS else None
     if not isinstance(w, QuantizedTensor) or w.g_idx is not None or w.spec.float_zero:
         return None
     spec = w.spec
@@ -68,7 +72,7 @@ def problem(w) -> str | None:
         return ("compressed-tensors no longer takes a group index (act-order with dynamic groups); use static "
                 "groups (the gptq default)")
     return ("compressed-tensors holds 2..8-bit integer grids per tensor/channel/group, FP8 E4M3 per tensor/"
-            "channel, and W8A8 int8")
+            "channel (with or without FP8 activations), and W8A8 int8")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,10 +87,11 @@ def weight_args(spec: QuantSpec) -> dict:
 
 
 def input_args(w) -> dict | None:
-    if not isinstance(w, ActQuantWeight):
+    if not isinstance(w, (ActQuantWeight, FP8ActWeight)):
         return None
     dynamic = w.activation == "token"
-    return {"num_bits": 8, "type": "int", "symmetric": True, "strategy": w.activation, "dynamic": dynamic,
+    kind = "float" if isinstance(w, FP8ActWeight) else "int"
+    return {"num_bits": 8, "type": kind, "symmetric": True, "strategy": w.activation, "dynamic": dynamic,
             "group_size": None, "actorder": None, "observer": None if dynamic else "minmax", "block_structure": None}
 
 
@@ -139,7 +144,7 @@ def _offset(spec: QuantSpec) -> int:
 
 def module_tensors(name: str, w) -> dict[str, torch.Tensor]:
     fmt = weight_format(w)
-    q = w.weight if isinstance(w, ActQuantWeight) else w
+    q = w.weight if isinstance(w, (ActQuantWeight, FP8ActWeight)) else w
     scale = q.scale.float().reshape(q.shape[0], -1) if q.spec.granularity != "tensor" else q.scale.reshape(1)
     out = {f"{name}.weight_scale": scale.contiguous()}
     levels = q.spec.number_format.decode(q.codes)
@@ -155,7 +160,9 @@ def module_tensors(name: str, w) -> dict[str, torch.Tensor]:
         if w.activation == "tensor":
             out[f"{name}.input_scale"] = torch.tensor([float(w.input_scale)], dtype=torch.float32)
     else:
-        out[f"{name}.weight"] = levels.to(FLOAT_FORMATS[q.spec.format][0]).contiguous()
+        out[f"{name}.weight"] = q.codes.view(FLOAT_FORMATS[q.spec.format][0]).contiguous()
+        if isinstance(w, FP8ActWeight) and w.activation == "tensor":
+            out[f"{name}.input_scale"] = torch.tensor([float(w.input_scale)], dtype=torch.float32)
     return out
 
 
@@ -163,7 +170,7 @@ def module_tensors(name: str, w) -> dict[str, torch.Tensor]:
 # quantization_config
 
 def _scheme(w) -> dict:
-    q = w.weight if isinstance(w, ActQuantWeight) else w
+    q = w.weight if isinstance(w, (ActQuantWeight, FP8ActWeight)) else w
     return {"weights": weight_args(q.spec), "input_activations": input_args(w), "output_activations": None,
             "format": weight_format(w)}
 
@@ -186,7 +193,7 @@ def quantization_config(weights: dict, ignore: list[str]) -> dict:
 
 class CompressedTensorsExporter(Exporter):
     """compressed-tensors: pack-quantized int grids (weight-only), int-quantized W8A8, float-quantized
-    FP8. dtype: what the unquantised tensors are stored in ("bf16", "fp16", "fp32" or None: as held)."""
+    FP8 (weight-only or W8A8-FP8). dtype: what the unquantised tensors are stored in ("bf16", "fp16", "fp32" or None: as held)."""
 
     name = "compressed-tensors"
     requantize_with = "rtn-int4-g128"
@@ -274,7 +281,8 @@ def quantized_from_tensors(tensors: dict, name: str, group: dict):
     if inputs:
         static = not inputs.get("dynamic", False)
         input_scale = float(_get(tensors, f"{name}.input_scale").reshape(-1)[0]) if static else None
-        return ActQuantWeight(q, "tensor" if static else "token", input_scale)
+        kind = FP8ActWeight if inputs.get("type") == "float" else ActQuantWeight
+        return kind(q, "tensor" if static else "token", input_scale)
     return q
 
 

@@ -31,9 +31,10 @@ def block_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, full_grid: 
 
 
 def hessian_clip_params(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, group: int, full_grid: bool,
-                        n_grid: int = CLIP_GRID, max_shrink: float = CLIP_MAX_SHRINK):
+                        n_grid: int = CLIP_GRID, max_shrink: float = CLIP_MAX_SHRINK, gs=None):
     """(scale, zero), each [n_groups, out], of the contiguous column groups of w [out, in], each group's
-    range clipped to the ratio with the least output error through H [in, in]'s diagonal block."""
+    range clipped to the ratio with the least output error through H [in, in]'s diagonal block. gs: the
+    weight's global scale (NVFP4), None otherwise."""
     n_out, n_in = w.shape
     n_groups = n_in // group
     blocks = w.float().reshape(n_out, n_groups, group).transpose(0, 1)                  # [g, out, size]
@@ -41,10 +42,10 @@ def hessian_clip_params(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
                         for g in range(n_groups)]).double()                             # [g, size, size]
     lo0, hi0 = blocks.amin(-1), blocks.amax(-1)
     best_err = torch.full((n_groups, n_out), math.inf, dtype=torch.float64)
-    best_scale, best_zero = scale_and_zero(*block_range(lo0, hi0, spec, full_grid), spec)
+    best_scale, best_zero = scale_and_zero(*block_range(lo0, hi0, spec, full_grid), spec, gs)
     for i in range(max(1, int(round(max_shrink * n_grid)))):
         ratio = 1.0 - i / n_grid
-        scale, zero = scale_and_zero(*block_range(lo0 * ratio, hi0 * ratio, spec, full_grid), spec)
+        scale, zero = scale_and_zero(*block_range(lo0 * ratio, hi0 * ratio, spec, full_grid), spec, gs)
         d = (blocks - fake_quantize_blocks(blocks, scale, zero, spec)).double()
         err = (torch.bmm(d, gram) * d).sum(-1)                                           # [g, out]
         better = err < best_err

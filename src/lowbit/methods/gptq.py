@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.core import QuantizedTensor, QuantSpec, check_tensor, fake_quantize_blocks, scale_and_zero
+from lowbit.core import QuantizedTensor, QuantSpec, check_tensor, fake_quantize_blocks, global_scale, scale_and_zero
 from lowbit.errors import LowbitError
 from lowbit.methods.base import SchemeMethod, register_method
 from lowbit.weights import placeholders
@@ -102,21 +102,22 @@ def group_range(cols: torch.Tensor, spec: QuantSpec, full_grid: bool) -> tuple[t
     return block_range(cols.amin(0), cols.amax(0), spec, full_grid)
 
 
-def group_params(cols: torch.Tensor, spec: QuantSpec, full_grid: bool, mse: bool):
-    """(scale, zero) per output channel for the columns `cols` [columns, out] of one group."""
+def group_params(cols: torch.Tensor, spec: QuantSpec, full_grid: bool, mse: bool, gs=None):
+    """(scale, zero) per output channel for the columns `cols` [columns, out] of one group; gs: the
+    weight's global scale (NVFP4), None otherwise."""
     lo, hi = group_range(cols, spec, full_grid)
     if not mse:
-        return scale_and_zero(lo, hi, spec)
-    return _mse_params(cols.T.unsqueeze(1).float(), lo.unsqueeze(1), hi.unsqueeze(1), spec)
+        return scale_and_zero(lo, hi, spec, gs)
+    return _mse_params(cols.T.unsqueeze(1).float(), lo.unsqueeze(1), hi.unsqueeze(1), spec, gs)
 
 
-def _mse_params(blocks, lo0, hi0, spec):
+def _mse_params(blocks, lo0, hi0, spec, gs=None):
     """Shrink the range by 1, 0.99, ... (80 steps) and keep, per block, the one with least |error|^2.4."""
     best_err = torch.full_like(lo0, torch.inf)
-    best_scale, best_zero = scale_and_zero(lo0, hi0, spec)
+    best_scale, best_zero = scale_and_zero(lo0, hi0, spec, gs)
     for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
         ratio = 1.0 - i / MSE_GRID
-        scale, zero = scale_and_zero(lo0 * ratio, hi0 * ratio, spec)
+        scale, zero = scale_and_zero(lo0 * ratio, hi0 * ratio, spec, gs)
         err = (fake_quantize_blocks(blocks, scale, zero, spec) - blocks).abs_().pow_(MSE_NORM).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -125,10 +126,10 @@ def _mse_params(blocks, lo0, hi0, spec):
     return best_scale.squeeze(1), best_zero.squeeze(1)
 
 
-def static_group_params(w: torch.Tensor, spec: QuantSpec, group: int, full_grid: bool, mse: bool):
+def static_group_params(w: torch.Tensor, spec: QuantSpec, group: int, full_grid: bool, mse: bool, gs=None):
     """(scale, zero), each [n_groups, out], of the contiguous column groups of w [out, in]."""
     n_groups = w.shape[1] // group
-    pairs = [group_params(w[:, g * group:(g + 1) * group].T, spec, full_grid, mse) for g in range(n_groups)]
+    pairs = [group_params(w[:, g * group:(g + 1) * group].T, spec, full_grid, mse, gs) for g in range(n_groups)]
     return torch.stack([s for s, _ in pairs]), torch.stack([z for _, z in pairs])
 
 
@@ -221,7 +222,7 @@ def paper_state(w: torch.Tensor, w_orig: torch.Tensor, r: torch.Tensor, j: int, 
 
 
 def gptq_loop(w_orig: torch.Tensor, r: torch.Tensor, spec: QuantSpec, groups: _Groups,
-              block_size: int, full_grid: bool, mse: bool):
+              block_size: int, full_grid: bool, mse: bool, gs=None):
     """Quantise w_orig [in, out] (columns of W as rows, in visiting order) with the unit upper
     triangular factor r = R / diag(R). Returns (levels [in, out], scale [n_groups, out], zero
     [n_groups, out]), the scales of dynamic groups in the order the groups were reached."""
@@ -246,7 +247,7 @@ def gptq_loop(w_orig: torch.Tensor, r: torch.Tensor, spec: QuantSpec, groups: _G
                 elif j % groups.size == 0:
                     g = j // groups.size
                     cols = paper_state(w, w_orig, r, j, j + groups.size)
-                    scale, zero = group_params(cols, spec, full_grid, mse)
+                    scale, zero = group_params(cols, spec, full_grid, mse, gs)
                     scales[g], zeros[g] = scale, zero
                 lv = w[j].div(scale)
                 if has_zero:
@@ -316,25 +317,27 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ,
         qt.extras["warnings"] = warnings
         return qt
     w_t = weight.detach().to(dtype).T
+    gs = global_scale(weight if scale_source is None else scale_source, spec)
     w_t = (w_t[order] if order is not None else w_t).contiguous()
     groups = _Groups(group)
     if config.static_groups or group == n_in:
         # One scale per channel is "reached" at column 0, before any update: static by nature.
         source = (weight if scale_source is None else scale_source).detach().to(dtype)
         if config.clip and not config.mse:
-            groups.static_scale, groups.static_zero = hessian_clip_params(source, hessian, spec, group, config.full_grid)
+            groups.static_scale, groups.static_zero = hessian_clip_params(source, hessian, spec, group,
+                                                                          config.full_grid, gs=gs)
         else:
             groups.static_scale, groups.static_zero = static_group_params(source, spec, group, config.full_grid,
-                                                                          config.mse)
+                                                                          config.mse, gs)
         groups.group_of = (order if order is not None else torch.arange(n_in)) // group
-    levels, scales, zeros = gptq_loop(w_t, r, spec, groups, config.block_size, config.full_grid, config.mse)
+    levels, scales, zeros = gptq_loop(w_t, r, spec, groups, config.block_size, config.full_grid, config.mse, gs)
     g_idx = None
     if order is not None:
         levels = levels[torch.argsort(order)]
         if groups.static_scale is None:
             g_idx = torch.empty(n_in, dtype=torch.int32)
             g_idx[order] = (torch.arange(n_in) // group).to(torch.int32)
-    qt = _assemble(levels.T, scales.T, zeros.T, spec, weight.dtype, g_idx)
+    qt = _assemble(levels.T, scales.T, zeros.T, spec, weight.dtype, g_idx, gs)
     if warnings:
         qt.extras["warnings"] = warnings
     return qt
@@ -347,7 +350,7 @@ def round_levels(x: torch.Tensor, fmt) -> torch.Tensor:
     return fmt.round(x).to(x.dtype)
 
 
-def _assemble(levels, scale, zero, spec: QuantSpec, dtype, g_idx) -> QuantizedTensor:
+def _assemble(levels, scale, zero, spec: QuantSpec, dtype, g_idx, gs=None) -> QuantizedTensor:
     """A QuantizedTensor from levels [out, in] (values of the format) and scale, zero [out, n_groups].
     An integer format's code is its level's low `bits` bits (two's complement)."""
     if spec.number_format.is_integer:
@@ -356,7 +359,7 @@ def _assemble(levels, scale, zero, spec: QuantSpec, dtype, g_idx) -> QuantizedTe
         codes = spec.number_format.encode(levels.float())
     scale = scale.contiguous().float()
     zero = zero.contiguous().float() if not spec.symmetric else torch.full_like(scale, spec.implied_zero)
-    return QuantizedTensor(codes, scale, zero, spec, dtype, g_idx)
+    return QuantizedTensor(codes, scale, zero, spec, dtype, g_idx, {} if gs is None else {"global_scale": gs})
 
 
 def round_to_nearest(weight: torch.Tensor, config: GPTQ) -> QuantizedTensor:
@@ -366,7 +369,8 @@ def round_to_nearest(weight: torch.Tensor, config: GPTQ) -> QuantizedTensor:
     n_out, n_in = weight.shape
     group = _group_size(config.group_size, n_in)
     w = weight.detach().float()
-    scale, zero = static_group_params(w, spec, group, config.full_grid, config.mse)
+    gs = global_scale(w, spec)
+    scale, zero = static_group_params(w, spec, group, config.full_grid, config.mse, gs)
     blocks = w.reshape(n_out, n_in // group, group)
     levels = round_levels(blocks / scale.T[..., None] + zero.T[..., None], spec.number_format)
-    return _assemble(levels.reshape(n_out, n_in), scale.T, zero.T, spec, weight.dtype, None)
+    return _assemble(levels.reshape(n_out, n_in), scale.T, zero.T, spec, weight.dtype, None, gs)

@@ -6,6 +6,9 @@ Scheme words change the method's default scheme (a QuantSpec):
     intN / uintN      an integer grid of N bits (uintN: asymmetric); a format name (nf4, fp4, fp8_e4m3 ...)
     gN / bN           groups (blocks) of N inputs;  channel / tensor: one scale per output row / per tensor
     sym / asym        a fixed or a stored zero point
+    mxfp8_e4m3, mxfp8_e5m2, mxfp6_e3m2, mxfp6_e2m3, mxfp4, mxint8   OCP MX v1.0: the element format in blocks
+                      of 32 with an E8M0 scale (scale dtype "mx"); nvfp4: E2M1 in blocks of 16, E4M3
+                      scales under an FP32 tensor scale ("nv"). One word sets grid, group and scale.
 A grid word without a group word means per channel ("rtn-int8"). Method words are each method's own,
 in the order its `words` table lists them: a word -> the field values it sets ({"actorder": {"act_order":
 True}}), or a prefix -> the field its number sets ({"a": "alpha"} reads "a0.8"). Any other word is a
@@ -22,7 +25,13 @@ from lowbit.errors import LowbitError
 from lowbit.formats import canonical_name, get_format
 
 SCHEME_WORDS = ("intN, uintN, a format name (nf4, fp4, fp8_e4m3, ...), gN, bN, channel, tensor, sym, asym, "
-                "s<dtype> for scales (sfp32, sbf16, se8m0), z<dtype> for zero points (zfp16, zint)")
+                "s<dtype> for scales (sfp32, sbf16, se8m0), z<dtype> for zero points (zfp16, zint), "
+                "mxfp4, mxfp6_e2m3, mxfp6_e3m2, mxfp8_e4m3, mxfp8_e5m2, mxint8, nvfp4")
+# word -> (format, block size, scale dtype): the microscaling schemes, one word each
+BLOCK_SCHEMES = {"mxfp8_e4m3": ("fp8_e4m3", 32, "mx"), "mxfp8_e5m2": ("fp8_e5m2", 32, "mx"),
+                 "mxfp6_e3m2": ("fp6_e3m2", 32, "mx"), "mxfp6_e2m3": ("fp6_e2m3", 32, "mx"),
+                 "mxfp4": ("fp4_e2m1", 32, "mx"), "mxint8": ("int8", 32, "mx"), "nvfp4": ("fp4_e2m1", 16, "nv")}
+_BLOCK_ALIASES = {"mxfp8": "mxfp8_e4m3", "mxfp6": "mxfp6_e2m3"}
 _INT = re.compile(r"(u?)int(\d+)", re.ASCII)
 _GROUP = re.compile(r"[gb](\d+)", re.ASCII)
 _NUMBER = re.compile(r"\d+(\.\d*)?(e-?\d+)?", re.ASCII)
@@ -44,6 +53,9 @@ def _format_word(word: str) -> str | None:
 
 def _scheme_word(w: str) -> tuple[str, dict] | None:
     """(the slot a scheme word fills, the changes it makes), or None when it is not a scheme word."""
+    if (b := _BLOCK_ALIASES.get(w, w)) in BLOCK_SCHEMES:
+        fmt, block, scale = BLOCK_SCHEMES[b]
+        return "block scheme", {"format": fmt, "symmetric": True, "group_size": block, "scale_dtype": scale}
     if m := _INT.fullmatch(w):
         return "grid", {"bits": int(m.group(2)), **({"symmetric": False} if m.group(1) else {})}
     if m := _GROUP.fullmatch(w):
@@ -75,7 +87,11 @@ def parse_scheme(words: list[str], default: QuantSpec) -> tuple[QuantSpec, list[
         slot, change = found
         if "symmetric" in change and slot == "grid":
             _fill(filled, "symmetry", w)
-        _fill(filled, slot, w)
+        if slot == "block scheme":
+            for part in ("grid", "group", "scale"):
+                _fill(filled, part, w)
+        else:
+            _fill(filled, slot, w)
         changes.update(change)
     if "grid" in filled and "group" not in filled:
         changes["group_size"] = None
@@ -99,6 +115,9 @@ def _apply(default: QuantSpec, changes: dict) -> QuantSpec:
 def scheme_words(spec: QuantSpec, default: QuantSpec) -> list[str]:
     """The words that spell `spec` for a method whose default scheme is `default`."""
     fmt = spec.number_format
+    block = next((w for w, v in BLOCK_SCHEMES.items() if v == (spec.format, spec.group_size, spec.scale_dtype)), None)
+    if block is not None and spec.symmetric:
+        return [block]
     words = [f"int{fmt.bits}" if fmt.is_integer else spec.format]
     if spec.granularity == "group":
         words.append(f"g{spec.group_size}")

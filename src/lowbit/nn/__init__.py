@@ -2,7 +2,9 @@
 
     QuantizedTensor -> QuantLinear        Quantized4bit -> Linear4bit        GGMLTensor -> GGMLLinear
     ActQuantWeight  -> W8A8Linear         MixedInt8Weight -> Int8MixedLinear   SpQRWeight -> SpQRLinear
+    FP8ActWeight    -> FP8Linear
 """
+from lowbit.nn.fp8 import FP8Linear
 from lowbit.nn.ggml_linear import GGMLLinear
 from lowbit.nn.linear import QuantLinear
 from lowbit.nn.linear4bit import Linear4bit
@@ -10,5 +12,5 @@ from lowbit.nn.registry import MODULES, WEIGHT_MODULES, module_for, register_mod
 from lowbit.nn.spqr import SpQRLinear
 from lowbit.nn.w8a8 import Int8MixedLinear, W8A8Linear
 
-__all__ = ["QuantLinear", "Linear4bit", "GGMLLinear", "W8A8Linear", "Int8MixedLinear", "SpQRLinear", "MODULES", "WEIGHT_MODULES",
+__all__ = ["QuantLinear", "Linear4bit", "GGMLLinear", "W8A8Linear", "Int8MixedLinear", "SpQRLinear", "FP8Linear", "MODULES", "WEIGHT_MODULES",
            "module_for", "register_module"]

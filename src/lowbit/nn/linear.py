@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.core import QuantizedTensor, QuantSpec, block_shape, pack_bits, unpack_bits
+from lowbit.core import QuantizedTensor, QuantSpec, block_shape, mx, pack_bits, unpack_bits
 from lowbit.core.qparams import TORCH_FLOAT_DTYPES
 from lowbit.formats import get_format
 from lowbit.kernels.dequant import dequantize_int_packed
@@ -20,16 +20,30 @@ from lowbit.nn.registry import register_module
 _SCALE_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def store_scales(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
-    if scale_dtype == "e8m0":
+def store_scales(scale: torch.Tensor, spec: QuantSpec, global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Scales as stored: E8M0 codes (e8m0, mx), E4M3 block scales (nv, given the tensor's G), or floats."""
+    if spec.scale_dtype == "e8m0":
         return get_format("e8m0").encode(scale)
-    return scale.to(_SCALE_TORCH_DTYPES[scale_dtype])
+    if spec.scale_dtype == mx.MX_SCALE:
+        return mx.mx_scale_codes(scale, spec.number_format)
+    if spec.scale_dtype == mx.NV_SCALE:
+        return mx.nv_recover_block_scales(scale, global_scale)
+    return scale.to(_SCALE_TORCH_DTYPES[spec.scale_dtype])
 
 
-def load_scales(stored: torch.Tensor, scale_dtype: str) -> torch.Tensor:
-    if scale_dtype == "e8m0":
+def load_scales(stored: torch.Tensor, spec: QuantSpec, global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    if spec.scale_dtype == "e8m0":
         return get_format("e8m0").decode(stored)
+    if spec.scale_dtype == mx.MX_SCALE:
+        return mx.mx_scale_values(stored, spec.number_format)
+    if spec.scale_dtype == mx.NV_SCALE:
+        return stored.float() / global_scale.float()
     return stored.float()
+
+
+def _scale_buffer_dtype(scale_dtype: str) -> torch.dtype:
+    return {"e8m0": torch.uint8, "mx": torch.uint8, "nv": torch.float8_e4m3fn}.get(
+        scale_dtype) or _SCALE_TORCH_DTYPES[scale_dtype]
 
 
 @register_module(QuantizedTensor)
@@ -42,8 +56,9 @@ class QuantLinear(FastPath, nn.Module):
         rows, groups, _ = block_shape(torch.Size([out_features, in_features]), spec)
         n = in_features * out_features
         self.register_buffer("qweight", torch.zeros((n * spec.bits + 7) // 8, dtype=torch.uint8))
-        scale_dtype = torch.uint8 if spec.scale_dtype == "e8m0" else _SCALE_TORCH_DTYPES[spec.scale_dtype]
-        self.register_buffer("scales", torch.zeros(rows, groups, dtype=scale_dtype))
+        self.register_buffer("scales", torch.zeros(rows, groups, dtype=_scale_buffer_dtype(spec.scale_dtype)))
+        # NVFP4's FP32 tensor scale G (a divisor, as compressed-tensors stores it)
+        self.register_buffer("global_scale", torch.ones(1) if spec.scale_dtype == mx.NV_SCALE else None)
         if spec.symmetric:
             self.zeros = None
         elif spec.float_zero:
@@ -59,7 +74,9 @@ class QuantLinear(FastPath, nn.Module):
         out_features, in_features = q.shape
         m = cls(in_features, out_features, q.spec, bias is not None, q.g_idx is not None, q.dtype)
         m.qweight.copy_(pack_bits(q.codes, q.spec.bits))
-        m.scales.copy_(store_scales(q.scale, q.spec.scale_dtype))
+        if m.global_scale is not None:
+            m.global_scale.copy_(q.extras["global_scale"].reshape(1))
+        m.scales.copy_(store_scales(q.scale, q.spec, m.global_scale))
         if m.zeros is not None and q.spec.float_zero:
             m.zeros.copy_(q.zero)
         elif m.zeros is not None:
@@ -78,13 +95,15 @@ class QuantLinear(FastPath, nn.Module):
         """The QuantizedTensor this module holds (what exporters read)."""
         shape = torch.Size([self.out_features, self.in_features])
         codes = unpack_bits(self.qweight, self.spec.bits, shape.numel()).reshape(shape)
-        scale = load_scales(self.scales, self.spec.scale_dtype)
-        return QuantizedTensor(codes, scale, self._zero_levels(scale), self.spec, self.compute_dtype, self.g_idx)
+        scale = load_scales(self.scales, self.spec, self.global_scale)
+        extras = {} if self.global_scale is None else {"global_scale": self.global_scale.clone()}
+        return QuantizedTensor(codes, scale, self._zero_levels(scale), self.spec, self.compute_dtype, self.g_idx,
+                               extras)
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.spec.number_format.is_integer and self.g_idx is None:
             shape = torch.Size([self.out_features, self.in_features])
-            scale = load_scales(self.scales, self.spec.scale_dtype)
+            scale = load_scales(self.scales, self.spec, self.global_scale)
             return dequantize_int_packed(self.qweight, self.spec, shape, scale, self._zero_levels(scale))
         return self.quantized().dequantize()
 

@@ -9,6 +9,7 @@ it, copying it bit for bit where a format can hold it.
     GGMLTensor        llama.cpp's ggml blocks, one class per block type (ggml/)
     ActQuantWeight    an int8 weight whose Linear also quantises its input (W8A8) (int8.py)
     MixedInt8Weight   an int8 weight with LLM.int8()'s float outlier columns (int8.py)
+    FP8ActWeight      an FP8 weight whose Linear quantises its input to FP8 E4M3 (W8A8-FP8) (fp8.py)
     SpQRWeight        SpQR's dense 3-bit base with quantised statistics plus sparse fp16 outliers (sparse.py)
 
 A new weight type (codebooks and signs for QuiP#/AQLM) is a module here with
@@ -17,7 +18,9 @@ dequantize(), shape, dtype, storage_bits/bits_per_element/nbytes, plus a module 
 from lowbit.core import QuantizedTensor
 from lowbit.weights.bnb4 import Quantized4bit
 from lowbit.weights.ggml import GGMLTensor
+from lowbit.weights.fp8 import FP8ActWeight
 from lowbit.weights.int8 import ActQuantWeight, MixedInt8Weight
 from lowbit.weights.sparse import SpQRWeight
 
-__all__ = ["QuantizedTensor", "Quantized4bit", "GGMLTensor", "ActQuantWeight", "MixedInt8Weight", "SpQRWeight"]
+__all__ = ["QuantizedTensor", "Quantized4bit", "GGMLTensor", "ActQuantWeight", "MixedInt8Weight", "SpQRWeight",
+           "FP8ActWeight"]

@@ -26,6 +26,15 @@ def check_int8_weight(q: QuantizedTensor) -> QuantizedTensor:
     return q
 
 
+def check_activation_quant(activation: str, input_scale: float | None) -> None:
+    """"token" (dynamic) or "tensor" with a positive calibrated input scale, else a one-line error."""
+    if activation not in ACTIVATIONS:
+        raise LowbitError(f"activation quantisation must be 'token' (per-token dynamic) or 'tensor' "
+                          f"(per-tensor static), got {activation!r}")
+    if activation == "tensor" and not (input_scale is not None and float(input_scale) > 0):
+        raise LowbitError("static (per-tensor) activation quantisation needs a positive calibrated input scale")
+
+
 class _Int8Weight:
     """Size, values and extras are the int8 weight's: activations are quantised at run time, not stored."""
 
@@ -74,11 +83,7 @@ class ActQuantWeight(_Int8Weight):
 
     def __post_init__(self):
         check_int8_weight(self.weight)
-        if self.activation not in ACTIVATIONS:
-            raise LowbitError(f"activation quantisation must be 'token' (per-token dynamic) or 'tensor' "
-                              f"(per-tensor static), got {self.activation!r}")
-        if self.activation == "tensor" and not (self.input_scale is not None and float(self.input_scale) > 0):
-            raise LowbitError("static (per-tensor) activation quantisation needs a positive calibrated input scale")
+        check_activation_quant(self.activation, self.input_scale)
 
 
 @dataclass
