@@ -150,12 +150,13 @@ def test_bad_input_is_a_one_line_error():
         spqr_quantize(torch.randn(64, 120), torch.eye(120), SpQR())
 
 
-def test_the_pipeline_names_the_layer_when_there_is_no_hessian():
+def test_without_calibration_the_pipeline_refuses_in_one_line_before_any_work():
     from tests.conftest import build_tiny_model
 
     import lowbit
 
     model = build_tiny_model("llama")
-    with pytest.raises(LowbitError, match=r"^model\.layers\.0\.self_attn\.q_proj: spqr needs a Hessian") as e:
+    with pytest.raises(LowbitError, match="needs calibration activations") as e:
         lowbit.quantize(model, "spqr", progress=False)
     assert "\n" not in str(e.value)
+    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
