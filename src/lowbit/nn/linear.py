@@ -133,10 +133,11 @@ class QuantLinear(FastPath, nn.Module):
         group = {"channel": k, "tensor": k, "group": spec.group_size}.get(spec.granularity)
         if group is None:
             return None
-        scales = load_scales(self.scales, spec.scale_dtype) if spec.scale_dtype == "e8m0" else self.scales
+        coded = spec.scale_dtype in ("e8m0", mx.MX_SCALE, mx.NV_SCALE)   # stored as codes, not floats
+        scales = load_scales(self.scales, spec, self.global_scale) if coded else self.scales
         zeros = self.zeros
         if spec.granularity == "tensor":   # one scale: spread over the rows
-            zeros = None if zeros is None else self._zero_levels(load_scales(self.scales, spec.scale_dtype)).expand(n, 1)
+            zeros = None if zeros is None else self._zero_levels(load_scales(self.scales, spec, self.global_scale)).expand(n, 1)
             scales = scales.expand(n, 1)
         levels = fmt.table.float() - (spec.implied_zero if spec.symmetric else 0.0)
         codes, columns = self.qweight, None

@@ -161,6 +161,8 @@ def check_against_disk(model: nn.Module, headers: dict[str, dict], path, quantiz
 def check_finite(model: nn.Module, path) -> None:
     """Every floating-point tensor of a loaded model is finite (NaN/Inf weights or scales are refused)."""
     for key, t in model.state_dict().items():
+        if t.is_floating_point() and t.element_size() == 1:
+            t = t.float()   # torch has no isfinite for the float8 dtypes (FP8 weights and block scales)
         if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise LowbitError(f"{path}: {key} holds {bad:,} NaN or infinite values")
