@@ -89,5 +89,153 @@ def kv_cache_memory(layers: int, kv_heads: int, head_dim: int, seq_len: int, bat
     return KVCacheSize(layers, kv_heads, head_dim, seq_len, batch, dtype, bits, nbytes, nbytes / GB, nbytes / GIB)
 
 
+def quantized_kv_cache_memory(layers: int, kv_heads: int, head_dim: int, seq_len: int, batch: int = 1,
+                              scheme="int4", window_dtype: str = "fp16") -> KVCacheSize:
+    """A quantised KV cache (lowbit's, KIVI layout: weights/kv.py) holding seq_len tokens: whole chunks of
+    `residual` tokens quantised (packed codes, fp16 scale and a one-byte zero point per group), the
+    remaining seq_len mod residual newest tokens at `window_dtype`. bits_per_element is the average."""
+    from lowbit.weights.kv import KVSpec, kv_chunk_bits
+
+    spec = KVSpec.parse(scheme) if isinstance(scheme, str) else scheme
+    fp = kv_cache_memory(layers, kv_heads, head_dim, seq_len, batch, window_dtype)
+    if window_dtype not in ("fp32", "fp16", "bf16"):
+        raise LowbitError(f"the newest tokens stay in the model's precision (fp32, fp16, bf16), not {window_dtype!r}")
+    quantised = seq_len // spec.residual * spec.residual
+    key_bits, value_bits = kv_chunk_bits(spec, head_dim)
+    per_token = layers * kv_heads * head_dim * batch
+    nbytes = (per_token * quantised * (key_bits + value_bits)
+              + 2 * per_token * (seq_len - quantised) * fp.bits_per_element) / 8
+    bits = nbytes * 8 / (2 * per_token * seq_len)
+    return KVCacheSize(layers, kv_heads, head_dim, seq_len, batch, spec.name, bits, nbytes, nbytes / GB, nbytes / GIB)
+
+
 def as_dict(row) -> dict:
     return asdict(row)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole models: a dense decoder's shape, and its size under a method (exact, from the planned weights).
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A dense Llama-style decoder: per block q, k, v, o and a gated MLP (gate, up, down), two norms;
+    token embedding and output head (tied or not), a final norm."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool = False
+
+    def linears(self) -> list[tuple[str, str, int, tuple[int, int]]]:
+        """(name, GGUF role, block, [out, in]) of every Linear in the blocks."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        per_block = [("self_attn.q_proj", "attn_q", (q, h)), ("self_attn.k_proj", "attn_k", (kv, h)),
+                     ("self_attn.v_proj", "attn_v", (kv, h)), ("self_attn.o_proj", "attn_output", (h, q)),
+                     ("mlp.gate_proj", "ffn_gate", (i, h)), ("mlp.up_proj", "ffn_up", (i, h)),
+                     ("mlp.down_proj", "ffn_down", (h, i))]
+        return [(f"model.layers.{b}.{n}", role, b, shape) for b in range(self.layers) for n, role, shape in per_block]
+
+    @property
+    def linear_params(self) -> int:
+        return sum(o * i for *_, (o, i) in self.linears())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def norm_params(self) -> int:
+        return (2 * self.layers + 1) * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.embedding_params + self.norm_params
+
+    @classmethod
+    def from_config(cls, config: dict, name: str = "model") -> "ModelShape":
+        """From a Hugging Face config.json (dict) of a dense decoder; LowbitError naming what is missing."""
+        c = config.get("text_config", config) if isinstance(config, dict) else None
+        if not isinstance(c, dict):
+            raise LowbitError("config.json must hold a JSON object")
+        if any(k in c for k in ("num_local_experts", "num_experts", "n_routed_experts")):
+            raise LowbitError("mixture-of-experts models are not modelled by the size calculator yet")
+        need = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+        missing = [k for k in need if not isinstance(c.get(k), int) or c.get(k) < 1]
+        if missing:
+            raise LowbitError(f"config.json lacks {', '.join(missing)}: not a dense decoder the calculator models")
+        heads = c["num_attention_heads"]
+        return cls(name, c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
+                   c.get("num_key_value_heads") or heads, c.get("head_dim") or c["hidden_size"] // heads,
+                   c["vocab_size"], bool(c.get("tie_word_embeddings", False)))
+
+
+# Shapes of the classes people ask about (the published configs).
+PRESET_SHAPES = {
+    "7b": ModelShape("Llama-2-7B", 32, 4096, 11008, 32, 32, 128, 32000),
+    "8b": ModelShape("Llama-3-8B", 32, 4096, 14336, 32, 8, 128, 128256),
+    "13b": ModelShape("Llama-2-13B", 40, 5120, 13824, 40, 40, 128, 32000),
+    "70b": ModelShape("Llama-2-70B", 80, 8192, 28672, 64, 8, 128, 32000),
+    "405b": ModelShape("Llama-3.1-405B", 126, 16384, 53248, 128, 8, 128, 128256),
+}
+
+
+@dataclass
+class ModelSize:
+    method: str
+    linear_bytes: int
+    other_bytes: int       # embeddings, head, norms
+    bytes: int
+    bits_per_weight: float  # over every parameter
+    gb: float
+
+
+def model_size(shape: ModelShape, method: str | None) -> ModelSize:
+    """Bytes of `shape` quantised by lowbit method `method` (a short name; None = fp16), from the weights
+    the method plans for every Linear (exact storage, the same count `lowbit eval` reports). GGUF file
+    types (q4_k_m, ...) also type the embedding and output as llama-quantize does, norms F32; other
+    methods keep embeddings, head and norms at fp16, as vLLM and transformers load them."""
+    from lowbit.methods import parse_method
+
+    if method in (None, "fp16", "bf16"):
+        linear, other = 2 * shape.linear_params, 2 * (shape.embedding_params + shape.norm_params)
+    else:
+        config = parse_method(method)
+        linear = sum(_planned_bytes(config, shape, *row) for row in shape.linears())
+        other = _gguf_other_bytes(shape, method) if _is_gguf(method) else 2 * (shape.embedding_params + shape.norm_params)
+    total = linear + other
+    return ModelSize(method or "fp16", linear, other, total, 8 * total / shape.params, total / GB)
+
+
+def _planned_bytes(config, shape: ModelShape, name: str, role: str, block: int, out_in) -> int:
+    from lowbit.methods.base import LayerInfo
+
+    import torch
+
+    info = LayerInfo(name, role, block, shape.layers, shape.heads // shape.kv_heads)
+    weight = config.for_layer(info).planned_weight(torch.Size(out_in), info)
+    if weight is None:
+        raise LowbitError(f"{config.short_name()} cannot say its size before quantising")
+    return weight.nbytes
+
+
+def _is_gguf(method: str) -> bool:
+    from lowbit.methods.ggml_mix import FILE_TYPES
+
+    return method.lower() in FILE_TYPES
+
+
+def _gguf_other_bytes(shape: ModelShape, ftype: str) -> int:
+    from lowbit.methods.ggml_mix import role_type
+    from lowbit.weights.ggml import row_nbytes
+
+    gqa = shape.heads // shape.kv_heads
+    embd = row_nbytes(role_type(ftype, "token_embd", None, shape.layers, shape.hidden, gqa, shape.tied_embeddings),
+                      shape.hidden) * shape.vocab
+    head = 0 if shape.tied_embeddings else row_nbytes(
+        role_type(ftype, "output", None, shape.layers, shape.hidden, gqa), shape.hidden) * shape.vocab
+    return embd + head + 4 * shape.norm_params

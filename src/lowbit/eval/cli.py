@@ -90,6 +90,21 @@ def _cmd_compare(args) -> str:
     return render_text(rows) + files
 
 
+def _cmd_kv_cache(args) -> str:
+    from lowbit import api
+    from lowbit.eval.evaluate import eval_windows
+    from lowbit.eval.kv import kv_report, parse_kv_schemes, render_kv_report
+
+    schemes = parse_kv_schemes(args.schemes)
+    tokens = tuple(_positive_int(t) for t in args.memory_tokens.split(","))
+    model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
+    windows = eval_windows(model, tokenizer, _read_text(args.text), context=args.context,
+                           max_eval_tokens=args.max_eval_tokens)
+    rows = kv_report(model, windows.ids.reshape(-1), schemes, windows.context, tokens, step=args.step,
+                     speed=not args.no_speed)
+    return json.dumps(rows, indent=2) if args.json else render_kv_report(rows, tokens)
+
+
 def _add_eval_options(p, model_help: str) -> None:
     from lowbit.pipeline.cli import add_threads
 
@@ -112,6 +127,16 @@ def register(sub) -> None:
     _add_eval_options(ev, "Hugging Face or lowbit-quantised model folder")
     ev.add_argument("--reference", help="full-precision model folder to measure KL / top-1 / delta-PPL against")
     ev.set_defaults(run=_cmd_eval)
+
+    kv = sub.add_parser("kv-cache", help="perplexity, memory and decode speed with a quantised KV cache")
+    _add_eval_options(kv, "Hugging Face or lowbit-quantised model folder")
+    kv.add_argument("--schemes", default="fp16,int8,int4,fp8",
+                    help="comma-separated KV-cache schemes: fp16 (the model's own cache), int8, int4, int2, fp8, "
+                         "with -g<group> and -r<residual window>, e.g. int4-g32-r128 (default fp16,int8,int4,fp8)")
+    kv.add_argument("--memory-tokens", default="4096,32768", help="token counts the live cache is measured at")
+    kv.add_argument("--step", type=_positive_int, default=1,
+                    help="tokens fed per forward pass when scoring (default 1: token by token, as decoding)")
+    kv.set_defaults(run=_cmd_kv_cache)
 
     cmp = sub.add_parser("compare", help="quantise with several methods and compare them in one table")
     _add_eval_options(cmp, "Hugging Face model folder to quantise")

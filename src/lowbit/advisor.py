@@ -1,0 +1,249 @@
+"""`lowbit advise`: which method and scheme to use for a model, a memory budget and a target engine.
+
+From the model's shape alone (a config.json, or a class such as "7b"), lowbit's calculators give the size
+of every candidate exactly (lowbit.calc.model_size: the weights each method plans, the same count `lowbit
+eval` reports) plus the KV cache at the context and batch asked for, plus a runtime reserve. Then:
+
+  quality "max"       the highest-precision candidate that fits;
+  quality "balanced"  the target's usual choice (the seeds' table: llama.cpp -> Q4_K_M, vLLM -> GPTQ/AWQ int4,
+                      transformers -> NF4, fine-tuning -> NF4 + QLoRA) when it fits, else the best smaller one.
+With --measure, the candidates that fit are quantised and evaluated on the user's model (`lowbit compare`)
+and the pick comes from measured perplexity. A model that fits under no candidate is said to, with what
+it would need.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lowbit.calc import GB, PRESET_SHAPES, ModelShape, kv_cache_memory, model_size, quantized_kv_cache_memory
+from lowbit.errors import LowbitError
+
+RESERVE_BYTES = 0.5 * GB        # runtime buffers, CUDA context / llama.cpp compute buffers (a round figure)
+VLLM_UTILISATION = 0.9          # vLLM's default gpu_memory_utilization: it never plans for the last 10%
+LORA_RANK = 16
+LORA_BYTES_PER_PARAM = 16       # fp32 weight, gradient and two Adam moments
+
+
+@dataclass(frozen=True)
+class Candidate:
+    method: str | None          # lowbit short name; None = the fp16 model as it is
+    label: str
+    quality: str
+    usual: bool = False         # the target's usual ("balanced") choice
+
+
+def _quality(bits: float) -> str:
+    if bits >= 16:
+        return "lossless"
+    if bits >= 5.5:
+        return "near-lossless"
+    if bits >= 4:
+        return "small loss"
+    if bits >= 3:
+        return "noticeable loss"
+    return "large loss"
+
+
+TARGETS: dict[str, list[tuple[str | None, str, bool]]] = {
+    "llama.cpp": [(None, "F16 GGUF", False), ("q8_0", "Q8_0 GGUF", False), ("q6_k", "Q6_K GGUF", False),
+                  ("q5_k_m", "Q5_K_M GGUF", False), ("q4_k_m", "Q4_K_M GGUF", True),
+                  ("q3_k_m", "Q3_K_M GGUF", False), ("q2_k", "Q2_K GGUF", False)],
+    "vllm": [(None, "fp16", False), ("rtn-fp8_e4m3-a8dyn", "FP8 W8A8 (compressed-tensors)", False),
+             ("gptq-int4-g128", "GPTQ int4 g128 (or AWQ, same size)", True)],
+    "transformers": [(None, "fp16", False), ("llm-int8", "LLM.int8() (bitsandbytes)", False),
+                     ("nf4", "NF4 (bitsandbytes)", True), ("gptq-int4-g128", "GPTQ int4 g128", False),
+                     ("hqq-int3-g64", "HQQ int3 g64", False), ("hqq-int2-g16", "HQQ int2 g16", False)],
+    "finetune": [(None, "LoRA on the fp16 model", False), ("nf4", "QLoRA: NF4 base + LoRA", True)],
+}
+COMMANDS = {
+    "llama.cpp": "lowbit quantize {model} --method {method} --out OUT && lowbit export OUT --format gguf --out OUT.gguf",
+    "vllm": "lowbit quantize {model} --method {method} --out OUT --target vllm && lowbit export OUT --format "
+            "compressed-tensors --out OUT-ct --verify",
+    "transformers": "lowbit quantize {model} --method {method} --out OUT",
+    "finetune": "lowbit finetune {model} --method {method} ...",
+}
+
+
+@dataclass
+class Option:
+    label: str
+    method: str | None
+    quality: str
+    bits_per_weight: float
+    weight_bytes: float
+    other_bytes: float          # KV cache (inference) or adapters, optimizer and activations (fine-tuning)
+    total_bytes: float
+    fits: bool
+    perplexity: float | None = None
+
+
+@dataclass
+class Advice:
+    model: str
+    params: int
+    memory_bytes: float
+    target: str
+    quality: str
+    context: int
+    batch: int
+    kv_cache: str
+    pick: Option | None
+    options: list[Option]
+    reasons: list[str] = field(default_factory=list)
+    command: str | None = None
+
+
+def resolve_shape(model: str) -> ModelShape:
+    """A class name ("7b", "13b", "70b", ...) or a model folder with a config.json (nothing else read)."""
+    if str(model).lower() in PRESET_SHAPES:
+        return PRESET_SHAPES[str(model).lower()]
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise LowbitError(f"{model!r} is neither a model folder with a config.json nor one of "
+                          f"{', '.join(PRESET_SHAPES)}")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LowbitError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    return ModelShape.from_config(config, path.name)
+
+
+def parse_bytes(text) -> float:
+    """"8GB", "24 GiB", "512MB", "8" (GB) -> bytes."""
+    units = {"gib": 2**30, "gb": GB, "mib": 2**20, "mb": 1e6, "g": GB, "": GB}
+    s = str(text).strip().lower().replace(" ", "")
+    unit = next(u for u in sorted(units, key=len, reverse=True) if s.endswith(u))
+    try:
+        value = float(s[: len(s) - len(unit)] if unit else s)
+    except ValueError:
+        raise LowbitError(f"cannot read a memory size from {text!r}: use e.g. 8GB or 24GiB") from None
+    if not value > 0 or value == float("inf"):
+        raise LowbitError(f"memory must be a positive size, got {text!r}")
+    return value * units[unit]
+
+
+def _inference_extra(shape: ModelShape, context: int, batch: int, kv_cache: str | None = None) -> float:
+    """The KV cache at `context` x `batch`: fp16, or lowbit's quantised cache (`kv_cache` such as "int8")."""
+    args = (shape.layers, shape.kv_heads, shape.head_dim, context, batch)
+    if kv_cache in (None, "fp16"):
+        return kv_cache_memory(*args, "fp16").bytes
+    return quantized_kv_cache_memory(*args, kv_cache).bytes
+
+
+def _finetune_extra(shape: ModelShape, context: int, batch: int, kv_cache=None) -> float:
+    """LoRA (rank 16 on every Linear) with fp32 weights, gradients and Adam moments, plus activations under
+    gradient checkpointing: one bf16 hidden state per layer and one layer recomputed, and fp32 logits."""
+    lora = LORA_RANK * sum(o + i for *_, (o, i) in shape.linears())
+    tokens = context * batch
+    checkpoints = 2 * tokens * shape.hidden * shape.layers
+    one_layer = 2 * tokens * (8 * shape.hidden + 3 * shape.intermediate)
+    logits = 2 * 4 * tokens * shape.vocab        # logits and their gradient in fp32
+    return lora * LORA_BYTES_PER_PARAM + checkpoints + one_layer + logits
+
+
+def options(shape: ModelShape, memory: float, target: str, context: int, batch: int,
+            kv_cache: str | None = None) -> list[Option]:
+    """Every candidate of `target`, highest precision first, with its exact size and whether it fits."""
+    if target not in TARGETS:
+        raise LowbitError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
+    usable = memory * (VLLM_UTILISATION if target == "vllm" else 1.0) - RESERVE_BYTES
+    extra = (_finetune_extra if target == "finetune" else _inference_extra)(shape, context, batch, kv_cache)
+    out = []
+    for method, label, _ in TARGETS[target]:
+        try:
+            size = model_size(shape, method)
+        except LowbitError:      # a scheme this shape cannot take (a group wider than a row): not an option
+            continue
+        total = size.bytes + extra
+        linear_bits = 8 * size.linear_bytes / shape.linear_params   # quality follows the quantised matrices
+        out.append(Option(label, method, _quality(linear_bits), size.bits_per_weight, size.bytes,
+                          extra, total, total <= usable))
+    return out
+
+
+def choose(opts: list[Option], target: str, quality: str) -> Option | None:
+    if quality not in ("max", "balanced"):
+        raise LowbitError(f"quality is max or balanced, not {quality!r}")
+    fitting = [o for o in opts if o.fits]
+    if not fitting:
+        return None
+    if quality == "max":
+        return fitting[0]
+    usual = next(method for method, _, u in TARGETS[target] if u)
+    start = next((i for i, o in enumerate(opts) if o.method == usual), 0)
+    return next((o for o in opts[start:] if o.fits), fitting[0])
+
+
+def advise(model: str, memory, target: str = "llama.cpp", quality: str = "balanced", context: int | None = None,
+           batch: int = 1, kv_cache: str | None = None) -> Advice:
+    """The recommendation for `model` under `memory` (bytes or text such as "8GB") on `target`."""
+    shape = resolve_shape(model)
+    memory = parse_bytes(memory) if isinstance(memory, str) else float(memory)
+    context = context or (2048 if target == "finetune" else 4096)
+    for name, v in (("context", context), ("batch", batch)):
+        if not isinstance(v, int) or v < 1:
+            raise LowbitError(f"{name} must be a positive integer, got {v!r}")
+    if kv_cache not in (None, "fp16") and target != "transformers":
+        raise LowbitError(f"--kv-cache plans for lowbit's quantised KV cache, which runs in transformers; "
+                          f"{target} keeps its own cache (plan with the default fp16)")
+    opts = options(shape, memory, target, context, batch, kv_cache)
+    pick = choose(opts, target, quality)
+    advice = Advice(str(model), shape.params, memory, target, quality, context, batch, kv_cache or "fp16", pick, opts)
+    advice.reasons = explain(advice, shape)
+    advice.command = command(advice)
+    return advice
+
+
+def command(a: Advice) -> str | None:
+    """The commands that carry out the pick (MODEL stands for a class name: there are no weights to quantise)."""
+    if a.pick is None or a.pick.method is None:
+        return None
+    model = "MODEL" if a.model.lower() in PRESET_SHAPES else a.model
+    return COMMANDS[a.target].format(model=model, method=a.pick.method)
+
+
+WHY_TARGET = {
+    "llama.cpp": "llama.cpp runs GGUF files on CPUs (and GPUs); its k-quant mixes give sensitive tensors more bits",
+    "vllm": "vLLM serves GPTQ/AWQ int4 and FP8 checkpoints with fused kernels; it plans for 90% of GPU memory",
+    "transformers": "transformers loads bitsandbytes, GPTQ and HQQ weights directly; NF4 needs no calibration",
+    "finetune": "fine-tuning a quantised base: QLoRA trains LoRA adapters over a frozen NF4 model",
+}
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:.2f} GB"
+
+
+def explain(a: Advice, shape: ModelShape) -> list[str]:
+    """Why the pick, in sentences: the target, what it costs, what was given up, and when nothing fits."""
+    extra = f"KV cache ({a.kv_cache})" if a.target != "finetune" else "adapters, optimizer and activations"
+    out = [f"{shape.name}: {a.params / 1e9:.2f}B parameters ({shape.layers} layers, hidden {shape.hidden}, "
+           f"{shape.kv_heads} KV heads); {WHY_TARGET[a.target]}."]
+    if a.pick is None:
+        smallest = min(a.options, key=lambda o: o.total_bytes)
+        out.append(f"It will not fit: the smallest option, {smallest.label}, needs {_gb(smallest.total_bytes)} "
+                   f"({_gb(smallest.weight_bytes)} weights + {_gb(smallest.other_bytes)} {extra}) plus the runtime "
+                   f"reserve, against {_gb(a.memory_bytes)}. A larger budget, a shorter context, offloading layers "
+                   f"to CPU memory, or a smaller model would.")
+        return out
+    p = a.pick
+    out.append(f"{p.label} at {p.bits_per_weight:.2f} bits per weight ({p.quality}): {_gb(p.weight_bytes)} of weights "
+               f"+ {_gb(p.other_bytes)} {extra} at {a.context} tokens x batch {a.batch} = {_gb(p.total_bytes)} "
+               f"of {_gb(a.memory_bytes)}.")
+    better = [o for o in a.options[: a.options.index(p)] if o.fits]
+    if a.quality == "balanced" and better:
+        out.append(f"{better[0].label} would also fit ({_gb(better[0].total_bytes)}); it is the pick for "
+                   f"--quality max, at a cost in size and decode speed for a small gain.")
+    bigger = [o for o in a.options[: a.options.index(p)] if not o.fits]
+    if bigger:
+        out.append(f"{bigger[-1].label} would need {_gb(bigger[-1].total_bytes)} plus the runtime reserve.")
+    if p.bits_per_weight < 3.5:
+        out.append("Below 4 bits scalar methods lose much quality; 2-bit codebook methods (AQLM, QuIP#) keep "
+                   "more, and a smaller model at 4 bits is often better than a large one at 2.")
+    if p.perplexity is not None:
+        out.append(f"Measured on this model: perplexity {p.perplexity:.3f}.")
+    return out
+
+
