@@ -209,6 +209,19 @@ def _(base, tmp):
     return quantize(base / "hf", tmp, "--skip", "*")
 
 
+def _smaller_vocabulary(tensors):
+    for k in [k for k in tensors if "embed_tokens" in k or "lm_head" in k]:
+        tensors[k] = tensors[k][:512].clone()
+
+
+@case("tokenizer of another model (ids past the embedding)")
+def _(base, tmp):
+    m = copy_of(base, "hf", tmp)
+    edit_tensors(m, _smaller_vocabulary)
+    edit_json(m / "config.json", lambda d: d.update(vocab_size=512))
+    return quantize(m, tmp, "--method", "gptq-int4-g32", "--samples", "2")
+
+
 @case("config hidden size 1e9")
 def _(base, tmp):
     m = copy_of(base, "hf", tmp)

@@ -10,6 +10,7 @@ from lowbit.eval.perplexity import PerplexityResult
 from lowbit.eval.scoring import score_windows
 from lowbit.eval.speed import measure_speed
 from lowbit.eval.windows import Windows, model_context, split_windows
+from lowbit.pipeline.samples import check_token_ids
 
 DEFAULT_MAX_EVAL_TOKENS = 16384
 SPEED_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "tokens_per_s", "speed_protocol")
@@ -47,6 +48,7 @@ def eval_windows(model, tokenizer=None, text: str | None = None, ids=None, conte
     if ids is None:
         ids = tokenize(tokenizer, bundled_eval_text() if text is None else text, max_eval_tokens)
     ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)[:max_eval_tokens]
+    check_token_ids(model, ids)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if context is not None and limit and context > limit:
         raise LowbitError(f"--context {context} is longer than the model's context of {limit} positions")

@@ -25,7 +25,7 @@ from lowbit.pipeline.blocks import (BlockInput, advance, as_batch, block_linears
                                     collect_stats, real_rows, run_model)
 from lowbit.pipeline.loading import conv1d_to_linear, set_module
 from lowbit.pipeline.report import LayerReport, layer_report
-from lowbit.pipeline.samples import CalibrationSet, check_context
+from lowbit.pipeline.samples import CalibrationSet, check_context, check_token_ids
 
 SHOWN = 12   # offending Linears listed by name; the rest are counted
 from lowbit.pipeline.scaling import scale_block
@@ -212,6 +212,8 @@ def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor
     model.eval()
     calibration = CalibrationSet.of(calibration)
     check_context(model, calibration.length if calibration is not None else None)
+    if calibration is not None:
+        check_token_ids(model, calibration.ids)
     layer_plan(model, recipe)      # every Linear's shape checked before any work
     arch = describe(model)
     path, blocks = block_list(model, arch)

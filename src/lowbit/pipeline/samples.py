@@ -46,6 +46,18 @@ def check_context(model, length: int | None) -> None:
                           f"positions: use --seq-len (seq_len=) {n} or less")
 
 
+def check_token_ids(model, ids) -> None:
+    """Token ids (a tensor, or a list of them) must index the model's embedding: a tokenizer from another
+    model gives ids past its last row, which would fail deep inside the forward pass."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    tensors = ids if isinstance(ids, (list, tuple)) else [ids]
+    top = max((int(t.max()) for t in tensors if isinstance(t, torch.Tensor) and t.numel()), default=-1)
+    if rows is not None and top >= rows:
+        raise LowbitError(f"token id {top} is past the model's {rows} embedding rows: the tokenizer does not "
+                          f"belong to this model")
+
+
 @dataclass
 class CalibrationSet:
     """Calibration token ids, as the pipeline runs them.
