@@ -46,6 +46,17 @@ def _cmd_quantize(args) -> str:
     config = method_from_args(args)
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     recipe = Recipe(config, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
+    plan_text = ""
+    if args.budget:
+        from lowbit.pipeline.budget import SENSITIVITY_SAMPLES, budget_recipe, default_candidates, render_plan
+
+        if tokenizer is None:
+            raise LowbitError("--budget measures sensitivity on text: the model folder needs a tokenizer")
+        candidates = args.candidates or default_candidates(config.name)
+        plan, _ = budget_recipe(model, tokenizer, args.budget, candidates, args.calibration, seed=args.seed,
+                                n_samples=args.samples or SENSITIVITY_SAMPLES, progress=not args.quiet)
+        recipe, plan_text = plan.recipe, render_plan(plan) + "\n\n"
+        recipe.skip = tuple(DEFAULT_SKIP) + tuple(args.skip or ())
     calibrate = needs_calibration(recipe) or args.calibration or args.samples or args.seq_len
     # a calibration-free method reads no text and runs no forward pass unless asked (for the report)
     api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer if calibrate else None,
@@ -55,7 +66,7 @@ def _cmd_quantize(args) -> str:
         raise LowbitError("nothing was quantised (every Linear was skipped or unsupported); nothing written")
     api.save(model, out, tokenizer=tokenizer)
     weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    return (f"{model.lowbit_calibration}\n{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to "
+    return (f"{plan_text}{model.lowbit_calibration}\n{summarize(model.lowbit_report)}\n\nsaved {'mixed-precision' if args.budget else config.short_name()} model to "
             f"{out} ({weights / 1e6:,.2f} MB of weights; `lowbit eval` reports the memory it promises)")
 
 
@@ -83,6 +94,10 @@ def register(sub) -> None:
     p.add_argument("--group-size", type=int, help="elements per scale group; 0 = per output channel")
     p.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
     p.add_argument("--observer", choices=["minmax", "mse", "percentile"], help="how ranges are chosen (RTN)")
+    p.add_argument("--budget", help="mixed precision: a scheme per Linear, least measured KL within this size: "
+                                     "3.5bpw (bits per weight of the quantised Linears) or 4GB (the whole model)")
+    p.add_argument("--candidates", help="schemes to mix under --budget, comma-separated method names (default: the "
+                                        "method at int2-g64, int3-g128, int3-g32, int4-g128, int4-g32, int8)")
     p.add_argument("--skip", nargs="*", help="extra Linear name patterns to keep in full precision")
     p.add_argument("--calibration", help=".txt, .jsonl, .parquet or saved dataset folder (default: bundled text; "
                    "calibration-free methods such as rtn and hqq read none unless given this, --samples or --seq-len, "

@@ -1,0 +1,109 @@
+"""Mixed precision under a budget: sensitivities in, a Recipe (one scheme per Linear) out.
+
+    --budget 3.5bpw     average bits per weight over the quantised Linears (codes, scales, zeros: the
+                        stored bytes, as `lowbit eval` counts them)
+    --budget 4GB        the whole model: the quantised Linears plus every other weight at fp16
+                        (also GiB, MB, MiB, or a plain byte count)
+
+The allocation minimises the summed measured KL (pipeline/sensitivity.py) under the budget, exactly, as a
+multiple-choice knapsack (methods/knapsack.py).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.methods.knapsack import Allocation, allocate
+from lowbit.methods.recipe import Recipe
+from lowbit.methods.base import SchemeMethod
+from lowbit.pipeline.sensitivity import LayerSensitivity, candidate_configs, sensitivity
+
+_UNITS = {"gb": 1e9, "gib": 2**30, "mb": 1e6, "mib": 2**20, "kb": 1e3, "kib": 2**10, "b": 1, "": 1}
+
+
+@dataclass
+class BudgetPlan:
+    recipe: Recipe
+    allocation: Allocation
+    names: list[str]
+    candidates: list[str]
+    budget_bytes: int               # for the quantised Linears
+    bits_per_weight: float          # of the allocation, over the quantised Linears
+    rows: list[list]                # the table: layer, scheme, bits/weight, predicted KL
+
+
+def linear_budget(text: str, model: nn.Module, layers: list[LayerSensitivity]) -> int:
+    """Bytes the quantised Linears may take under `text` ("3.5bpw", "4GB", "512MiB", "1000000")."""
+    s = str(text).strip().lower().replace(" ", "")
+    numel = sum(layer.numel for layer in layers)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)(bpw|bits)", s)
+    if m:
+        return int(float(m.group(1)) * numel // 8)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z]*)", s)
+    if not m or m.group(2) not in _UNITS:
+        raise LowbitError(f"cannot read a budget from {text!r}: use e.g. 3.5bpw, 4GB, 512MiB or a byte count")
+    total = float(m.group(1)) * _UNITS[m.group(2)]
+    rest = 2 * (sum(p.numel() for p in model.parameters()) - numel)      # every other weight at fp16
+    if total <= rest:
+        raise LowbitError(f"a budget of {text} leaves nothing for the quantised layers: the rest of the model "
+                          f"takes {rest / 1e9:.3f} GB at fp16")
+    return int(total - rest)
+
+
+def plan_budget(layers: list[LayerSensitivity], candidates, budget: str, model: nn.Module) -> BudgetPlan:
+    """The least-KL choice of one candidate per Linear within `budget`, as a Recipe and a table."""
+    configs = candidate_configs(candidates)
+    names = [c.short_name() for c in configs]
+    limit = linear_budget(budget, model, layers)
+    try:
+        alloc = allocate([layer.bytes for layer in layers], [layer.kl for layer in layers], limit)
+    except LowbitError as e:
+        smallest = sum(min(layer.bytes) for layer in layers) * 8 / sum(layer.numel for layer in layers)
+        raise LowbitError(f"budget {budget} is below the smallest mix of these candidates "
+                          f"({smallest:.3f} bits per weight)") from e
+    overrides = [(layer.name, configs[j]) for layer, j in zip(layers, alloc.choice)]
+    recipe = Recipe(configs[0], overrides)
+    numel = sum(layer.numel for layer in layers)
+    rows = [[layer.name, names[j], 8 * layer.bytes[j] / layer.numel, layer.kl[j]]
+            for layer, j in zip(layers, alloc.choice)]
+    return BudgetPlan(recipe, alloc, [layer.name for layer in layers], names, limit, 8 * alloc.size / numel, rows)
+
+
+def render_plan(plan: BudgetPlan) -> str:
+    from lowbit.table import format_table
+
+    counts = {n: sum(1 for r in plan.rows if r[1] == n) for n in plan.candidates}
+    head = (f"mixed precision: {plan.bits_per_weight:.4f} bits per weight over the quantised Linears "
+            f"({plan.allocation.size:,} bytes of a {plan.budget_bytes:,}); predicted KL (sum over layers) {plan.allocation.loss:.5g}; "
+            + ", ".join(f"{n} x{c}" for n, c in counts.items()))
+    return head + "\n" + format_table(["layer", "scheme", "bits/weight", "KL alone"], plan.rows)
+
+
+DEFAULT_SCHEMES = ("int2-g64", "int3-g128", "int3-g32", "int4-g128", "int4-g32", "int8")
+SENSITIVITY_SAMPLES = 16
+
+
+def default_candidates(method: str) -> list[str]:
+    """The integer grids of DEFAULT_SCHEMES under `method` (a bare scheme method name such as gptq, rtn)."""
+    from lowbit.methods import METHODS
+
+    cls = METHODS.get(method)
+    if cls is None or not issubclass(cls, SchemeMethod):
+        raise LowbitError(f"give --candidates: {method} has no integer schemes to mix")
+    return [f"{method}-{s}" for s in DEFAULT_SCHEMES]
+
+
+def budget_recipe(model: nn.Module, tokenizer, budget: str, candidates, calibration=None,
+                  n_samples: int = SENSITIVITY_SAMPLES, seq_len: int | None = None, seed: int = 0,
+                  progress: bool = True) -> tuple[BudgetPlan, list[LayerSensitivity]]:
+    """Measure sensitivities on calibration windows, then allocate: (the plan, the sensitivities)."""
+    from lowbit.pipeline.samples import calibration_batch, check_context, context_length
+
+    seq_len = seq_len or min(context_length(model) or 256, 256)
+    check_context(model, seq_len)
+    ids = calibration_batch(tokenizer, calibration, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    layers = sensitivity(model, candidates, ids, progress=progress)
+    return plan_budget(layers, candidates, budget, model), layers

@@ -1,0 +1,176 @@
+"""Per-layer sensitivity, the input of mixed precision.
+
+For every quantised Linear and every candidate scheme: the loss increase when that Linear *alone* is
+rounded with the candidate, measured as KL(p_fp || p_q) of next-token distributions averaged over the
+calibration positions (as HAWQ and llama.cpp's importance studies measure it), and a cheap proxy, the
+Hessian-weighted weight error tr(dW H dW^T) / tokens with H = sum of x x^T over the layer's calibration
+inputs (GPTQ's objective: the output error the change causes). The rank correlation of the two is
+reported, since a proxy is only useful for the choices it orders right.
+
+Calibrated candidates (GPTQ, AWQ ...) are measured by round-to-nearest on their scheme: their own
+statistics need the whole pipeline; RTN orders schemes the same way and costs one rounding.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.errors import LowbitError
+from lowbit.methods.base import MethodConfig, SchemeMethod, parse_method
+from lowbit.methods.rtn import RTN
+
+
+@dataclass
+class LayerSensitivity:
+    name: str
+    numel: int
+    bytes: list[int]        # exact stored size of the layer under each candidate
+    kl: list[float]         # nats per position, one per candidate
+    proxy: list[float]      # tr(dW H dW^T) / tokens, one per candidate
+
+
+def candidate_configs(names) -> list[MethodConfig]:
+    """Method short names ("gptq-int3-g128,gptq-int4-g128,rtn-int8") or configs -> configs."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    configs = [parse_method(n) if isinstance(n, str) else n for n in names]
+    if len(configs) < 2:
+        raise LowbitError("mixed precision needs at least two candidate schemes, e.g. gptq-int3-g128,gptq-int4-g128")
+    return configs
+
+
+def measure_rounding(config: MethodConfig) -> MethodConfig:
+    """The calibration-free rounding that stands for `config` while measuring sensitivity."""
+    from lowbit.pipeline.calibration import needs_calibration
+
+    if not needs_calibration(config):
+        return config
+    if isinstance(config, SchemeMethod):
+        return RTN(scheme=config.scheme)
+    raise LowbitError(f"{config.short_name()} has no scheme to round to nearest; use it outside the candidates")
+
+
+@torch.inference_mode()
+def _logprobs(model: nn.Module, ids: torch.Tensor, batch_size: int, skip=None) -> torch.Tensor:
+    """Next-token log-probs [n, L, vocab]. skip: (blocks, k, cached outputs per batch): the first k blocks
+    return their full-precision outputs from the cache instead of running (a layer in block k changes
+    nothing before it), which halves the cost on average."""
+    out = []
+    for i, b in enumerate(range(0, ids.shape[0], batch_size)):
+        if skip is not None:
+            blocks, k, cached = skip
+            for j in range(k):
+                blocks[j].forward = lambda *a, _v=cached[i][j], **kw: _v
+        try:
+            out.append(torch.log_softmax(model(input_ids=ids[b:b + batch_size]).logits.float(), -1))
+        finally:
+            if skip is not None:
+                for j in range(skip[1]):
+                    del skip[0][j].forward
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def _block_outputs(model: nn.Module, blocks, ids: torch.Tensor, batch_size: int) -> list[list]:
+    """What every block returned, per batch: [batch][block]."""
+    cached, current = [], []
+    handles = [blk.register_forward_hook(lambda mod, inp, out: current.append(out)) for blk in blocks]
+    try:
+        for b in range(0, ids.shape[0], batch_size):
+            current = []
+            model(input_ids=ids[b:b + batch_size])
+            cached.append(current)
+    finally:
+        for h in handles:
+            h.remove()
+    return cached
+
+
+@torch.inference_mode()
+def _hessians(model: nn.Module, modules: dict[str, nn.Linear], ids: torch.Tensor, batch_size: int):
+    """{name: H = sum x x^T over every calibration token} in float64, and the token count."""
+    hs = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in modules.items()}
+
+    def hook(name):
+        def add(mod, inp, out):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+            hs[name] += x.T @ x
+        return add
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        for b in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[b:b + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return hs, ids.numel()
+
+
+def _kl(ref: torch.Tensor, lp: torch.Tensor) -> float:
+    return float((ref.exp() * (ref - lp)).sum(-1).mean())
+
+
+@torch.inference_mode()
+def sensitivity(model: nn.Module, candidates, ids: torch.Tensor, batch_size: int = 8,
+                progress: bool = True) -> list[LayerSensitivity]:
+    """One LayerSensitivity per Linear every candidate quantises, on calibration windows ids [n, L]."""
+    from lowbit.pipeline.arch import block_list, describe
+    from lowbit.pipeline.runner import layer_plan
+
+    configs = candidate_configs(candidates)
+    plans = [layer_plan(model, c)[0] for c in configs]
+    names = [n for n in plans[0] if all(n in p for p in plans)]
+    if not names:
+        raise LowbitError("the candidates have no Linear in common to allocate")
+    modules = dict(model.named_modules())
+    model.eval()
+    ref = _logprobs(model, ids, batch_size)
+    blocks = block_list(model, describe(model))[1]
+    block_of = {n: plans[0][n][1].layer for n in names}
+    cached = _block_outputs(model, blocks, ids, batch_size)
+    hessians, tokens = _hessians(model, {n: modules[n] for n in names}, ids, batch_size)
+    out = []
+    bar = tqdm(names, desc="sensitivity", unit="layer", file=sys.stderr, disable=not progress)
+    for name in bar:
+        module, row = modules[name], LayerSensitivity(name, modules[name].weight.numel(), [], [], [])
+        original = module.weight.data.clone()
+        try:
+            for plan in plans:
+                cfg, info = plan[name]
+                q = measure_rounding(cfg).for_layer(info).quantize_weight(original.float(), None)
+                rounded = q.dequantize().to(original.dtype)
+                module.weight.data = rounded
+                skip = None if block_of[name] is None else (blocks, block_of[name], cached)
+                row.kl.append(_kl(ref, _logprobs(model, ids, batch_size, skip)))
+                dw = (rounded - original).double()
+                row.proxy.append(float(((dw @ hessians[name]) * dw).sum()) / tokens)
+                planned = cfg.planned_weight(original.shape, info)
+                row.bytes.append(int((planned if planned is not None else q).nbytes))
+        finally:
+            module.weight.data = original
+        out.append(row)
+    return out
+
+
+def rank_correlation(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rho: the Pearson correlation of the ranks (ties share their mean rank)."""
+    def ranks(v):
+        t = torch.tensor(v, dtype=torch.float64)
+        order = torch.argsort(t)
+        r = torch.empty_like(t)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for value in torch.unique(t):          # mean rank for ties
+            tie = t == value
+            r[tie] = r[tie].mean()
+        return r
+
+    if len(xs) != len(ys) or len(xs) < 2:
+        raise LowbitError("rank correlation needs two equally long lists of at least two values")
+    a, b = ranks(xs), ranks(ys)
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))

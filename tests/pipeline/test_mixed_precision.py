@@ -1,0 +1,110 @@
+"""Sensitivity and budgeted mixed precision, against direct computations on a tiny Llama."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.errors import LowbitError
+from lowbit.methods import parse_method
+from lowbit.pipeline.budget import plan_budget
+from lowbit.pipeline.sensitivity import rank_correlation, sensitivity
+from tests.eval.helpers import tiny_llama
+
+CANDIDATES = "rtn-int2-g32,rtn-int4-g32,rtn-int8"
+
+
+@pytest.fixture(scope="module")
+def measured(one_thread):
+    model = tiny_llama(hidden=64, vocab=512)
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    return model, ids, sensitivity(model, CANDIDATES, ids, batch_size=3, progress=False)
+
+
+def direct_kl_and_proxy(model, ids, name, method):
+    """KL(p_fp || p_q) with only `name` rounded, by a separate copy and F.kl_div; and ||dW X^T||^2 / tokens."""
+    inputs = []
+    module = dict(model.named_modules())[name]
+    handle = module.register_forward_hook(lambda m, i, o: inputs.append(i[0].reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        ref = F.log_softmax(model(input_ids=ids).logits, -1)
+    handle.remove()
+    other = copy.deepcopy(model)
+    target = dict(other.named_modules())[name]
+    with torch.no_grad():
+        w = target.weight.clone()
+        target.weight.copy_(parse_method(method).quantize_weight(w, None).dequantize())
+        lp = F.log_softmax(other(input_ids=ids).logits, -1)
+        dw = (target.weight - w).double()
+    kl = F.kl_div(lp.reshape(-1, lp.shape[-1]), ref.reshape(-1, ref.shape[-1]), log_target=True,
+                  reduction="batchmean")
+    x = torch.cat(inputs).double()
+    return float(kl), float(((dw @ x.T) ** 2).sum()) / x.shape[0]
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"])
+def test_sensitivity_is_the_kl_of_rounding_one_layer_alone(measured, name):
+    model, ids, layers = measured
+    row = next(layer for layer in layers if layer.name == name)
+    for j, method in enumerate(CANDIDATES.split(",")):
+        kl, proxy = direct_kl_and_proxy(model, ids, name, method)
+        assert row.kl[j] == pytest.approx(kl, rel=1e-4, abs=1e-9)
+        assert row.proxy[j] == pytest.approx(proxy, rel=1e-6)
+        assert row.bytes[j] == parse_method(method).quantize_weight(
+            dict(model.named_modules())[name].weight.detach(), None).nbytes
+    assert row.kl[0] > row.kl[1] > row.kl[2]          # fewer bits, more damage
+
+
+def test_the_plan_is_the_best_mix_within_the_budget(measured):
+    model, _, layers = measured
+    numel = sum(layer.numel for layer in layers)
+    losses = []
+    for bpw in (3.0, 3.5, 4.5, 6.0):
+        plan = plan_budget(layers, CANDIDATES, f"{bpw}bpw", model)
+        assert plan.bits_per_weight <= bpw and plan.allocation.size <= bpw * numel / 8
+        chosen = {name: cfg.short_name() for name, cfg in plan.recipe.overrides}
+        assert set(chosen) == {layer.name for layer in layers}
+        assert plan.allocation.loss == pytest.approx(sum(r[3] for r in plan.rows))
+        losses.append(plan.allocation.loss)
+    assert losses == sorted(losses, reverse=True)       # more room never predicts more loss
+    # a uniform choice is one of the mixes the knapsack weighs, so the mix predicts no more loss than it
+    uniform4 = sum(layer.kl[1] for layer in layers)
+    assert plan_budget(layers, CANDIDATES, "4.5bpw", model).allocation.loss <= uniform4 + 1e-12
+    with pytest.raises(LowbitError, match="below the smallest mix"):
+        plan_budget(layers, CANDIDATES, "2bpw", model)
+    with pytest.raises(LowbitError, match="cannot read a budget"):
+        plan_budget(layers, CANDIDATES, "lots", model)
+
+
+def test_a_budget_in_bytes_counts_the_rest_of_the_model_at_fp16(measured):
+    from lowbit.pipeline.budget import linear_budget
+
+    model, _, layers = measured
+    rest = 2 * (sum(p.numel() for p in model.parameters()) - sum(layer.numel for layer in layers))
+    assert linear_budget(f"{rest + 1000}", model, layers) == 1000
+    assert linear_budget("1MB", model, layers) == 10 ** 6 - rest
+    with pytest.raises(LowbitError, match="leaves nothing"):
+        linear_budget("1000", model, layers)
+
+
+def test_rank_correlation_closed_forms():
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties share ranks: x ranks (0.5, 0.5, 2, 3), y ranks (0, 1, 2, 3)
+    assert rank_correlation([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+
+
+def test_quantize_with_a_budget_saves_the_mix(tmp_path, capsys):
+    from lowbit import api
+    from lowbit.cli import main
+    from lowbit.eval.memory import model_memory
+    from tests.conftest import fp16_llama_folder
+
+    fp16_llama_folder(tmp_path / "hf")
+    argv = ["quantize", str(tmp_path / "hf"), "--method", "rtn", "--budget", "4bpw", "--candidates",
+            "rtn-int2-g32,rtn-int4-g32", "--samples", "4", "--quiet", "-o", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert "mixed precision: " in capsys.readouterr().out
+    model, _ = api.load_model(tmp_path / "out")
+    mem = model_memory(model)
+    assert mem.quantized_linears == 14 and 3.5 < mem.bits_per_weight <= 4.0     # both schemes used, within budget
