@@ -31,9 +31,16 @@ def _cmd_calc_memory(args) -> str:
 
 
 def _cmd_calc_kv(args) -> str:
-    from lowbit.calc import as_dict, kv_cache_memory
+    from lowbit.calc import as_dict, kv_cache_memory, quantized_kv_cache_memory
 
-    size = kv_cache_memory(args.layers, args.kv_heads, args.head_dim, args.seq_len, args.batch, args.dtype)
+    dims = (args.layers, args.kv_heads, args.head_dim, args.seq_len, args.batch)
+    if args.scheme:
+        size = quantized_kv_cache_memory(*dims, args.scheme, args.dtype)
+        if args.json:
+            return json.dumps(as_dict(size), indent=2)
+        return (f"KV cache, lowbit's {size.dtype} cache (newest tokens at {args.dtype}): {size.bits_per_element:.4g} bits "
+                f"per element on average\n= {size.bytes:,.0f} bytes = {size.gb:,.2f} GB = {size.gib:,.2f} GiB")
+    size = kv_cache_memory(*dims, args.dtype)
     if args.json:
         return json.dumps(as_dict(size), indent=2)
     return (f"KV cache: 2 x {args.layers} layers x {args.kv_heads} KV heads x {args.head_dim} head dim x "
@@ -94,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--seq-len", type=int, required=True, help="tokens held in the cache")
     kv.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
     kv.add_argument("--dtype", default="fp16", help="fp32, fp16, bf16, fp8, int8, int4, ...")
+    kv.add_argument("--scheme", help="lowbit's quantised cache: int8, int4, int2, fp8 with -g<group> -r<window> "
+                                     "(scales, zero points and the full-precision window counted)")
     kv.add_argument("--json", action="store_true", help="machine-readable output")
     kv.set_defaults(run=_cmd_calc_kv)
 
