@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lowbit.advisor import PRESET_SHAPES, RESERVE_BYTES, TARGETS, VLLM_UTILISATION, advise, parse_bytes
+from lowbit.advisor import BALANCED_SHARE, PRESET_SHAPES, RESERVE_BYTES, TARGETS, VLLM_UTILISATION, advise, parse_bytes
 from lowbit.calc import GB, GIB, kv_cache_memory, model_size
 from lowbit.cli import main
 from lowbit.errors import LowbitError
@@ -33,14 +33,17 @@ def test_every_pick_fits_and_its_size_is_the_calculators(target, quality):
             if quality == "max":
                 assert a.pick is fitting[0]
             else:
-                usual = next(i for i, (*_, u) in enumerate(TARGETS[target]) if u)
-                assert a.pick is next(o for o in a.options[usual:] if o.fits)   # presets take every option
+                usual = next(i for i, (*_, u) in enumerate(TARGETS[target]) if u)   # presets take every option
+                roomy = [o for o in a.options[:usual] if o.total_bytes <= BALANCED_SHARE * usable]
+                assert a.pick is (roomy[0] if roomy else next(o for o in a.options[usual:] if o.fits))
 
 
 def test_the_seeds_table():
     pick = lambda *a, **k: (advise(*a, **k).pick or type("none", (), {"method": "no fit"})).method
     assert pick("7b", "8GB", "llama.cpp") == "q4_k_m"                 # CPU -> GGUF Q4_K_M
-    assert pick("7b", "24GB", "vllm") == "gptq-int4-g128"             # GPU serving -> GPTQ/AWQ int4
+    assert pick("13b", "24GB", "vllm") == "gptq-int4-g128"            # GPU serving -> GPTQ/AWQ int4
+    assert pick("7b", "24GB", "vllm") == "rtn-fp8_e4m3-a8dyn"        # ... or FP8 with room to spare
+    assert pick("7b", "48GB", "llama.cpp") is None                    # ... and the model as it is with plenty
     assert pick("13b", "24GB", "finetune") == "nf4"                   # fine-tune a quantised base -> QLoRA
     assert pick("7b", "80GB", "vllm", "max") is None                  # max quality: fp16 when it fits
     assert pick("70b", "8GB", "llama.cpp") == "no fit"                # says when nothing fits

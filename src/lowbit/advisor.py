@@ -6,7 +6,8 @@ eval` reports) plus the KV cache at the context and batch asked for, plus a runt
 
   quality "max"       the highest-precision candidate that fits;
   quality "balanced"  the target's usual choice (the seeds' table: llama.cpp -> Q4_K_M, vLLM -> GPTQ/AWQ int4,
-                      transformers -> NF4, fine-tuning -> NF4 + QLoRA) when it fits, else the best smaller one.
+                      transformers -> NF4, fine-tuning -> NF4 + QLoRA), or a more precise option when that
+                      still leaves 40% of the memory free; the best smaller one when the usual does not fit.
 With --measure, the candidates that fit are quantised and evaluated on the user's model (`lowbit compare`)
 and the pick comes from measured perplexity. A model that fits under no candidate is said to, with what
 it would need.
@@ -22,6 +23,7 @@ from lowbit.errors import LowbitError
 
 RESERVE_BYTES = 0.5 * GB        # runtime buffers, CUDA context / llama.cpp compute buffers (a round figure)
 VLLM_UTILISATION = 0.9          # vLLM's default gpu_memory_utilization: it never plans for the last 10%
+BALANCED_SHARE = 0.6            # balanced goes above the usual choice only when that leaves 40% free
 LORA_RANK = 16
 LORA_BYTES_PER_PARAM = 16       # fp32 weight, gradient and two Adam moments
 
@@ -143,12 +145,16 @@ def _finetune_extra(shape: ModelShape, context: int, batch: int, kv_cache=None) 
     return lora * LORA_BYTES_PER_PARAM + checkpoints + one_layer + logits
 
 
+def usable_memory(memory: float, target: str) -> float:
+    return memory * (VLLM_UTILISATION if target == "vllm" else 1.0) - RESERVE_BYTES
+
+
 def options(shape: ModelShape, memory: float, target: str, context: int, batch: int,
             kv_cache: str | None = None) -> list[Option]:
     """Every candidate of `target`, highest precision first, with its exact size and whether it fits."""
     if target not in TARGETS:
         raise LowbitError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
-    usable = memory * (VLLM_UTILISATION if target == "vllm" else 1.0) - RESERVE_BYTES
+    usable = usable_memory(memory, target)
     extra = (_finetune_extra if target == "finetune" else _inference_extra)(shape, context, batch, kv_cache)
     out = []
     for method, label, _ in TARGETS[target]:
@@ -163,7 +169,11 @@ def options(shape: ModelShape, memory: float, target: str, context: int, batch: 
     return out
 
 
-def choose(opts: list[Option], target: str, quality: str) -> Option | None:
+def choose(opts: list[Option], target: str, quality: str, usable: float) -> Option | None:
+    """max: the most precise option that fits. balanced: the most precise option no less precise than the
+    target's usual one that takes at most BALANCED_SHARE of the usable memory (room left for a longer
+    context or a larger batch, and fewer bytes to read per token); else the usual one, or the best smaller
+    option that fits."""
     if quality not in ("max", "balanced"):
         raise LowbitError(f"quality is max or balanced, not {quality!r}")
     fitting = [o for o in opts if o.fits]
@@ -172,8 +182,9 @@ def choose(opts: list[Option], target: str, quality: str) -> Option | None:
     if quality == "max":
         return fitting[0]
     usual = next(method for method, _, u in TARGETS[target] if u)
-    start = next((i for i, o in enumerate(opts) if o.method == usual), 0)
-    return next((o for o in opts[start:] if o.fits), fitting[0])
+    start = next((i for i, o in enumerate(opts) if o.method == usual), len(opts) - 1)
+    roomy = [o for o in opts[:start] if o.total_bytes <= BALANCED_SHARE * usable]
+    return roomy[0] if roomy else next((o for o in opts[start:] if o.fits), fitting[0])
 
 
 def advise(model: str, memory, target: str = "llama.cpp", quality: str = "balanced", context: int | None = None,
@@ -189,7 +200,7 @@ def advise(model: str, memory, target: str = "llama.cpp", quality: str = "balanc
         raise LowbitError(f"--kv-cache plans for lowbit's quantised KV cache, which runs in transformers; "
                           f"{target} keeps its own cache (plan with the default fp16)")
     opts = options(shape, memory, target, context, batch, kv_cache)
-    pick = choose(opts, target, quality)
+    pick = choose(opts, target, quality, usable_memory(memory, target))
     advice = Advice(str(model), shape.params, memory, target, quality, context, batch, kv_cache or "fp16", pick, opts)
     advice.reasons = explain(advice, shape)
     advice.command = command(advice)
