@@ -1,7 +1,11 @@
-"""Mixed precision under a budget against uniform schemes, on the bundled model: the Pareto table and plot.
+"""Mixed precision under a budget against uniform schemes: the Pareto table and plot.
 
-    .venv/bin/python benchmarks/mixed_precision.py                    # the README's table (~20 min, 2 threads)
+    .venv/bin/python benchmarks/mixed_precision.py                    # the bundled model (~20 min, 2 threads)
+    .venv/bin/python benchmarks/mixed_precision.py --model minilm     # all-MiniLM-L6-v2 (real weights)
     .venv/bin/python benchmarks/mixed_precision.py --budgets 3.5,4.5 --uniform gptq-int3-g32,gptq-int4-g32
+
+On all-MiniLM-L6-v2 the score is benchmarks/real_weights.py's (mean cosine of sentence embeddings against
+fp32 on 300 held-out sentences, GPTQ calibrated on 256 sentences) and sensitivity is 1 - cosine.
 
 Every row is quantised by GPTQ (lowbit's default settings) on the same calibration windows and scored on
 the same held-out windows against the same full-precision reference (lowbit.eval.compare's protocol).
@@ -24,24 +28,48 @@ UNIFORM = "gptq-int2-g64,gptq-int3-g128,gptq-int3-g64,gptq-int3-g32,gptq-int4-g1
 CANDIDATES = "gptq-int2-g64,gptq-int3-g128,gptq-int3-g32,gptq-int4-g128,gptq-int4-g32,gptq-int8"
 
 
-def evaluate_rows(base, tok, configs: dict, samples: int, reference) -> list[dict]:
+def bundled_rows(configs: dict, samples: int) -> tuple[list[dict], float]:
+    """compare's protocol for each config (a method or a Recipe): bits/weight and held-out perplexity."""
+    from lowbit import api
     from lowbit.eval.compare import quantised_copy
-    from lowbit.eval.evaluate import evaluate
+    from lowbit.eval.evaluate import eval_windows, evaluate
+    from lowbit.eval.fidelity import build_reference
 
+    base, tok = api.load_model(None)
+    reference = build_reference(base, eval_windows(base, tok))
     rows = []
     for name, config in configs.items():
         print(f"quantising {name}", file=sys.stderr, flush=True)
         model, seconds = quantised_copy(base, config, tok, {"n_samples": samples})
         row = evaluate(model, reference=reference, speed=False)
-        rows.append({"name": name, "bits_per_weight": row["bits_per_weight"], "perplexity": row["perplexity"],
-                     "kl": row["kl"], "quantize_s": seconds})
-        print(f"  {name}: {row['bits_per_weight']:.4f} bpw, perplexity {row['perplexity']:.4f}", file=sys.stderr)
+        rows.append({"name": name, "bits_per_weight": row["bits_per_weight"], "score": row["perplexity"],
+                     "quantize_s": seconds})
         del model
         gc.collect()
+    return rows, reference.perplexity.perplexity
+
+
+def minilm_rows(configs: dict) -> list[dict]:
+    """real_weights.py's protocol for each config (a method or a Recipe): bits/weight and mean cosine."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import real_weights as rw
+
+    import lowbit
+    from lowbit.eval.embeddings import embed
+
+    base, tok = lowbit.load_model(rw.model_folder())
+    calibration, held_out = rw.sentences(256, 300)
+    reference = embed(base, tok, held_out, max_length=rw.MAX_LENGTH)
+    rows = []
+    for name, config in configs.items():
+        print(f"quantising {name}", file=sys.stderr, flush=True)
+        r = rw.run_lowbit(config, base, tok, calibration, held_out, reference, "samples")
+        rows.append({"name": name, "bits_per_weight": r["bits_per_weight"], "score": r["mean_cosine"],
+                     "quantize_s": r["seconds"]})
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> bool:
+def plot(rows: list[dict], path: Path, ylabel: str, baseline: float, title: str) -> bool:
     try:
         import matplotlib
 
@@ -51,64 +79,84 @@ def plot(rows: list[dict], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, marker in (("uniform", "o-"), ("mix", "s-")):
-        pts = sorted((r["bits_per_weight"], r["perplexity"]) for r in rows if r["kind"] == kind)
+        pts = sorted((r["bits_per_weight"], r["score"]) for r in rows if r["kind"] == kind)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=f"{kind} (GPTQ)")
-    ax.axhline(rows[0]["reference_perplexity"], color="grey", ls=":", label="fp32")
+    ax.axhline(baseline, color="grey", ls=":", label="fp32")
     ax.set_xlabel("bits per weight (quantised Linears, scales included)")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_yscale("log")
-    ax.set_title("bundled model: budgeted mixes vs uniform schemes")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
 
 
+def sensitivity_of(model_name: str, candidates: str):
+    """(the model, its sensitivities on 16 calibration windows, seconds)."""
+    import lowbit
+    from lowbit.pipeline.samples import calibration_batch
+    from lowbit.pipeline.sensitivity import sensitivity
+
+    if model_name == "minilm":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import real_weights as rw
+
+        model, tok = lowbit.load_model(rw.model_folder())
+        seq_len = rw.MAX_LENGTH
+    else:
+        model, tok = lowbit.load_model(None)
+        seq_len = 256
+    ids = calibration_batch(tok, None, n_samples=16, seq_len=seq_len)
+    start = time.perf_counter()
+    layers = sensitivity(model, candidates, ids)
+    return model, layers, time.perf_counter() - start
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["bundled", "minilm"], default="bundled")
     p.add_argument("--uniform", default=UNIFORM)
     p.add_argument("--candidates", default=CANDIDATES)
     p.add_argument("--budgets", default="3.25,3.5,4.0,4.5")
-    p.add_argument("--samples", type=int, default=64, help="GPTQ calibration windows (default 64)")
+    p.add_argument("--samples", type=int, default=64, help="GPTQ calibration windows, bundled model (default 64)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="out/mixed_precision")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from lowbit import api
-    from lowbit.eval.evaluate import eval_windows
-    from lowbit.eval.fidelity import build_reference
     from lowbit.methods import parse_method
-    from lowbit.pipeline.budget import budget_recipe, plan_budget
+    from lowbit.pipeline.budget import plan_budget
     from lowbit.pipeline.sensitivity import rank_correlation
     from lowbit.table import format_table
 
-    base, tok = api.load_model(None)
-    reference = build_reference(base, eval_windows(base, tok))
-    start = time.perf_counter()
-    plan, layers = budget_recipe(base, tok, f"{args.budgets.split(',')[0]}bpw", args.candidates)
-    sens_s = time.perf_counter() - start
+    model, layers, sens_s = sensitivity_of(args.model, args.candidates)
     rho = rank_correlation([k for layer in layers for k in layer.kl], [p for layer in layers for p in layer.proxy])
-    mixes = {f"mix {b} bpw": plan_budget(layers, args.candidates, f"{b}bpw", base).recipe for b in args.budgets.split(",")}
-    uniform = {n: parse_method(n) for n in args.uniform.split(",")}
-    rows = [dict(r, kind="uniform") for r in evaluate_rows(base, tok, uniform, args.samples, reference)]
-    rows += [dict(r, kind="mix") for r in evaluate_rows(base, tok, mixes, args.samples, reference)]
+    configs = {n: parse_method(n) for n in args.uniform.split(",")}
+    configs.update({f"mix {b} bpw": plan_budget(layers, args.candidates, f"{b}bpw", model).recipe
+                    for b in args.budgets.split(",")})
+    del model
+    if args.model == "minilm":
+        rows, baseline, better, label = minilm_rows(configs), 1.0, max, "mean cosine to fp32"
+    else:
+        (rows, baseline), better, label = bundled_rows(configs, args.samples), min, "held-out perplexity"
     for r in rows:
-        r["reference_perplexity"] = reference.perplexity.perplexity
+        r["kind"] = "mix" if r["name"].startswith("mix") else "uniform"
+    for r in rows:
         if r["kind"] == "mix":
-            rivals = [u for u in rows if u["kind"] == "uniform" and u["bits_per_weight"] >= r["bits_per_weight"] - 1e-9]
-            r["beats"] = all(r["perplexity"] < u["perplexity"] for u in rivals)
-    table = format_table(["row", "bits/weight", "perplexity", "KL", "beats every uniform of >= size"],
-                         [[r["name"], r["bits_per_weight"], r["perplexity"], r["kl"], str(r.get("beats", ""))]
+            rivals = [u["score"] for u in rows if u["kind"] == "uniform" and u["bits_per_weight"] >= r["bits_per_weight"] - 1e-9]
+            r["beats"] = all(better(r["score"], u) == r["score"] and r["score"] != u for u in rivals)
+    table = format_table(["row", "bits/weight", label, "beats every uniform of >= size"],
+                         [[r["name"], r["bits_per_weight"], r["score"], str(r.get("beats", ""))]
                           for r in sorted(rows, key=lambda r: r["bits_per_weight"])], markdown=True)
-    notes = (f"fp32 reference perplexity {reference.perplexity.perplexity:.4f}; sensitivity: {len(layers)} Linears x "
+    notes = (f"{args.model}: fp32 {label} {baseline:.4f}; sensitivity: {len(layers)} Linears x "
              f"{len(args.candidates.split(','))} candidates in {sens_s:.0f} s; rank correlation (Spearman) of the "
-             f"Hessian proxy with measured KL: {rho:.3f}")
+             f"Hessian proxy with the measured loss: {rho:.3f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "mixed_precision.md").write_text(table + "\n\n" + notes + "\n")
-    plotted = plot(rows, out / "mixed_precision.png")
-    print(table + "\n\n" + notes + (f"\nwrote {out / 'mixed_precision.png'}" if plotted else ""))
+    (out / f"mixed_precision_{args.model}.md").write_text(table + "\n\n" + notes + "\n")
+    plotted = plot(rows, out / f"mixed_precision_{args.model}.png", label, baseline,
+                   f"{args.model}: budgeted mixes vs uniform schemes")
+    print(table + "\n\n" + notes + (f"\nwrote {out}/mixed_precision_{args.model}.png" if plotted else ""))
 
 
 if __name__ == "__main__":

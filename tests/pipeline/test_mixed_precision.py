@@ -108,3 +108,19 @@ def test_quantize_with_a_budget_saves_the_mix(tmp_path, capsys):
     model, _ = api.load_model(tmp_path / "out")
     mem = model_memory(model)
     assert mem.quantized_linears == 14 and 3.5 < mem.bits_per_weight <= 4.0     # both schemes used, within budget
+
+
+def test_an_encoder_is_measured_by_embedding_cosine(one_thread):
+    from tests.conftest import build_tiny_model
+
+    model = build_tiny_model("bert")
+    ids = torch.randint(5, 500, (3, 16), generator=torch.Generator().manual_seed(1))
+    layers = sensitivity(model, "rtn-int2-g32,rtn-int8", ids, progress=False)
+    name = layers[3].name
+    other = copy.deepcopy(model)
+    target = dict(other.named_modules())[name]
+    with torch.no_grad():
+        target.weight.copy_(parse_method("rtn-int2-g32").quantize_weight(target.weight.clone(), None).dequantize())
+        ref, out = (m(input_ids=ids).last_hidden_state.mean(1) for m in (model, other))
+    assert layers[3].kl[0] == pytest.approx(float(1 - F.cosine_similarity(ref, out).mean()), rel=1e-4, abs=1e-7)
+    assert len(layers) == 13 and layers[3].kl[0] > layers[3].kl[1]     # 2 x 6 in the blocks and the pooler

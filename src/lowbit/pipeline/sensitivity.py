@@ -2,7 +2,8 @@
 
 For every quantised Linear and every candidate scheme: the loss increase when that Linear *alone* is
 rounded with the candidate, measured as KL(p_fp || p_q) of next-token distributions averaged over the
-calibration positions (as HAWQ and llama.cpp's importance studies measure it), and a cheap proxy, the
+calibration positions (as HAWQ and llama.cpp's importance studies measure it; for an encoder without a
+language-model head, 1 - cosine of the mean-pooled embeddings per window), and a cheap proxy, the
 Hessian-weighted weight error tr(dW H dW^T) / tokens with H = sum of x x^T over the layer's calibration
 inputs (GPTQ's objective: the output error the change causes). The rank correlation of the two is
 reported, since a proxy is only useful for the choices it orders right.
@@ -66,7 +67,7 @@ def _logprobs(model: nn.Module, ids: torch.Tensor, batch_size: int, skip=None) -
             for j in range(k):
                 blocks[j].forward = lambda *a, _v=cached[i][j], **kw: _v
         try:
-            out.append(torch.log_softmax(model(input_ids=ids[b:b + batch_size]).logits.float(), -1))
+            out.append(_output(model(input_ids=ids[b:b + batch_size])))
         finally:
             if skip is not None:
                 for j in range(skip[1]):
@@ -111,8 +112,20 @@ def _hessians(model: nn.Module, modules: dict[str, nn.Linear], ids: torch.Tensor
     return hs, ids.numel()
 
 
-def _kl(ref: torch.Tensor, lp: torch.Tensor) -> float:
-    return float((ref.exp() * (ref - lp)).sum(-1).mean())
+def _output(out) -> torch.Tensor:
+    """A causal LM's next-token log-probs [b, L, vocab]; an encoder's unit-norm mean-pooled embedding [b, 1, d]."""
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        return torch.log_softmax(logits.float(), -1)
+    pooled = out.last_hidden_state.double().mean(1, keepdim=True)   # float64: 1 - cos is tiny for good layers
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def _loss(ref: torch.Tensor, out: torch.Tensor, causal: bool) -> float:
+    """KL(p_ref || p) per position for log-probs (causal); 1 - cosine per window for unit embeddings."""
+    if causal:
+        return float((ref.exp() * (ref - out)).sum(-1).mean())
+    return float(1 - (ref * out).sum(-1).mean())
 
 
 @torch.inference_mode()
@@ -130,6 +143,7 @@ def sensitivity(model: nn.Module, candidates, ids: torch.Tensor, batch_size: int
     modules = dict(model.named_modules())
     model.eval()
     ref = _logprobs(model, ids, batch_size)
+    causal = getattr(model(input_ids=ids[:1, :2]), "logits", None) is not None
     blocks = block_list(model, describe(model))[1]
     block_of = {n: plans[0][n][1].layer for n in names}
     cached = _block_outputs(model, blocks, ids, batch_size)
@@ -146,7 +160,7 @@ def sensitivity(model: nn.Module, candidates, ids: torch.Tensor, batch_size: int
                 rounded = q.dequantize().to(original.dtype)
                 module.weight.data = rounded
                 skip = None if block_of[name] is None else (blocks, block_of[name], cached)
-                row.kl.append(_kl(ref, _logprobs(model, ids, batch_size, skip)))
+                row.kl.append(_loss(ref, _logprobs(model, ids, batch_size, skip), causal))
                 dw = (rounded - original).double()
                 row.proxy.append(float(((dw @ hessians[name]) * dw).sum()) / tokens)
                 planned = cfg.planned_weight(original.shape, info)
