@@ -84,8 +84,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert main(["advise", "7b", "--memory", "lots"]) == 2
     assert main(["advise", str(tmp_path / "missing"), "--memory", "8GB"]) == 2
     assert main(["advise", "7b", "--memory", "8GB", "--target", "vllm", "--kv-cache", "int4"]) == 2
+    assert main(["advise", "7b", "--memory", "8GB", "--context", "0"]) == 2
+    assert main(["advise", "7b", "--memory", "8GB", "--target", "transformers", "--kv-cache", "int4-g0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("lowbit: error:") for line in err)
+    assert len(err) == 5 and all(line.startswith("lowbit: error:") for line in err)
     assert parse_bytes("24GiB") == 24 * 2**30 and parse_bytes("8") == 8e9
     with pytest.raises(LowbitError):
         parse_bytes("-3GB")
@@ -124,3 +126,18 @@ def test_measure_runs_on_the_bundled_model(capsys):
                  "--samples", "8"]) == 0
     out = capsys.readouterr().out
     assert "Measured on this model: perplexity" in out
+
+
+def test_the_readme_table_is_what_the_advisor_says():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Which method? `lowbit advise`"):]
+    rows = re.findall(r"^\| (\d+b) @ (\d+) GB +\|(.*)\|$", section, flags=re.M)
+    assert len(rows) == 12
+    for cls, gb, cells in rows:
+        for target, cell in zip(("llama.cpp", "vllm", "transformers", "finetune"), cells.split("|")):
+            a = advise(cls, f"{gb}GB", target)
+            said = "will not fit" if a.pick is None else f"{a.pick.method or 'fp16'} ({a.pick.total_bytes / 1e9:.1f} GB)"
+            assert cell.strip() == said, (cls, gb, target)

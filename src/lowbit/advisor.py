@@ -192,7 +192,8 @@ def advise(model: str, memory, target: str = "llama.cpp", quality: str = "balanc
     """The recommendation for `model` under `memory` (bytes or text such as "8GB") on `target`."""
     shape = resolve_shape(model)
     memory = parse_bytes(memory) if isinstance(memory, str) else float(memory)
-    context = context or (2048 if target == "finetune" else 4096)
+    if context is None:
+        context = 2048 if target == "finetune" else 4096
     for name, v in (("context", context), ("batch", batch)):
         if not isinstance(v, int) or v < 1:
             raise LowbitError(f"{name} must be a positive integer, got {v!r}")

@@ -169,9 +169,16 @@ class ModelShape:
         if missing:
             raise LowbitError(f"config.json lacks {', '.join(missing)}: not a dense decoder the calculator models")
         heads = c["num_attention_heads"]
-        return cls(name, c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
-                   c.get("num_key_value_heads") or heads, c.get("head_dim") or c["hidden_size"] // heads,
-                   c["vocab_size"], bool(c.get("tie_word_embeddings", False)))
+        kv_heads = c.get("num_key_value_heads") or heads
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+            raise LowbitError(f"config.json: num_attention_heads ({heads}) must be a multiple of "
+                              f"num_key_value_heads ({kv_heads})")
+        if not isinstance(head_dim, int) or head_dim < 1:
+            raise LowbitError(f"config.json: head_dim (or hidden_size / num_attention_heads) must be a positive "
+                              f"integer, got {head_dim!r}")
+        return cls(name, c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads, kv_heads,
+                   head_dim, c["vocab_size"], bool(c.get("tie_word_embeddings", False)))
 
 
 # Shapes of the classes people ask about (the published configs).

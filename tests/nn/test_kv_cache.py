@@ -68,3 +68,25 @@ def test_unsupported_uses_are_refused(llama):
         cache.layers[0].reorder_cache(torch.tensor([0]))
     with pytest.raises(LowbitError, match="config or num_layers"):
         QuantizedKVCache("int4")
+
+
+def test_the_kv_cache_command(tiny_model_dir, capsys):
+    from lowbit.cli import main
+
+    folder = tiny_model_dir("llama")
+    argv = ["kv-cache", str(folder), "--schemes", "fp16,int8-g16", "--context", "64", "--max-eval-tokens", "256",
+            "--memory-tokens", "300", "--no-speed", "--json", "--threads", "1"]
+    assert main(argv) == 0
+    import json
+
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["kv_cache"] for r in rows] == ["fp16", "int8-g16-r128"]
+    assert all(r["bytes_300"] == r["calc_bytes_300"] for r in rows) and rows[1]["ratio_300"] > 1.2
+    # learned positions (GPT-2: 128) cannot hold 4096 tokens; bad token counts and schemes: one line each
+    assert main(["kv-cache", str(tiny_model_dir("gpt2")), "--memory-tokens", "4096", "--no-speed"]) == 2
+    assert main(argv[:-4] + ["--memory-tokens", "0"]) == 2
+    assert main(["kv-cache", str(folder), "--schemes", "int4-g0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "learned positions for 128" in err[0]
+    with pytest.raises(LowbitError, match="cannot be cropped"):
+        QuantizedKVCache("int4", num_layers=1).layers[0].crop(1)

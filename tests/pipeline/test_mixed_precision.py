@@ -81,10 +81,12 @@ def test_a_budget_in_bytes_counts_the_rest_of_the_model_at_fp16(measured):
 
     model, _, layers = measured
     rest = 2 * (sum(p.numel() for p in model.parameters()) - sum(layer.numel for layer in layers))
-    assert linear_budget(f"{rest + 1000}", model, layers) == 1000
-    assert linear_budget("1MB", model, layers) == 10 ** 6 - rest
+    numel = sum(layer.numel for layer in layers)
+    assert linear_budget(f"{rest + 1000}", model, numel) == 1000
+    assert linear_budget("1MB", model, numel) == 10 ** 6 - rest
+    assert linear_budget("4bpw", model, numel) == numel // 2
     with pytest.raises(LowbitError, match="leaves nothing"):
-        linear_budget("1000", model, layers)
+        linear_budget("1000", model, numel)
 
 
 def test_rank_correlation_closed_forms():
@@ -108,6 +110,25 @@ def test_quantize_with_a_budget_saves_the_mix(tmp_path, capsys):
     model, _ = api.load_model(tmp_path / "out")
     mem = model_memory(model)
     assert mem.quantized_linears == 14 and 3.5 < mem.bits_per_weight <= 4.0     # both schemes used, within budget
+    # --skip keeps a Linear in full precision and outside the budget
+    argv[-1] = str(tmp_path / "skipped")
+    assert main(argv + ["--skip", "*.0.mlp.down_proj"]) == 0
+    model, _ = api.load_model(tmp_path / "skipped")
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear and model_memory(model).quantized_linears == 13
+
+
+def test_a_budget_is_refused_before_any_measurement(tmp_path, capsys):
+    from lowbit.cli import main
+    from tests.conftest import fp16_llama_folder
+
+    fp16_llama_folder(tmp_path / "hf")
+    base = ["quantize", str(tmp_path / "hf"), "--method", "rtn", "--candidates", "rtn-int2-g32,rtn-int4-g32",
+            "--quiet", "-o", str(tmp_path / "out")]
+    assert main(base + ["--budget", "abc"]) == 2
+    assert main(base + ["--budget", "1bpw"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read a budget" in err and "below the smallest mix" in err and "2.500 bits" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_encoder_is_measured_by_embedding_cosine(one_thread):

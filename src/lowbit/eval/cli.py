@@ -96,7 +96,10 @@ def _cmd_kv_cache(args) -> str:
     from lowbit.eval.kv import kv_report, parse_kv_schemes, render_kv_report
 
     schemes = parse_kv_schemes(args.schemes)
-    tokens = tuple(_positive_int(t) for t in args.memory_tokens.split(","))
+    try:
+        tokens = tuple(_positive_int(t) for t in args.memory_tokens.split(","))
+    except argparse.ArgumentTypeError as e:
+        raise LowbitError(f"--memory-tokens: {e}") from None
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     windows = eval_windows(model, tokenizer, _read_text(args.text), context=args.context,
                            max_eval_tokens=args.max_eval_tokens)

@@ -113,21 +113,31 @@ def parse_kv_schemes(text: str) -> list[KVSpec | None]:
     return [None if n in (FP_ROW, "fp", "fp32", "bf16") else KVSpec.parse(n) for n in names]
 
 
-def live_kv_bytes(model, spec, n_tokens: int) -> tuple[int, float]:
-    """(bytes the cache holds after n_tokens, the calculator's figure) with the model's K/V in fp16."""
+def _head_shape(model) -> tuple[int, int, int]:
+    c = model.config.get_text_config(decoder=True)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim
+
+
+def check_memory_tokens(model, memory_tokens) -> None:
+    """Filling a cache past the model's positions works only with rotary positions (they extrapolate);
+    a learned position table has no row there: refused before any work."""
+    c = model.config.get_text_config(decoder=True)
+    limit = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+    rotary = any(hasattr(c, k) for k in ("rope_theta", "rope_parameters", "rope_scaling"))
+    longest = max(memory_tokens)
+    if limit and longest > limit and not rotary:
+        raise LowbitError(f"this model has learned positions for {limit} tokens; measure the cache at "
+                          f"--memory-tokens {limit} or fewer (asked {longest})")
+
+
+def live_kv_bytes(model_fp16, spec, n_tokens: int) -> tuple[int, float]:
+    """(bytes the cache holds after n_tokens, the calculator's figure) on a model computing in fp16."""
     from lowbit.calc import kv_cache_memory, quantized_kv_cache_memory
     from lowbit.nn.kv_cache import cache_nbytes
 
-    dtype = next(model.parameters()).dtype
-    model.to(torch.float16)
-    try:
-        cache = fill_cache(model, spec, n_tokens)
-        live = cache_nbytes(cache)
-    finally:
-        model.to(dtype)
-    c = model.config.get_text_config(decoder=True)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    args = (c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim, n_tokens)
+    live = cache_nbytes(fill_cache(model_fp16, spec, n_tokens))
+    args = (*_head_shape(model_fp16), n_tokens)
     calc = kv_cache_memory(*args).bytes if spec is None else quantized_kv_cache_memory(*args, 1, spec).bytes
     return live, calc
 
@@ -135,17 +145,23 @@ def live_kv_bytes(model, spec, n_tokens: int) -> tuple[int, float]:
 def kv_report(model, ids, schemes, context: int, memory_tokens=(4096, 32768), step: int = 1,
               speed: bool = True, progress: bool = True) -> list[dict]:
     """One row per scheme: perplexity through the cache (and its change against the first row), live KV
-    bytes at each of memory_tokens with the calculator's figure, decode tokens/s after a `context` prompt."""
+    bytes at each of memory_tokens with the calculator's figure (on an fp16 copy of the model, made once
+    after every perplexity: the model scored is never rounded), decode tokens/s after a `context` prompt."""
+    import copy
+
+    check_memory_tokens(model, memory_tokens)
     rows = []
     for spec in schemes:
         ppl = kv_perplexity(model, ids, spec, context, step=step, progress=progress)
-        row = {"kv_cache": FP_ROW if spec is None else spec.name, "perplexity": ppl.perplexity,
-               "protocol": ppl.protocol}
-        for n in memory_tokens:
-            row[f"bytes_{n}"], row[f"calc_bytes_{n}"] = live_kv_bytes(model, spec, n)
+        rows.append({"kv_cache": FP_ROW if spec is None else spec.name, "perplexity": ppl.perplexity,
+                     "protocol": ppl.protocol})
         if speed:
-            row["decode_tokens_per_s"] = kv_decode_speed(model, spec, context).decode_tokens_per_s
-        rows.append(row)
+            rows[-1]["decode_tokens_per_s"] = kv_decode_speed(model, spec, context).decode_tokens_per_s
+    half = copy.deepcopy(model).to(torch.float16)
+    for row, spec in zip(rows, schemes):
+        for n in memory_tokens:
+            row[f"bytes_{n}"], row[f"calc_bytes_{n}"] = live_kv_bytes(half, spec, n)
+    del half
     base = rows[0]
     for row in rows:
         row["ppl_change"] = row["perplexity"] / base["perplexity"] - 1

@@ -1,7 +1,7 @@
 """A quantised KV cache that transformers models use as they use their own (`generate`, forward passes).
 
     cache = QuantizedKVCache("int4", config=model.config)        # or KVSpec("int8", 64, 128)
-    model.generate(ids, past_key_values=cache, max_new_tokens=64)
+    model.generate(ids, cache=cache, max_new_tokens=64)
     cache.nbytes                                                 # bytes the cache holds now
 
 Each layer keeps the newest tokens in the model's precision and quantises them in chunks of
@@ -80,6 +80,9 @@ class QuantizedKVLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise LowbitError("the quantised KV cache does not support beam search (reordering would re-round "
                           "quantised tokens); use greedy or sampling")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise LowbitError("the quantised KV cache cannot be cropped (its old tokens are quantised in chunks)")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise LowbitError("the quantised KV cache does not support expanding the batch after prefill")

@@ -17,9 +17,10 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.methods.knapsack import Allocation, allocate
-from lowbit.methods.recipe import Recipe
+from lowbit.methods.recipe import DEFAULT_SKIP, Recipe
 from lowbit.methods.base import SchemeMethod
-from lowbit.pipeline.sensitivity import LayerSensitivity, candidate_configs, sensitivity
+from lowbit.pipeline.sensitivity import (LayerSensitivity, candidate_configs, candidate_plans, rank_correlation,
+                                         sensitivity)
 
 _UNITS = {"gb": 1e9, "gib": 2**30, "mb": 1e6, "mib": 2**20, "kb": 1e3, "kib": 2**10, "b": 1, "": 1}
 
@@ -32,44 +33,70 @@ class BudgetPlan:
     candidates: list[str]
     budget_bytes: int               # for the quantised Linears
     bits_per_weight: float          # of the allocation, over the quantised Linears
-    rows: list[list]                # the table: layer, scheme, bits/weight, predicted KL
+    rows: list[list]                # the table: layer, scheme, bits/weight, measured loss alone
+    proxy_rank_correlation: float   # Spearman's rho of the Hessian proxy with the measured losses
 
 
-def linear_budget(text: str, model: nn.Module, layers: list[LayerSensitivity]) -> int:
-    """Bytes the quantised Linears may take under `text` ("3.5bpw", "4GB", "512MiB", "1000000")."""
+def parse_budget(text: str) -> tuple[str, float]:
+    """("bpw", bits per weight) or ("bytes", whole-model bytes) from "3.5bpw", "4GB", "512MiB", "1000000";
+    a LowbitError for anything else (checked before any model work)."""
     s = str(text).strip().lower().replace(" ", "")
-    numel = sum(layer.numel for layer in layers)
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)(bpw|bits)", s)
-    if m:
-        return int(float(m.group(1)) * numel // 8)
+    if m and float(m.group(1)) > 0:
+        return "bpw", float(m.group(1))
     m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z]*)", s)
-    if not m or m.group(2) not in _UNITS:
+    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
         raise LowbitError(f"cannot read a budget from {text!r}: use e.g. 3.5bpw, 4GB, 512MiB or a byte count")
-    total = float(m.group(1)) * _UNITS[m.group(2)]
+    return "bytes", float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def linear_budget(text: str, model: nn.Module, numel: int) -> int:
+    """Bytes the quantised Linears (numel weights in all) may take under the budget `text`."""
+    kind, value = parse_budget(text)
+    if kind == "bpw":
+        return int(value * numel // 8)
     rest = 2 * (sum(p.numel() for p in model.parameters()) - numel)      # every other weight at fp16
-    if total <= rest:
+    if value <= rest:
         raise LowbitError(f"a budget of {text} leaves nothing for the quantised layers: the rest of the model "
                           f"takes {rest / 1e9:.3f} GB at fp16")
-    return int(total - rest)
+    return int(value - rest)
 
 
-def plan_budget(layers: list[LayerSensitivity], candidates, budget: str, model: nn.Module) -> BudgetPlan:
-    """The least-KL choice of one candidate per Linear within `budget`, as a Recipe and a table."""
+def check_budget(model: nn.Module, candidates, budget: str, skip: tuple = ()) -> None:
+    """Refuse, from shapes alone (before any forward pass), a budget below the smallest candidate of
+    every Linear."""
+    plans = candidate_plans(model, candidate_configs(candidates), skip)
+    modules = dict(model.named_modules())
+    names = [n for n in plans[0] if all(n in p for p in plans)]
+    numel = sum(modules[n].weight.numel() for n in names)
+    smallest = 0
+    for n in names:
+        sizes = [cfg.planned_weight(modules[n].weight.shape, info) for cfg, info in (p[n] for p in plans)]
+        smallest += min(w.nbytes for w in sizes if w is not None) if any(w is not None for w in sizes) else 0
+    if smallest > linear_budget(budget, model, numel):
+        raise LowbitError(f"budget {budget} is below the smallest mix of these candidates "
+                          f"({8 * smallest / numel:.3f} bits per weight)")
+
+
+def plan_budget(layers: list[LayerSensitivity], candidates, budget: str, model: nn.Module,
+                skip: tuple = ()) -> BudgetPlan:
+    """The least-loss choice of one candidate per Linear within `budget`, as a Recipe and a table."""
     configs = candidate_configs(candidates)
     names = [c.short_name() for c in configs]
-    limit = linear_budget(budget, model, layers)
-    try:
-        alloc = allocate([layer.bytes for layer in layers], [layer.kl for layer in layers], limit)
-    except LowbitError as e:
-        smallest = sum(min(layer.bytes) for layer in layers) * 8 / sum(layer.numel for layer in layers)
-        raise LowbitError(f"budget {budget} is below the smallest mix of these candidates "
-                          f"({smallest:.3f} bits per weight)") from e
-    overrides = [(layer.name, configs[j]) for layer, j in zip(layers, alloc.choice)]
-    recipe = Recipe(configs[0], overrides)
     numel = sum(layer.numel for layer in layers)
+    limit = linear_budget(budget, model, numel)
+    smallest = sum(min(layer.bytes) for layer in layers)
+    if smallest > limit:
+        raise LowbitError(f"budget {budget} is below the smallest mix of these candidates "
+                          f"({8 * smallest / numel:.3f} bits per weight)")
+    alloc = allocate([layer.bytes for layer in layers], [layer.kl for layer in layers], limit)
+    overrides = [(layer.name, configs[j]) for layer, j in zip(layers, alloc.choice)]
+    recipe = Recipe(configs[0], overrides, skip=tuple(DEFAULT_SKIP) + tuple(skip))
     rows = [[layer.name, names[j], 8 * layer.bytes[j] / layer.numel, layer.kl[j]]
             for layer, j in zip(layers, alloc.choice)]
-    return BudgetPlan(recipe, alloc, [layer.name for layer in layers], names, limit, 8 * alloc.size / numel, rows)
+    rho = rank_correlation([k for layer in layers for k in layer.kl], [p for layer in layers for p in layer.proxy])
+    return BudgetPlan(recipe, alloc, [layer.name for layer in layers], names, limit, 8 * alloc.size / numel, rows,
+                      rho)
 
 
 def render_plan(plan: BudgetPlan) -> str:
@@ -79,7 +106,9 @@ def render_plan(plan: BudgetPlan) -> str:
     head = (f"mixed precision: {plan.bits_per_weight:.4f} bits per weight over the quantised Linears "
             f"({plan.allocation.size:,} bytes of a {plan.budget_bytes:,}); predicted KL (sum over layers) {plan.allocation.loss:.5g}; "
             + ", ".join(f"{n} x{c}" for n, c in counts.items()))
-    return head + "\n" + format_table(["layer", "scheme", "bits/weight", "KL alone"], plan.rows)
+    head += (f"\nloss: each layer rounded alone, on calibration windows; the Hessian proxy ranks the same choices "
+             f"with Spearman rho {plan.proxy_rank_correlation:.3f}")
+    return head + "\n" + format_table(["layer", "scheme", "bits/weight", "loss alone"], plan.rows)
 
 
 DEFAULT_SCHEMES = ("int2-g64", "int3-g128", "int3-g32", "int4-g128", "int4-g32", "int8")
@@ -98,12 +127,15 @@ def default_candidates(method: str) -> list[str]:
 
 def budget_recipe(model: nn.Module, tokenizer, budget: str, candidates, calibration=None,
                   n_samples: int = SENSITIVITY_SAMPLES, seq_len: int | None = None, seed: int = 0,
-                  progress: bool = True) -> tuple[BudgetPlan, list[LayerSensitivity]]:
-    """Measure sensitivities on calibration windows, then allocate: (the plan, the sensitivities)."""
-    from lowbit.pipeline.samples import calibration_batch, check_context, context_length
+                  progress: bool = True, skip: tuple = ()) -> tuple[BudgetPlan, list[LayerSensitivity]]:
+    """Measure sensitivities on calibration windows, then allocate: (the plan, the sensitivities). Linears
+    matching `skip` stay in full precision and outside the budget."""
+    from lowbit.pipeline.samples import calibration_batch, check_context, check_token_ids, context_length
 
+    check_budget(model, candidates, budget, skip)
     seq_len = seq_len or min(context_length(model) or 256, 256)
     check_context(model, seq_len)
     ids = calibration_batch(tokenizer, calibration, n_samples=n_samples, seq_len=seq_len, seed=seed)
-    layers = sensitivity(model, candidates, ids, progress=progress)
-    return plan_budget(layers, candidates, budget, model), layers
+    check_token_ids(model, ids)
+    layers = sensitivity(model, candidates, ids, progress=progress, skip=skip)
+    return plan_budget(layers, candidates, budget, model, skip), layers

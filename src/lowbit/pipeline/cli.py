@@ -44,6 +44,10 @@ def _cmd_quantize(args) -> str:
     if args.seq_len is not None and args.seq_len < 2:
         raise LowbitError(f"--seq-len must be at least 2, got {args.seq_len}")
     config = method_from_args(args)
+    if args.budget:
+        from lowbit.pipeline.budget import parse_budget
+
+        parse_budget(args.budget)          # a typo costs a second, not a sensitivity pass
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     recipe = Recipe(config, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
     plan_text = ""
@@ -54,9 +58,9 @@ def _cmd_quantize(args) -> str:
             raise LowbitError("--budget measures sensitivity on text: the model folder needs a tokenizer")
         candidates = args.candidates or default_candidates(config.name)
         plan, _ = budget_recipe(model, tokenizer, args.budget, candidates, args.calibration, seed=args.seed,
-                                n_samples=args.samples or SENSITIVITY_SAMPLES, progress=not args.quiet)
+                                n_samples=args.samples or SENSITIVITY_SAMPLES, progress=not args.quiet,
+                                skip=tuple(args.skip or ()))
         recipe, plan_text = plan.recipe, render_plan(plan) + "\n\n"
-        recipe.skip = tuple(DEFAULT_SKIP) + tuple(args.skip or ())
     calibrate = needs_calibration(recipe) or args.calibration or args.samples or args.seq_len
     # a calibration-free method reads no text and runs no forward pass unless asked (for the report)
     api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer if calibrate else None,

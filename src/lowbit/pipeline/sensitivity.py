@@ -5,8 +5,8 @@ rounded with the candidate, measured as KL(p_fp || p_q) of next-token distributi
 calibration positions (as HAWQ and llama.cpp's importance studies measure it; for an encoder without a
 language-model head, 1 - cosine of the mean-pooled embeddings per window), and a cheap proxy, the
 Hessian-weighted weight error tr(dW H dW^T) / tokens with H = sum of x x^T over the layer's calibration
-inputs (GPTQ's objective: the output error the change causes). The rank correlation of the two is
-reported, since a proxy is only useful for the choices it orders right.
+inputs (GPTQ's objective: the output error the change causes). Its rank correlation with the measured
+loss is printed with every budget plan, since a proxy is only useful for the choices it orders right.
 
 Calibrated candidates (GPTQ, AWQ ...) are measured by round-to-nearest on their scheme: their own
 statistics need the whole pipeline; RTN orders schemes the same way and costs one rounding.
@@ -55,6 +55,14 @@ def measure_rounding(config: MethodConfig) -> MethodConfig:
     raise LowbitError(f"{config.short_name()} has no scheme to round to nearest; use it outside the candidates")
 
 
+def candidate_plans(model: nn.Module, configs: list[MethodConfig], skip: tuple = ()) -> list[dict]:
+    """Per candidate, {Linear name: (its config for that layer, LayerInfo)} as the pipeline would run it."""
+    from lowbit.methods.recipe import DEFAULT_SKIP, Recipe
+    from lowbit.pipeline.runner import layer_plan
+
+    return [layer_plan(model, Recipe(c, skip=tuple(DEFAULT_SKIP) + tuple(skip)))[0] for c in configs]
+
+
 @torch.inference_mode()
 def _logprobs(model: nn.Module, ids: torch.Tensor, batch_size: int, skip=None) -> torch.Tensor:
     """Next-token log-probs [n, L, vocab]. skip: (blocks, k, cached outputs per batch): the first k blocks
@@ -92,24 +100,16 @@ def _block_outputs(model: nn.Module, blocks, ids: torch.Tensor, batch_size: int)
 
 
 @torch.inference_mode()
-def _hessians(model: nn.Module, modules: dict[str, nn.Linear], ids: torch.Tensor, batch_size: int):
-    """{name: H = sum x x^T over every calibration token} in float64, and the token count."""
-    hs = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in modules.items()}
-
-    def hook(name):
-        def add(mod, inp, out):
-            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
-            hs[name] += x.T @ x
-        return add
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+def _layer_inputs(model: nn.Module, module: nn.Linear, ids: torch.Tensor, batch_size: int, skip) -> torch.Tensor:
+    """The layer's inputs over every calibration token, float32 [tokens, in]: one layer at a time, so memory
+    stays one layer's activations (never a Hessian per layer), with the earlier blocks skipped."""
+    rows = []
+    handle = module.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].reshape(-1, inp[0].shape[-1]).float()))
     try:
-        for b in range(0, ids.shape[0], batch_size):
-            model(input_ids=ids[b:b + batch_size])
+        _logprobs(model, ids, batch_size, skip)
     finally:
-        for h in handles:
-            h.remove()
-    return hs, ids.numel()
+        handle.remove()
+    return torch.cat(rows)
 
 
 def _output(out) -> torch.Tensor:
@@ -130,13 +130,12 @@ def _loss(ref: torch.Tensor, out: torch.Tensor, causal: bool) -> float:
 
 @torch.inference_mode()
 def sensitivity(model: nn.Module, candidates, ids: torch.Tensor, batch_size: int = 8,
-                progress: bool = True) -> list[LayerSensitivity]:
-    """One LayerSensitivity per Linear every candidate quantises, on calibration windows ids [n, L]."""
+                progress: bool = True, skip: tuple = ()) -> list[LayerSensitivity]:
+    """One LayerSensitivity per Linear every candidate quantises (Linears matching `skip` patterns and the
+    recipe's default skips left out), on calibration windows ids [n, L]."""
     from lowbit.pipeline.arch import block_list, describe
-    from lowbit.pipeline.runner import layer_plan
 
-    configs = candidate_configs(candidates)
-    plans = [layer_plan(model, c)[0] for c in configs]
+    plans = candidate_plans(model, candidate_configs(candidates), skip)
     names = [n for n in plans[0] if all(n in p for p in plans)]
     if not names:
         raise LowbitError("the candidates have no Linear in common to allocate")
@@ -147,22 +146,22 @@ def sensitivity(model: nn.Module, candidates, ids: torch.Tensor, batch_size: int
     blocks = block_list(model, describe(model))[1]
     block_of = {n: plans[0][n][1].layer for n in names}
     cached = _block_outputs(model, blocks, ids, batch_size)
-    hessians, tokens = _hessians(model, {n: modules[n] for n in names}, ids, batch_size)
     out = []
     bar = tqdm(names, desc="sensitivity", unit="layer", file=sys.stderr, disable=not progress)
     for name in bar:
         module, row = modules[name], LayerSensitivity(name, modules[name].weight.numel(), [], [], [])
         original = module.weight.data.clone()
+        skip = None if block_of[name] is None else (blocks, block_of[name], cached)
+        x = _layer_inputs(model, module, ids, batch_size, skip)
         try:
             for plan in plans:
                 cfg, info = plan[name]
                 q = measure_rounding(cfg).for_layer(info).quantize_weight(original.float(), None)
                 rounded = q.dequantize().to(original.dtype)
                 module.weight.data = rounded
-                skip = None if block_of[name] is None else (blocks, block_of[name], cached)
                 row.kl.append(_loss(ref, _logprobs(model, ids, batch_size, skip), causal))
-                dw = (rounded - original).double()
-                row.proxy.append(float(((dw @ hessians[name]) * dw).sum()) / tokens)
+                # tr(dW H dW^T) / tokens with H = X^T X, as ||X dW^T||^2: no in x in matrix is formed
+                row.proxy.append(float((x @ (rounded - original).float().T).double().pow(2).sum()) / x.shape[0])
                 planned = cfg.planned_weight(original.shape, info)
                 row.bytes.append(int((planned if planned is not None else q).nbytes))
         finally:

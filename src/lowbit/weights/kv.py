@@ -77,6 +77,8 @@ class KVSpec:
             if key is None or not word[1:].isdigit():
                 raise LowbitError(f"cannot read {word!r} in KV-cache scheme {text!r}: use g<group> and r<residual>")
             kw[key] = int(word[1:])
+        if kw.get("group_size", 1) < 1:
+            raise LowbitError(f"KV-cache group_size must be a positive integer, got {kw['group_size']}")
         if "group_size" in kw and "residual" not in kw:
             kw["residual"] = max(128 // kw["group_size"], 1) * kw["group_size"]
         return cls("fp8_e4m3" if fmt == "fp8" else fmt, **kw)
