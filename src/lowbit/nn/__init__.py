@@ -3,7 +3,9 @@
     QuantizedTensor -> QuantLinear        Quantized4bit -> Linear4bit        GGMLTensor -> GGMLLinear
     ActQuantWeight  -> W8A8Linear         MixedInt8Weight -> Int8MixedLinear   SpQRWeight -> SpQRLinear
     FP8ActWeight    -> FP8Linear          QuipWeight -> QuipLinear
+    AQLMWeight      -> AQLMLinear
 """
+from lowbit.nn.aqlm import AQLMLinear
 from lowbit.nn.fp8 import FP8Linear
 from lowbit.nn.ggml_linear import GGMLLinear
 from lowbit.nn.linear import QuantLinear
@@ -13,5 +15,5 @@ from lowbit.nn.quip import QuipLinear
 from lowbit.nn.spqr import SpQRLinear
 from lowbit.nn.w8a8 import Int8MixedLinear, W8A8Linear
 
-__all__ = ["QuantLinear", "Linear4bit", "GGMLLinear", "W8A8Linear", "Int8MixedLinear", "SpQRLinear", "QuipLinear", "FP8Linear", "MODULES", "WEIGHT_MODULES",
+__all__ = ["QuantLinear", "Linear4bit", "GGMLLinear", "W8A8Linear", "Int8MixedLinear", "SpQRLinear", "QuipLinear", "AQLMLinear", "FP8Linear", "MODULES", "WEIGHT_MODULES",
            "module_for", "register_module"]
