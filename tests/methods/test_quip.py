@@ -93,7 +93,7 @@ def test_same_seed_same_bytes():
 
 def test_short_names_and_bad_settings():
     assert parse_method("quip") == QuIP() and QuIP().short_name() == "quip"
-    for name in ("quip-3bit", "quip-4bit-damp0.1", "quip-seed2", "quip-scale0.9"):
+    for name in ("quip-3bit", "quip-4bit-damp0.1", "quip-seed2", "quip-scale0.9", "quip-tune1"):
         assert parse_method(name).short_name() == name
     for name, message in (("quip-5bit", "unrecognised word"), ("quip-scale0", "opt_scale")):
         with pytest.raises(LowbitError, match=message):
@@ -113,3 +113,11 @@ def test_bad_input_is_a_one_line_error():
     w[1, 2] = float("nan")
     with pytest.raises(LowbitError, match="NaN"):
         quip_quantize(w, h, QuIP())
+
+
+def test_refinement_passes_never_raise_the_error():
+    w, h = problem()
+    errors = [relative(w, quip_quantize(w, h, QuIP(tune=t)).dequantize(), h) for t in (0, 1)]
+    assert errors[1] < errors[0]
+    with pytest.raises(LowbitError, match="tune"):
+        QuIP(tune=-1)

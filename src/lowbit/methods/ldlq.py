@@ -79,6 +79,27 @@ def block_ldlq(w: torch.Tensor, lower: torch.Tensor, b: int, quantize: Callable)
     return what, [torch.stack(s, dim=1) for s in streams]
 
 
+def block_refine(w, what, h, b: int, quantize: Callable, streams: list[torch.Tensor], passes: int):
+    """QuIP#'s refinement passes after BlockLDLQ (the reference's quip_tune_iters): each block, last to first,
+    is rounded again from its least-squares optimum given all the others, Ŵ_k + (W - Ŵ) H_:k H_kk^-1; a
+    row takes the new codes only where tr((W - Ŵ) H (W - Ŵ)^T) falls, so the error never rises. what and
+    streams are updated in place."""
+    for _ in range(passes):
+        r = (w - what) @ h                                               # (W - Ŵ) H, kept up to date
+        for k in reversed(range(w.shape[1] // b)):
+            s, e = k * b, (k + 1) * b
+            hkk, rk = h[s:e, s:e], r[:, s:e]
+            values, codes = quantize(what[:, s:e] + torch.linalg.solve(hkk, rk.T).T)
+            delta = values - what[:, s:e]
+            take = ((delta @ hkk) * delta).sum(1) - 2 * (delta * rk).sum(1) < 0
+            delta[~take] = 0
+            what[:, s:e] += delta
+            for stream, c in zip(streams, codes):
+                stream[take, k] = c[take]
+            r -= delta @ h[s:e]
+    return what, streams
+
+
 def proxy_loss(w: torch.Tensor, what: torch.Tensor, h: torch.Tensor) -> float:
     """tr((W - Ŵ) H (W - Ŵ)^T), the layer's output error up to the factor of H's definition."""
     d = (w - what).double()

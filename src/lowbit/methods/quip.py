@@ -9,7 +9,8 @@ parts:
    optimum: 1.03 for E8P, QuIP#'s numbers for the residual codebooks);
 3. BlockLDLQ (methods/ldlq.py) over 8-column blocks with the exact nearest E8P codeword (formats/e8.py);
    at 3 and 4 bits each block is rounded by residual vector quantisation: E8P, then the residual times
-   `resid_scale` rounded by the 8-bit E8 codebook (3 bits) or by E8P again (4 bits).
+   `resid_scale` rounded by the 8-bit E8 codebook (3 bits) or by E8P again (4 bits); `tune` passes then
+   round each block again given all the others, where that lowers the error.
 
 The result is a QuipWeight (weights/codebook.py) of codes, signs and the scale; nn/quip.py applies the
 transforms to activations at inference.
@@ -26,7 +27,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.e8 import DIM, e81b_nearest, e8p_nearest
 from lowbit.methods.base import MethodConfig, register_method
 from lowbit.methods.gptq import _check_hessian, _check_weight
-from lowbit.methods.ldlq import block_ldl, block_ldlq
+from lowbit.methods.ldlq import block_ldl, block_ldlq, block_refine
 from lowbit.weights.codebook import QuipWeight
 
 # bits -> (RMS of Wr / scale, gain of the residual before its codebook): 2 bits measured here on a Gaussian
@@ -40,23 +41,27 @@ RESID_SCALE = {2: 1.0, 3: 2.04, 4: 3.45}
 class QuIP(MethodConfig):
     """QuIP#: bits 2 (E8P), 3 (E8P + E8 residual) or 4 (E8P + E8P residual) per weight, plus a bit per
     input and output for the signs. damp: fraction of H's mean diagonal added to it. seed: the random
-    signs. opt_scale: RMS of the rotated weight in codebook units (None: OPT_SCALE)."""
+    signs. opt_scale: RMS of the rotated weight in codebook units (None: OPT_SCALE). tune: refinement passes
+    after BlockLDLQ (methods/ldlq.py block_refine; the reference's quip_tune_iters)."""
 
     name = "quip"
     required_stats = ("hessian",)
     sequential = True
     words = {"2bit": {"bits": 2}, "3bit": {"bits": 3}, "4bit": {"bits": 4}, "damp": "damp", "seed": "seed",
-             "scale": "opt_scale"}
+             "scale": "opt_scale", "tune": "tune"}
     bits: int = 2
     damp: float = 0.01
     seed: int = 0
     opt_scale: float | None = None
+    tune: int = 0
 
     def __post_init__(self):
         if self.bits not in OPT_SCALE:
             raise LowbitError(f"quip quantises to 2, 3 or 4 bits per weight, not {self.bits!r}")
         if not (0 <= self.damp < math.inf):
             raise LowbitError(f"damp must be a finite number >= 0, got {self.damp!r}")
+        if not (isinstance(self.tune, int) and 0 <= self.tune):
+            raise LowbitError(f"quip's tune passes must be an integer >= 0, got {self.tune!r}")
         if self.opt_scale is not None and not (0 < self.opt_scale < math.inf):
             raise LowbitError(f"quip's opt_scale must be a positive number, got {self.opt_scale!r}")
 
@@ -113,7 +118,11 @@ def quip_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuIP) -> 
     lower, _ = block_ldl(hr, DIM, config.damp, warnings)
     rms = float(wr.square().mean().sqrt())
     scale = torch.tensor(rms / config.scale_target if rms > 0 else 1.0, dtype=torch.float32)
-    _, streams = block_ldlq(wr / scale.double(), lower, DIM, codebook_rounding(config.bits))
+    rounding = codebook_rounding(config.bits)
+    what, streams = block_ldlq(wr / scale.double(), lower, DIM, rounding)
+    if config.tune:
+        damped = hr + config.damp * float(hr.diagonal().mean()) * torch.eye(n_in, dtype=hr.dtype)
+        block_refine(wr / scale.double(), what, damped, DIM, rounding, streams, config.tune)
     resid = None
     if config.bits > 2:
         resid = streams[1] if config.bits == 4 else streams[1].to(torch.uint8)
