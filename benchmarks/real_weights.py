@@ -52,6 +52,8 @@ def lowbit_methods(bits: int) -> list[str]:
         m += [f"hqq-int{bits}-g{64 if bits > 2 else 16}", f"rtn-int{bits}-g{64 if bits > 2 else 16}"]
     if bits == 3:
         m += ["spqr-int3-g16"]
+    if bits in (2, 3, 4):   # QuIP#: E8P lattice codes of the Hadamard-rotated weight (2.0x bits/weight)
+        m += ["quip" if bits == 2 else f"quip-{bits}bit"]
     return m
 
 

@@ -7,7 +7,7 @@
     lowbit.export(model, "out/int4-gptq", format="gptq", tokenizer=tok)
 
 Method configs (RTN, GPTQ, AWQ, SmoothQuant, W8A8, LLMInt8, NF4, FP4, GGMLQuant, HQQ, SpQR) take a scheme
-(QuantSpec, or short words such as "int4-g128") and are also reachable by short name
+(QuantSpec, or short words such as "int4-g128"; QuIP and AQLM take bits and codebooks) and are also reachable by short name
 (lowbit.parse_method("gptq-int4-g128-actorder")). Tensors: lowbit.quantize_tensor(x, QuantSpec("int4",
 "group", 128)) -> QuantizedTensor. `import lowbit` loads no model library: transformers and the
 pipeline load when a model function is first called.
@@ -20,6 +20,8 @@ from lowbit.formats import get_format, list_formats
 from lowbit.methods import (AWQ, FP4, GPTQ, METHODS, NF4, RTN, W8A8, GGMLQuant, LLMInt8, Recipe, SmoothQuant,
                             parse_method)
 from lowbit.methods.hqq import HQQ
+from lowbit.methods.aqlm import AQLM
+from lowbit.methods.quip import QuIP
 from lowbit.methods.spqr import SpQR
 
 _API = ("quantize", "save", "load", "load_model", "export")
@@ -40,5 +42,5 @@ def __getattr__(name):
 
 
 __all__ = ["QuantSpec", "QuantizedTensor", "quantize_tensor", "dequantize", "fake_quantize", "RTN", "GPTQ", "AWQ",
-           "SmoothQuant", "W8A8", "LLMInt8", "NF4", "FP4", "GGMLQuant", "HQQ", "SpQR", "Recipe", "METHODS", "parse_method",
+           "SmoothQuant", "W8A8", "LLMInt8", "NF4", "FP4", "GGMLQuant", "HQQ", "SpQR", "QuIP", "AQLM", "Recipe", "METHODS", "parse_method",
            "get_format", "list_formats", "LowbitError", *_API, *_EVAL, "__version__"]

@@ -11,7 +11,8 @@ from lowbit import GPTQ, SpQR, parse_method
 from lowbit.errors import LowbitError
 from lowbit.methods.gptq import gptq_quantize
 from lowbit.methods.spqr import loo_gain, spqr_quantize
-from lowbit.nn import SpQRLinear, module_for
+from lowbit.nn import SpQRLinear
+from tests.methods.helpers import check_module
 
 
 def problem(n_out=64, n_in=128, seed=0):
@@ -115,16 +116,7 @@ def test_module_is_the_dense_equivalent_and_round_trips(act_order):
     w, h = problem()
     q = spqr_quantize(w, h, SpQR(act_order=act_order))
     assert (q.g_idx is not None) == act_order
-    bias = torch.randn(64)
-    m = module_for(q, bias)
-    assert isinstance(m, SpQRLinear)
-    x = torch.randn(3, 7, 128)
-    assert torch.allclose(m(x), torch.nn.functional.linear(x, q.dequantize(), bias), atol=1e-5)
-    assert torch.equal(m.quantized().dequantize(), q.dequantize())
-    rebuilt = SpQRLinear.from_layer_config(m.layer_config())
-    rebuilt.load_state_dict(m.state_dict())
-    assert torch.equal(rebuilt(x), m(x))
-    assert m.storage_bytes() * 8 == pytest.approx(q.storage_bits + 64 * 32, abs=64)
+    check_module(q, SpQRLinear, 128, 64)
 
 
 def test_short_names_and_bad_settings():

@@ -14,6 +14,8 @@ from lowbit.methods import awq  # noqa: F401  (registers "awq")
 from lowbit.methods import ggml_quant, ggml_mix  # noqa: F401  (registers "ggml" and the llama.cpp file types)
 from lowbit.methods import hqq  # noqa: F401  (registers "hqq")
 from lowbit.methods import spqr  # noqa: F401  (registers "spqr")
+from lowbit.methods import quip  # noqa: F401  (registers "quip")
+from lowbit.methods import aqlm  # noqa: F401  (registers "aqlm")
 from lowbit.methods.awq import AWQ
 from lowbit.methods.base import (METHODS, LayerInfo, MethodConfig, SchemeMethod, method_from_dict, parse_method,
                                  register_method)

@@ -2,15 +2,18 @@
 
     QuantizedTensor -> QuantLinear        Quantized4bit -> Linear4bit        GGMLTensor -> GGMLLinear
     ActQuantWeight  -> W8A8Linear         MixedInt8Weight -> Int8MixedLinear   SpQRWeight -> SpQRLinear
-    FP8ActWeight    -> FP8Linear
+    FP8ActWeight    -> FP8Linear          QuipWeight -> QuipLinear
+    AQLMWeight      -> AQLMLinear
 """
+from lowbit.nn.aqlm import AQLMLinear
 from lowbit.nn.fp8 import FP8Linear
 from lowbit.nn.ggml_linear import GGMLLinear
 from lowbit.nn.linear import QuantLinear
 from lowbit.nn.linear4bit import Linear4bit
 from lowbit.nn.registry import MODULES, WEIGHT_MODULES, module_for, register_module
+from lowbit.nn.quip import QuipLinear
 from lowbit.nn.spqr import SpQRLinear
 from lowbit.nn.w8a8 import Int8MixedLinear, W8A8Linear
 
-__all__ = ["QuantLinear", "Linear4bit", "GGMLLinear", "W8A8Linear", "Int8MixedLinear", "SpQRLinear", "FP8Linear", "MODULES", "WEIGHT_MODULES",
+__all__ = ["QuantLinear", "Linear4bit", "GGMLLinear", "W8A8Linear", "Int8MixedLinear", "SpQRLinear", "QuipLinear", "AQLMLinear", "FP8Linear", "MODULES", "WEIGHT_MODULES",
            "module_for", "register_module"]

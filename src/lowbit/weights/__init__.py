@@ -12,7 +12,10 @@ it, copying it bit for bit where a format can hold it.
     FP8ActWeight      an FP8 weight whose Linear quantises its input to FP8 E4M3 (W8A8-FP8) (fp8.py)
     SpQRWeight        SpQR's dense 3-bit base with quantised statistics plus sparse fp16 outliers (sparse.py)
 
-A new weight type (codebooks and signs for QuiP#/AQLM) is a module here with
+    QuipWeight        QuIP#'s E8 lattice codes of the Hadamard-rotated weight, with the rotation's signs (codebook.py)
+    AQLMWeight        AQLM's additive codes: per 8 inputs a sum of codewords of M learned codebooks (codebook.py)
+
+A new weight type is a module here with
 dequantize(), shape, dtype, storage_bits/bits_per_element/nbytes, plus a module registered for it in nn/.
 """
 from lowbit.core import QuantizedTensor
@@ -20,7 +23,8 @@ from lowbit.weights.bnb4 import Quantized4bit
 from lowbit.weights.ggml import GGMLTensor
 from lowbit.weights.fp8 import FP8ActWeight
 from lowbit.weights.int8 import ActQuantWeight, MixedInt8Weight
+from lowbit.weights.codebook import AQLMWeight, QuipWeight
 from lowbit.weights.sparse import SpQRWeight
 
-__all__ = ["QuantizedTensor", "Quantized4bit", "GGMLTensor", "ActQuantWeight", "MixedInt8Weight", "SpQRWeight",
+__all__ = ["QuantizedTensor", "Quantized4bit", "GGMLTensor", "ActQuantWeight", "MixedInt8Weight", "SpQRWeight", "QuipWeight", "AQLMWeight",
            "FP8ActWeight"]

@@ -1,0 +1,132 @@
+"""QuIP# (Tseng et al., 2024, "QuIP#: Even Better LLM Quantization with Hadamard Incoherence and Lattice
+Codebooks"; reference: Cornell-RelaxML/quip-sharp, lib/algo/quip.py), without its fine-tuning and low-rank
+parts:
+
+1. incoherence: W <- V W U^T and H <- U H U^T with the randomised Hadamard transforms U (inputs) and V
+   (outputs) of core/hadamard.py (random sign vectors from `seed`), which make the weights close to
+   i.i.d. Gaussian and spread H's energy over its diagonal;
+2. one scale per matrix: Wr / scale has the RMS the codebook is tuned for (`opt_scale`, the Gaussian
+   optimum: 1.03 for E8P, QuIP#'s numbers for the residual codebooks);
+3. BlockLDLQ (methods/ldlq.py) over 8-column blocks with the exact nearest E8P codeword (formats/e8.py);
+   at 3 and 4 bits each block is rounded by residual vector quantisation: E8P, then the residual times
+   `resid_scale` rounded by the 8-bit E8 codebook (3 bits) or by E8P again (4 bits); `tune` passes then
+   round each block again given all the others, where that lowers the error.
+
+The result is a QuipWeight (weights/codebook.py) of codes, signs and the scale; nn/quip.py applies the
+transforms to activations at inference.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.core.hadamard import hadamard_factor, random_signs, rht_both
+from lowbit.errors import LowbitError
+from lowbit.formats.e8 import DIM, e81b_nearest, e8p_nearest
+from lowbit.methods.base import MethodConfig, register_method
+from lowbit.methods.gptq import _check_hessian, _check_weight
+from lowbit.methods.ldlq import block_ldl, block_ldlq, block_refine
+from lowbit.weights.codebook import QuipWeight
+
+# bits -> (RMS of Wr / scale, gain of the residual before its codebook): 2 bits measured here on a Gaussian
+# source (tests/methods/test_quip.py), 3 and 4 bits QuIP#'s E8P12RVQ3B / E8P12RVQ4B values
+OPT_SCALE = {2: 1.03, 3: 0.98, 4: 1.03}
+RESID_SCALE = {2: 1.0, 3: 2.04, 4: 3.45}
+
+
+@register_method
+@dataclass(frozen=True)
+class QuIP(MethodConfig):
+    """QuIP#: bits 2 (E8P), 3 (E8P + E8 residual) or 4 (E8P + E8P residual) per weight, plus a bit per
+    input and output for the signs. damp: fraction of H's mean diagonal added to it. seed: the random
+    signs. opt_scale: RMS of the rotated weight in codebook units (None: OPT_SCALE). tune: refinement passes
+    after BlockLDLQ (methods/ldlq.py block_refine; the reference's quip_tune_iters)."""
+
+    name = "quip"
+    required_stats = ("hessian",)
+    sequential = True
+    words = {"2bit": {"bits": 2}, "3bit": {"bits": 3}, "4bit": {"bits": 4}, "damp": "damp", "seed": "seed",
+             "scale": "opt_scale", "tune": "tune"}
+    bits: int = 2
+    damp: float = 0.01
+    seed: int = 0
+    opt_scale: float | None = None
+    tune: int = 0
+
+    def __post_init__(self):
+        if self.bits not in OPT_SCALE:
+            raise LowbitError(f"quip quantises to 2, 3 or 4 bits per weight, not {self.bits!r}")
+        if not (0 <= self.damp < math.inf):
+            raise LowbitError(f"damp must be a finite number >= 0, got {self.damp!r}")
+        if not (isinstance(self.tune, int) and 0 <= self.tune):
+            raise LowbitError(f"quip's tune passes must be an integer >= 0, got {self.tune!r}")
+        if self.opt_scale is not None and not (0 < self.opt_scale < math.inf):
+            raise LowbitError(f"quip's opt_scale must be a positive number, got {self.opt_scale!r}")
+
+    @property
+    def scale_target(self) -> float:
+        return OPT_SCALE[self.bits] if self.opt_scale is None else self.opt_scale
+
+    def quantize_weight(self, weight, stats=None) -> QuipWeight:
+        if stats is None or stats.n_tokens == 0:
+            raise LowbitError("quip needs a Hessian from calibration data, and no calibration tokens reached "
+                              "this layer")
+        return quip_quantize(weight, stats.hessian(), self)
+
+    def planned_weight(self, shape, layer) -> QuipWeight:
+        out, n_in = shape
+        codes = torch.zeros(out, n_in // DIM, dtype=torch.int16)
+        resid = {2: None, 3: codes.to(torch.uint8), 4: codes}[self.bits]
+        return QuipWeight(codes, resid, torch.ones(n_in), torch.ones(out), torch.ones(()), RESID_SCALE[self.bits])
+
+
+def codebook_rounding(bits: int):
+    """The vector quantiser for BlockLDLQ: x [rows, 8] -> (values [rows, 8], (codes, [residual codes]))."""
+    gain = RESID_SCALE[bits]
+
+    def rounding(x: torch.Tensor):
+        codes, values = e8p_nearest(x)
+        if bits == 2:
+            return values.to(x.dtype), (codes,)
+        resid = (x - values) * gain
+        rcodes, rvalues = e8p_nearest(resid) if bits == 4 else e81b_nearest(resid)
+        return (values + rvalues / gain).to(x.dtype), (codes, rcodes)
+    return rounding
+
+
+def check_dims(n_out: int, n_in: int) -> None:
+    if n_in % DIM:
+        raise LowbitError(f"quip codes {DIM} inputs at a time; the weight has {n_in} input columns")
+    hadamard_factor(n_in)
+    hadamard_factor(n_out)
+
+
+def quip_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuIP) -> QuipWeight:
+    """QuIP#-quantise weight [out, in] given H [in, in] (2/n X^T X). Transforms and the LDL in float64, the
+    codebook search in float32."""
+    _check_weight(weight)
+    n_out, n_in = weight.shape
+    _check_hessian(hessian, n_in)
+    check_dims(n_out, n_in)
+    gen = torch.Generator().manual_seed(config.seed)
+    su, sv = random_signs(n_in, gen), random_signs(n_out, gen)
+    wr = rht_both(weight.detach().double(), su.double(), sv.double())
+    hr = rht_both(hessian.double(), su.double(), su.double())
+    warnings: list[str] = []
+    lower, _ = block_ldl(hr, DIM, config.damp, warnings)
+    rms = float(wr.square().mean().sqrt())
+    scale = torch.tensor(rms / config.scale_target if rms > 0 else 1.0, dtype=torch.float32)
+    rounding = codebook_rounding(config.bits)
+    what, streams = block_ldlq(wr / scale.double(), lower, DIM, rounding)
+    if config.tune:
+        damped = hr + config.damp * float(hr.diagonal().mean()) * torch.eye(n_in, dtype=hr.dtype)
+        block_refine(wr / scale.double(), what, damped, DIM, rounding, streams, config.tune)
+    resid = None
+    if config.bits > 2:
+        resid = streams[1] if config.bits == 4 else streams[1].to(torch.uint8)
+    q = QuipWeight(streams[0].to(torch.int16), resid, su, sv, scale, RESID_SCALE[config.bits], weight.dtype)
+    if warnings:
+        q.extras["warnings"] = warnings
+    return q

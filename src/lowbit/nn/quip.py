@@ -1,0 +1,85 @@
+"""QuipLinear: QuIP#'s weight (weights/codebook.py) run in the rotated basis, the transforms applied to the
+activations instead of the weight:
+
+    y = rht_inverse(rht(x, su) Ŵr^T, sv) + b        Ŵr decoded from the codes by table lookup
+
+Buffers are the storage: the int16 E8P codes, the residual codes (uint8 or int16; empty at 2 bits), the
+signs packed one bit each, and the fp32 scale.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.core import pack_bits, packed_nbytes, unpack_bits
+from lowbit.core.hadamard import rht, rht_inverse
+from lowbit.formats.e8 import DIM
+from lowbit.nn.registry import register_module
+from lowbit.weights.codebook import QuipWeight
+
+RESID_DTYPES = {2: torch.int16, 3: torch.uint8, 4: torch.int16}
+
+
+def _signs(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return 1 - 2 * unpack_bits(packed, 1, n).float()
+
+
+@register_module(QuipWeight)
+class QuipLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, resid_scale: float, bias: bool = False,
+                 compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.resid_scale = in_features, out_features, bits, resid_scale
+        self.compute_dtype = compute_dtype
+        blocks = in_features // DIM
+        self.register_buffer("codes", torch.zeros(out_features, blocks, dtype=torch.int16))
+        self.register_buffer("resid", torch.zeros(out_features, blocks if bits > 2 else 0, dtype=RESID_DTYPES[bits]))
+        self.register_buffer("su", torch.zeros(packed_nbytes(in_features, 1), dtype=torch.uint8))
+        self.register_buffer("sv", torch.zeros(packed_nbytes(out_features, 1), dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_weight(cls, q: QuipWeight, bias: torch.Tensor | None = None, **options) -> "QuipLinear":
+        out_features, in_features = q.shape
+        m = cls(in_features, out_features, q.bits, q.resid_scale, bias is not None, q.dtype)
+        m.codes.copy_(q.codes)
+        if q.resid is not None:
+            m.resid.copy_(q.resid)
+        m.su.copy_(pack_bits((q.su < 0).to(torch.uint8), 1))
+        m.sv.copy_(pack_bits((q.sv < 0).to(torch.uint8), 1))
+        m.scale.copy_(q.scale)
+        if bias is not None:
+            m.bias.data = bias.detach().clone()
+        return m
+
+    def quantized(self) -> QuipWeight:
+        """The QuipWeight this module holds."""
+        resid = self.resid.clone() if self.bits > 2 else None
+        return QuipWeight(self.codes.clone(), resid, _signs(self.su, self.in_features),
+                          _signs(self.sv, self.out_features), self.scale.clone(), self.resid_scale, self.compute_dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.quantized().dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantized()
+        h = rht(x.float(), q.su)
+        y = rht_inverse(F.linear(h, q.transformed()), q.sv).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def layer_config(self) -> dict:
+        return {"module": "QuipLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "bits": self.bits, "resid_scale": self.resid_scale, "bias": self.bias is not None}
+
+    @classmethod
+    def from_layer_config(cls, d: dict) -> "QuipLinear":
+        return cls(d["in_features"], d["out_features"], d["bits"], d["resid_scale"], d["bias"])
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._buffers.values() if t is not None) + (
+            0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, QuIP# E8P {self.bits} bits/weight"
