@@ -50,6 +50,7 @@ def test_the_seeds_table():
     assert pick("70b", "24GB", "vllm") == "no fit"
     assert pick("70b", "48GB", "llama.cpp") == "q4_k_m"
     assert pick("70b", "30GB", "llama.cpp") == "q2_k"                 # only extreme compression fits
+    assert pick("70b", "28GB", "transformers") == "quip"              # extreme compression -> 2-bit codebooks
     assert "Below 4 bits" in " ".join(advise("70b", "30GB", "llama.cpp").reasons)
 
 
@@ -109,7 +110,7 @@ def test_measure_picks_from_measured_perplexity(monkeypatch, tmp_path):
     from tests.conftest import tiny_config
 
     tiny_config("llama").save_pretrained(tmp_path)
-    ppl = {"fp16": 10.0, "llm-int8": 10.01, "nf4": 10.15, "hqq-int3-g64": 10.5, "hqq-int2-g16": 30.0}
+    ppl = {"fp16": 10.0, "llm-int8": 10.01, "nf4": 10.15, "hqq-int3-g64": 10.5, "quip": 12.0}
     compare_module = importlib.import_module("lowbit.eval.compare")
     monkeypatch.setattr(compare_module, "compare", lambda names, *a, **k: [{"perplexity": ppl[n]} for n in names])
     balanced = measure(advise(str(tmp_path), "1GB", "transformers", "balanced"), str(tmp_path))

@@ -56,7 +56,8 @@ TARGETS: dict[str, list[tuple[str | None, str, bool]]] = {
              ("gptq-int4-g128", "GPTQ int4 g128 (or AWQ, same size)", True)],
     "transformers": [(None, "fp16", False), ("llm-int8", "LLM.int8() (bitsandbytes)", False),
                      ("nf4", "NF4 (bitsandbytes)", True), ("gptq-int4-g128", "GPTQ int4 g128", False),
-                     ("hqq-int3-g64", "HQQ int3 g64", False), ("hqq-int2-g16", "HQQ int2 g16", False)],
+                     ("hqq-int3-g64", "HQQ int3 g64", False),
+                     ("quip", "QuIP# 2-bit (E8P lattice codebook)", False)],
     "finetune": [(None, "LoRA on the fp16 model", False), ("nf4", "QLoRA: NF4 base + LoRA", True)],
 }
 COMMANDS = {
@@ -252,8 +253,8 @@ def explain(a: Advice, shape: ModelShape) -> list[str]:
     if bigger:
         out.append(f"{bigger[-1].label} would need {_gb(bigger[-1].total_bytes)} plus the runtime reserve.")
     if p.bits_per_weight < 3.5:
-        out.append("Below 4 bits scalar methods lose much quality; 2-bit codebook methods (AQLM, QuIP#) keep "
-                   "more, and a smaller model at 4 bits is often better than a large one at 2.")
+        out.append("Below 4 bits scalar methods lose much quality; 2-bit codebook methods (lowbit's quip and aqlm) "
+                   "keep more, and a smaller model at 4 bits is often better than a large one at 2.")
     if p.perplexity is not None:
         out.append(f"Measured on this model: perplexity {p.perplexity:.3f}.")
     return out
