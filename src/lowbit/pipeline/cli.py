@@ -34,7 +34,6 @@ def _cmd_quantize(args) -> str:
     from lowbit import api
     from lowbit.methods.recipe import DEFAULT_SKIP, Recipe
     from lowbit.pipeline.calibration import needs_calibration
-    from lowbit.pipeline.report import summarize
 
     from lowbit.io.atomic import check_output
 
@@ -44,9 +43,11 @@ def _cmd_quantize(args) -> str:
     if args.seq_len is not None and args.seq_len < 2:
         raise LowbitError(f"--seq-len must be at least 2, got {args.seq_len}")
     config = method_from_args(args)
-    model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     recipe = Recipe(config, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
     calibrate = needs_calibration(recipe) or args.calibration or args.samples or args.seq_len
+    if args.stream:
+        return _streamed(args, recipe, calibrate, out)
+    model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     # a calibration-free method reads no text and runs no forward pass unless asked (for the report)
     api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer if calibrate else None,
                  n_samples=args.samples or api.DEFAULT_SAMPLES, seq_len=args.seq_len, seed=args.seed,
@@ -54,9 +55,28 @@ def _cmd_quantize(args) -> str:
     if not any(hasattr(m, "layer_config") for m in model.modules()):
         raise LowbitError("nothing was quantised (every Linear was skipped or unsupported); nothing written")
     api.save(model, out, tokenizer=tokenizer)
+    return _saved(model, config, out)
+
+
+def _saved(model, config, out) -> str:
+    from lowbit.pipeline.report import summarize
+
+
     weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     return (f"{model.lowbit_calibration}\n{summarize(model.lowbit_report)}\n\nsaved {config.short_name()} model to "
             f"{out} ({weights / 1e6:,.2f} MB of weights; `lowbit eval` reports the memory it promises)")
+
+
+def _streamed(args, recipe, calibrate, out) -> str:
+    """--stream: one block in memory at a time, resumable (the same command continues an interrupted run)."""
+    from lowbit import api
+
+    if args.trust_remote_code or args.target:
+        raise LowbitError("--stream does not take --trust-remote-code or --target yet; run without --stream")
+    model = api.quantize_folder(args.model, recipe, out, calibration=args.calibration, use_tokenizer=bool(calibrate),
+                                n_samples=args.samples or api.DEFAULT_SAMPLES, seq_len=args.seq_len, seed=args.seed,
+                                progress=not args.quiet, calibration_mode=args.calibration_mode)
+    return _saved(model, recipe.default, out)
 
 
 def add_calibration_mode(p) -> None:
@@ -96,5 +116,8 @@ def register(sub) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_threads(p)
+    p.add_argument("--stream", action="store_true", help="read one decoder block at a time from the safetensors "
+                   "shards and write it out as it is done: memory of one block, not the model; an interrupted run "
+                   "resumes when the same command is run again; the output equals the in-memory run's byte for byte")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     p.set_defaults(run=_cmd_quantize)
