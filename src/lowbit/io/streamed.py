@@ -27,7 +27,7 @@ from lowbit.methods.recipe import as_recipe
 from lowbit.pipeline.arch import block_list, describe
 from lowbit.pipeline.runner import BlockStream, layer_plan, quantize_model
 from lowbit.pipeline.samples import CalibrationSet
-from lowbit.pipeline.streaming import free, load_tensors
+from lowbit.pipeline.streaming import fixed_mmap_threshold, free, load_tensors, release_memory
 
 STOP_HOOK = "LOWBIT_TEST_STOP"  # "k:SIGNAL": the process signals itself once block k is journalled (tests)
 
@@ -66,6 +66,7 @@ class NativeStream(BlockStream):
                 x.hidden = hidden
                 for _ in range(start):
                     x.next_block()
+        release_memory()
         return start, self.journal.reports()
 
     def done(self, index: int, block: nn.Module, reports: list, inputs) -> None:
@@ -74,6 +75,7 @@ class NativeStream(BlockStream):
         self.journal.record(index, tensors_of(block, self.dtype, prefix), modules, reports, [x.hidden for x in inputs])
         free(self.model, prefix=prefix)
         self.loaded.discard(index)
+        release_memory()
         _test_stop(index)
 
 
@@ -102,6 +104,7 @@ def quantize_streamed(model: nn.Module, shards, config_or_recipe, calibration: C
     _refuse_outside(model, recipe)
     calibration = CalibrationSet.of(calibration)
     batches = calibration.batches(batch_size) if calibration is not None else []
+    fixed_mmap_threshold()
     journal = Journal(out, inputs_hash(recipe, batches, shards.files, batch_size))
     stream = NativeStream(model, shards, journal)
     n_blocks = len(block_list(model, describe(model))[1])

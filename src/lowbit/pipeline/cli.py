@@ -38,13 +38,12 @@ def _cmd_quantize(args) -> str:
     from lowbit.io.atomic import check_output
 
     out = check_output(args.output, "output folder")  # before any work: a bad path costs seconds, not a run
-    if args.samples is not None and args.samples < 1:
-        raise LowbitError(f"--samples must be at least 1, got {args.samples}")
-    if args.seq_len is not None and args.seq_len < 2:
-        raise LowbitError(f"--seq-len must be at least 2, got {args.seq_len}")
+    check_sizes(args)
     config = method_from_args(args)
     recipe = Recipe(config, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
     calibrate = needs_calibration(recipe) or args.calibration or args.samples or args.seq_len
+    if not args.ignore_memory:
+        check_fits(args.model, recipe, calibrate, args)
     if args.stream:
         return _streamed(args, recipe, calibrate, out)
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
@@ -79,6 +78,68 @@ def _streamed(args, recipe, calibrate, out) -> str:
     return _saved(model, recipe.default, out)
 
 
+def check_sizes(args) -> None:
+    if args.samples is not None and args.samples < 1:
+        raise LowbitError(f"--samples must be at least 1, got {args.samples}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise LowbitError(f"--seq-len must be at least 2, got {args.seq_len}")
+
+
+def _planned(model, recipe, calibrate, args, probe: bool):
+    from lowbit import api
+    from lowbit.pipeline.plan import plan_folder
+    from lowbit.pipeline.samples import context_length
+    from lowbit.pipeline.streaming import skeleton
+
+    samples = (args.samples or api.DEFAULT_SAMPLES) if calibrate else 0
+    seq_len = args.seq_len or min(context_length(skeleton(model)[0]) or api.DEFAULT_SEQ_LEN, api.DEFAULT_SEQ_LEN)
+    return plan_folder(model, recipe, samples, seq_len, probe=probe)
+
+
+def check_fits(model, recipe, calibrate, args) -> None:
+    """Refuse, before any work, a run the plan says cannot fit in the memory available (a folder the
+    planner cannot read, such as a pre-quantised one, is left to the loader's own checks)."""
+    try:
+        plan = _planned(model, recipe, calibrate, args, probe=False)
+    except LowbitError:
+        return
+    if plan.fits(args.stream):
+        return
+    need = plan.streamed_peak_bytes if args.stream else plan.in_memory_peak_bytes
+    hint = "" if args.stream or not plan.fits(True) else (f"; --stream needs about "
+                                                          f"{plan.streamed_peak_bytes / 2 ** 30:,.2f} GiB")
+    raise LowbitError(f"this run needs about {need / 2 ** 30:,.2f} GiB of memory, {plan.available_bytes / 2 ** 30:,.2f} "
+                      f"GiB are available{hint} (`lowbit plan` for the details; --ignore-memory to run anyway)")
+
+
+def _cmd_plan(args) -> str:
+    from lowbit.methods.recipe import DEFAULT_SKIP, Recipe
+    from lowbit.pipeline.calibration import needs_calibration
+    from lowbit.pipeline.plan import describe_plan
+
+    check_sizes(args)
+    recipe = Recipe(method_from_args(args), skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
+    calibrate = needs_calibration(recipe) or args.samples or args.seq_len
+    plan = _planned(args.model, recipe, calibrate, args, probe=not args.no_probe)
+    if args.json:
+        import json
+
+        return json.dumps(plan.to_dict(), indent=1)
+    return describe_plan(plan, recipe.default.short_name(), args.model)
+
+
+def add_method_flags(p) -> None:
+    from lowbit.methods import METHODS
+
+    p.add_argument("--method", default="rtn", help=f"a method ({', '.join(sorted(METHODS))}) with --bits, --group-size "
+                   "..., or a short name that states its scheme, such as rtn-int4-g128 or gptq-int4-g128 (default rtn)")
+    p.add_argument("--bits", type=int, help="bits per weight (with a bare method name)")
+    p.add_argument("--group-size", type=int, help="elements per scale group; 0 = per output channel")
+    p.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
+    p.add_argument("--observer", choices=["minmax", "mse", "percentile"], help="how ranges are chosen (RTN)")
+    p.add_argument("--skip", nargs="*", help="extra Linear name patterns to keep in full precision")
+
+
 def add_calibration_mode(p) -> None:
     p.add_argument("--calibration-mode", choices=["auto", "windows", "samples"], default="auto",
                    help="windows: seeded windows of one stream of the documents; samples: each document its own "
@@ -95,15 +156,7 @@ def add_threads(p) -> None:
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="quantise a model folder (default: the bundled model)")
     p.add_argument("model", nargs="?", default=None, help="Hugging Face model folder; omitted: the bundled model")
-    from lowbit.methods import METHODS
-
-    p.add_argument("--method", default="rtn", help=f"a method ({', '.join(sorted(METHODS))}) with --bits, --group-size "
-                   "..., or a short name that states its scheme, such as rtn-int4-g128 or gptq-int4-g128 (default rtn)")
-    p.add_argument("--bits", type=int, help="bits per weight (with a bare method name)")
-    p.add_argument("--group-size", type=int, help="elements per scale group; 0 = per output channel")
-    p.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
-    p.add_argument("--observer", choices=["minmax", "mse", "percentile"], help="how ranges are chosen (RTN)")
-    p.add_argument("--skip", nargs="*", help="extra Linear name patterns to keep in full precision")
+    add_method_flags(p)
     p.add_argument("--calibration", help=".txt, .jsonl, .parquet or saved dataset folder (default: bundled text; "
                    "calibration-free methods such as rtn and hqq read none unless given this, --samples or --seq-len, "
                    "which then only feed the report's output errors)")
@@ -119,5 +172,18 @@ def register(sub) -> None:
     p.add_argument("--stream", action="store_true", help="read one decoder block at a time from the safetensors "
                    "shards and write it out as it is done: memory of one block, not the model; an interrupted run "
                    "resumes when the same command is run again; the output equals the in-memory run's byte for byte")
+    p.add_argument("--ignore-memory", action="store_true", help="run even when the plan says the memory available "
+                   "is not enough")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     p.set_defaults(run=_cmd_quantize)
+    p = sub.add_parser("plan", help="what quantising a model folder needs (peak memory, disk, time) and whether it "
+                       "fits this machine, from its config and shard headers alone")
+    p.add_argument("model", nargs="?", default=None, help="Hugging Face model folder; omitted: the bundled model")
+    add_method_flags(p)
+    p.add_argument("--samples", type=int, help="calibration sequences (default 128 for methods that calibrate)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default min(context, 256))")
+    p.add_argument("--stream", action="store_true", help="judge the fit for a --stream run (both peaks are printed)")
+    p.add_argument("--no-probe", action="store_true", help="no time estimate (the probe runs the method on one "
+                   "random block's shapes)")
+    p.add_argument("--json", action="store_true", help="the plan as JSON (bytes and seconds)")
+    p.set_defaults(run=_cmd_plan)

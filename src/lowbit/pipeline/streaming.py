@@ -9,6 +9,8 @@ before safetensors maps it (pipeline/checkpoint.py). What the in-memory loader d
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -166,6 +168,33 @@ def free(model: nn.Module, prefix: str | None = None, outside: str | None = None
     for name, p in list(model.named_parameters(remove_duplicate=False)):
         if not name.startswith(outside):
             _put(model, name, p.detach().to("meta"))
+
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc malloc.h)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return None
+
+
+def fixed_mmap_threshold(nbytes: int = 2 ** 20) -> None:
+    """Allocations of `nbytes` or more get their own pages, returned to the system when freed. glibc
+    otherwise raises this threshold after each large free (up to 32 MiB) and keeps such tensors in its heap,
+    where fragments make the resident set creep up block after block though nothing is held."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, nbytes)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand the heap's free pages back to the system (between blocks)."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def block_bytes(shards: Shards, prefix: str) -> int:
