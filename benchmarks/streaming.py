@@ -7,7 +7,7 @@ and `lowbit plan`'s prediction of that peak on three model sizes.
 
 The model (--sizes hidden x blocks, MLP 2.75 x hidden, vocabulary 8192, fp32 random weights, one shard per block
 plus an index, written straight to disk a block at a time so this script never holds it) is quantised in a
-child process, whose peak resident set (ru_maxrss from wait4, file pages it maps included) is compared with
+child process, whose peak resident set (its VmHWM, file pages it maps included) is compared with
 --limit-gb and with what `lowbit plan` predicted for the same run from the config and shard headers. The
 in-memory run (load_model, quantize, save) is measured the same way as the baseline. The limit is a measured
 peak, not an enforced one: an address-space limit (prlimit --as) would refuse torch's large virtual reservations.
@@ -76,29 +76,32 @@ def child(folder: str, method: str, out: str, samples: int, seq_len: int, stream
         model, _ = api.load_model(folder)
         api.quantize(model, method, calibration=ids, progress=False)
         api.save(model, out)
+    status = Path("/proc/self/status").read_text()
+    print(json.dumps({"peak": int(status.split("VmHWM:")[1].split()[0]) * 1024}))
+
+
 
 
 def measured(folder: Path, method: str, samples: int, seq_len: int, stream: bool) -> tuple[float, float]:
-    """(peak resident bytes of a child that quantises, its wall seconds)."""
+    """(peak resident bytes of a child that quantises, its wall seconds). The child reports its own VmHWM:
+    ru_maxrss from wait4 would count the parent's resident set at the fork, which exec does not reset."""
     out = Path(tempfile.mkdtemp(dir=folder.parent)) / "out"
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "2"}
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", str(folder), method, str(out), str(samples),
-                             str(seq_len), "stream" if stream else "memory"], env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"the child failed ({proc.returncode})")
+    done = subprocess.run([sys.executable, __file__, "--child", str(folder), method, str(out), str(samples),
+                           str(seq_len), "stream" if stream else "memory"], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the child failed ({done.returncode}): {done.stderr[-2000:]}")
     seconds = time.perf_counter() - start
     subprocess.run(["rm", "-rf", str(out.parent)], check=True)
-    return usage.ru_maxrss * 1024, seconds
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak"], seconds
 
 
 def predicted(folder: Path, method: str, samples: int, seq_len: int) -> dict:
     """`lowbit plan --json` for the same run, in a fresh process as a user would run it."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "2"}
-    cmd = [sys.executable, "-m", "lowbit", "plan", str(folder), "--method", method, "--no-probe", "--json",
-           "--seq-len", str(seq_len)] + (["--samples", str(samples)] if samples else [])
+    cmd = [sys.executable, "-m", "lowbit", "plan", str(folder), "--method", method, "--no-probe", "--json"]
+    cmd += ["--samples", str(samples), "--seq-len", str(seq_len)] if samples else []   # else: no calibration
     return json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
 
 

@@ -28,9 +28,9 @@ def same_folders(a: Path, b: Path) -> None:
 
 
 def in_memory(src: Path, method, out: Path, calibration=IDS) -> Path:
-    model, _ = api.load_model(src)
+    model, tokenizer = api.load_model(src)
     api.quantize(model, method, calibration=calibration, progress=False)
-    return api.save(model, out)
+    return api.save(model, out, tokenizer=tokenizer)
 
 
 @pytest.mark.parametrize("method", ["rtn-int4-g32", "gptq-int4-g32", "awq-int4-g32"])
@@ -117,3 +117,19 @@ def test_a_partial_run_of_other_inputs_is_refused(tmp_path, monkeypatch):
     assert work_folder(tmp_path / "o").is_dir() and not (tmp_path / "o").exists()
     with pytest.raises(LowbitError, match="interrupted run with other inputs"):
         api.quantize_folder(src, "rtn-int8-g32", tmp_path / "o", calibration=IDS, progress=False)
+
+
+def test_interrupted_while_assembling_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    import lowbit.io.streamed as streamed
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    src = fp16_llama_folder(tmp_path / "src")
+    monkeypatch.setattr(streamed, "assemble", interrupt)
+    with pytest.raises(streamed.Interrupted, match="2 of 2 blocks done"):
+        api.quantize_folder(src, "gptq-int4-g32", tmp_path / "streamed", calibration=IDS, progress=False)
+    assert not (tmp_path / "streamed").exists() and not list(tmp_path.glob(".streamed.*.tmp"))
+    monkeypatch.undo()
+    api.quantize_folder(src, "gptq-int4-g32", tmp_path / "streamed", calibration=IDS, progress=False)
+    same_folders(in_memory(src, "gptq-int4-g32", tmp_path / "memory"), tmp_path / "streamed")

@@ -110,11 +110,11 @@ def quantize_streamed(model: nn.Module, shards, config_or_recipe, calibration: C
     n_blocks = len(block_list(model, describe(model))[1])
     try:
         quantize_model(model, recipe, calibration, batch_size=batch_size, progress=progress, stream=stream)
+        with writing_folder(out) as tmp:
+            write_files(tmp, model, journal.modules(), model.lowbit_report, tokenizer)
+            assemble(journal.parts(), tmp / WEIGHTS_FILE, WEIGHTS_METADATA)
     except KeyboardInterrupt:
         raise Interrupted(f"lowbit: interrupted with {journal.done} of {n_blocks} blocks done; run the same "
                           f"command again to resume at block {journal.done} ({journal.folder} keeps the work)") from None
-    with writing_folder(out) as tmp:
-        write_files(tmp, model, journal.modules(), model.lowbit_report, tokenizer)
-        assemble(journal.parts(), tmp / WEIGHTS_FILE, WEIGHTS_METADATA)
     journal.remove()
     return model

@@ -4,7 +4,8 @@ No weight is read. The model is built on the meta device for its shapes; the sha
 by hand) give the bytes on disk. Peak resident memory is modelled phase by phase (all in bytes):
 
     base      this process's resident set once torch, transformers and the skeleton are in (measured)
-    outside   the tensors outside the blocks in float32, their mapped shard pages and the copy written out
+    outside   the tensors outside the blocks in float32, plus the largest of what follows in turn: their
+              mapped shard pages, their copy written out and its serialisation, block 0 read, the capture
     block     the largest block in float32 and its mapped pages while read; while quantised: the block,
               the calibration hidden states twice (inputs and outputs), one batch's intermediates, the
               statistics of the largest group of Linears (float64 X^T X) and the method's working copies
@@ -178,7 +179,9 @@ def plan_folder(folder, method, samples: int = 0, seq_len: int = 256, probe: boo
     work = _working_bytes(model, linears, tokens, seq_len, calibrated)
     out32, out_disk = _fp32(outside), _disk(outside)
     hidden = tokens * model.config.hidden_size * 4
-    outside_phase = out32 + 2 * out_disk + block32 + block_disk + 2 * hidden
+    # the phases before block 0 follow each other: reading (pages mapped), writing (a copy in the stored
+    # dtype and its serialisation), block 0's reading, the capture pass's activations
+    outside_phase = out32 + max(2 * out_disk, block32 + block_disk, block32 + 2 * hidden)
     block_phase = max(block32 + block_disk, block32 + work)
     output = out_disk + sum(_output_bytes(b, path, i, linears) for i, b in enumerate(per_block))
     total32 = out32 + sum(_fp32(b) for b in per_block)
