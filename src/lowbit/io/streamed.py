@@ -69,6 +69,9 @@ class NativeStream(BlockStream):
         release_memory()
         return start, self.journal.reports()
 
+    def layer_done(self) -> None:
+        release_memory()   # else the heap keeps each Linear's temporaries and the peak creeps up block by block
+
     def done(self, index: int, block: nn.Module, reports: list, inputs) -> None:
         prefix = f"{self.path}.{index}."
         modules = {prefix + n: m.layer_config() for n, m in quantized_modules(block).items()}

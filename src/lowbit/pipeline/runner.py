@@ -52,7 +52,7 @@ def _gqa(model: nn.Module) -> int:
 
 
 def _quantize_block(block, prefix: str, index: int, inputs: list[BlockInput], recipe: Recipe, arch: Arch,
-                    n_layers: int, n_gqa: int) -> list[LayerReport]:
+                    n_layers: int, n_gqa: int, after_layer=lambda: None) -> list[LayerReport]:
     linears = block_linears(block)
     plan = {n: recipe.config_for(f"{prefix}.{n}") for n in linears}
     todo = [n for n in linears if plan[n] is not None]
@@ -69,6 +69,7 @@ def _quantize_block(block, prefix: str, index: int, inputs: list[BlockInput], re
             new, rep = quantize_linear(plan[n], info, linears[n], stats[n])
             set_module(block, n, new)
             reports.append(rep)
+            after_layer()
         del stats
     return reports
 
@@ -218,6 +219,9 @@ class BlockStream:
     def done(self, index: int, block: nn.Module, reports: list[LayerReport], inputs: list[BlockInput]) -> None:
         """The block is quantised and `inputs` hold its outputs (the next block's inputs)."""
 
+    def layer_done(self) -> None:
+        """A Linear was quantised and swapped (its full-precision weight and temporaries are garbage)."""
+
 
 def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor | CalibrationSet | None,
                    batch_size: int = 8, progress: bool = True, stream: BlockStream | None = None) -> nn.Module:
@@ -243,7 +247,7 @@ def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor
         block, prefix = blocks[i], f"{path}.{i}"
         walk.load(i, block)
         scale_block(block, arch, inputs, recipe, prefix, i)
-        done = _quantize_block(block, prefix, i, inputs, recipe, arch, len(blocks), n_gqa)
+        done = _quantize_block(block, prefix, i, inputs, recipe, arch, len(blocks), n_gqa, walk.layer_done)
         advance(block, inputs)
         walk.done(i, block, done, inputs)
         reports += done
