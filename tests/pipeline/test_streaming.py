@@ -133,3 +133,15 @@ def test_interrupted_while_assembling_resumes_to_the_same_bytes(tmp_path, monkey
     monkeypatch.undo()
     api.quantize_folder(src, "gptq-int4-g32", tmp_path / "streamed", calibration=IDS, progress=False)
     same_folders(in_memory(src, "gptq-int4-g32", tmp_path / "memory"), tmp_path / "streamed")
+
+
+def test_a_full_disk_while_writing_a_part_is_one_line(tmp_path, monkeypatch):
+    import lowbit.io.parts as parts
+
+    def full(tensors, path):
+        raise RuntimeError("I/O error: No space left on device (os error 28)")  # safetensors' own error
+
+    monkeypatch.setattr(parts, "save_file", full)
+    with pytest.raises(LowbitError, match=r"no space left on device writing .*part-outside.safetensors; free some"):
+        api.quantize_folder(fp16_llama_folder(tmp_path / "src"), "rtn-int4-g32", tmp_path / "o", calibration=IDS)
+    assert not list(work_folder(tmp_path / "o").glob(".*.tmp"))

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save, save_file
 
+from lowbit.errors import LowbitError
+from lowbit.io.atomic import no_space
 from lowbit.pipeline.checkpoint import read_header
 
 CHUNK = 64 * 2 ** 20
@@ -28,8 +30,15 @@ DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.
 def write_part(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """`tensors` to `path` through a temporary sibling renamed into place (a kill leaves the old or none)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        if no_space(e, path.parent):   # the finished parts stay: the same command resumes once there is room
+            raise LowbitError(f"no space left on device writing {path}; free some and run the same command again "
+                              "to resume") from e
+        raise
 
 
 def dtype_order(dtypes) -> list[str]:

@@ -88,12 +88,9 @@ def check_sizes(args) -> None:
 def _planned(model, recipe, calibrate, args, probe: bool):
     from lowbit import api
     from lowbit.pipeline.plan import plan_folder
-    from lowbit.pipeline.samples import context_length
-    from lowbit.pipeline.streaming import skeleton
 
     samples = (args.samples or api.DEFAULT_SAMPLES) if calibrate else 0
-    seq_len = args.seq_len or min(context_length(skeleton(model)[0]) or api.DEFAULT_SEQ_LEN, api.DEFAULT_SEQ_LEN)
-    return plan_folder(model, recipe, samples, seq_len, probe=probe)
+    return plan_folder(model, recipe, samples, args.seq_len, probe=probe)
 
 
 def check_fits(model, recipe, calibrate, args) -> None:

@@ -33,9 +33,11 @@ from lowbit.pipeline.arch import block_list, describe, sequential_groups
 from lowbit.pipeline.blocks import block_linears
 from lowbit.pipeline.checkpoint import available_memory
 from lowbit.pipeline.calibration import needs_calibration
+from lowbit.pipeline.samples import context_length
 from lowbit.pipeline.streaming import float32_bytes, skeleton
 
 BATCH = 8
+DEFAULT_SEQ_LEN = 256  # what quantize cuts calibration to when not told (api.DEFAULT_SEQ_LEN)
 GB = 2 ** 30
 
 
@@ -162,12 +164,14 @@ def _probe_seconds(model, linears, tokens: int, calibrated: bool) -> float:
     return seconds
 
 
-def plan_folder(folder, method, samples: int = 0, seq_len: int = 256, probe: bool = True) -> Plan:
+def plan_folder(folder, method, samples: int = 0, seq_len: int | None = None, probe: bool = True) -> Plan:
     """The Plan of quantising the folder with `method` (a config, short name or Recipe) on `samples`
-    calibration sequences of `seq_len` tokens (0 samples: a calibration-free run that reads no text)."""
+    calibration sequences of `seq_len` tokens (None: min(context, 256) as quantize does; 0 samples: a
+    calibration-free run that reads no text)."""
+    model, shards = skeleton(folder)
+    seq_len = seq_len or min(context_length(model) or DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN)
     if samples < 0 or seq_len < 1:
         raise LowbitError(f"--samples must be at least 0 and --seq-len at least 1, got {samples} and {seq_len}")
-    model, shards = skeleton(folder)
     recipe = as_recipe(method)
     base = resident_bytes()
     path, per_block, outside = _split(model, shards)
