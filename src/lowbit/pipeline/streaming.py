@@ -197,9 +197,5 @@ def release_memory() -> None:
         libc.malloc_trim(0)
 
 
-def block_bytes(shards: Shards, prefix: str) -> int:
-    return shards.nbytes([n for n in shards.where if n.startswith(prefix)])
-
-
 def float32_bytes(entry: dict) -> int:
     return math.prod(entry["shape"]) * 4
