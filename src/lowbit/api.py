@@ -89,20 +89,45 @@ def quantize(model, config, calibration=None, tokenizer=None, n_samples: int = D
     """
     if target is not None:
         check_target(model, config, target)
-    if isinstance(calibration, torch.Tensor):
-        calib = calibration
-        if calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
-            raise LowbitError(f"calibration ids must be an integer tensor [n_samples, seq_len], got {tuple(calib.shape)}")
-    elif isinstance(calibration, CalibrationSet):
-        calib = calibration
-    elif tokenizer is None and calibration is None:
-        _refuse_uncalibrated(config)
-        calib = None  # no tokenizer: calibration-free methods still work, the report says no tokens were seen
-    else:
-        check_context(model, seq_len)
-        mode = resolve_mode(calibration_mode, describe(model).causal, calibration)
-        calib = build_calibration(tokenizer, calibration, n_samples, seq_len or default_seq_len(model), seed, mode)
+    calib = calibration_for(model, config, calibration, tokenizer, n_samples, seq_len, seed, calibration_mode)
     return quantize_model(model, config, calib, batch_size=batch_size, progress=progress)
+
+
+def calibration_for(model, config, calibration=None, tokenizer=None, n_samples: int = DEFAULT_SAMPLES,
+                    seq_len: int | None = None, seed: int = 0, calibration_mode: str = "auto"):
+    """The token ids (or CalibrationSet) `quantize` runs for these arguments; None when there is no text."""
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+            raise LowbitError(f"calibration ids must be an integer tensor [n_samples, seq_len], got "
+                              f"{tuple(calibration.shape)}")
+        return calibration
+    if isinstance(calibration, CalibrationSet):
+        return calibration
+    if tokenizer is None and calibration is None:
+        _refuse_uncalibrated(config)
+        return None  # no tokenizer: calibration-free methods still work, the report says no tokens were seen
+    check_context(model, seq_len)
+    mode = resolve_mode(calibration_mode, describe(model).causal, calibration)
+    return build_calibration(tokenizer, calibration, n_samples, seq_len or default_seq_len(model), seed, mode)
+
+
+def quantize_folder(path, config, out, calibration=None, use_tokenizer: bool = True, n_samples: int = DEFAULT_SAMPLES,
+                    seq_len: int | None = None, seed: int = 0, batch_size: int = 8, progress: bool = True,
+                    calibration_mode: str = "auto"):
+    """Quantise the Hugging Face folder `path` into a native folder at `out`, streaming: one decoder block's
+    weights in memory at a time, and an interrupted run resumes when called again with the same arguments.
+    The folder equals `save(quantize(load_model(path), ...), out)` byte for byte. use_tokenizer: calibrate
+    with the folder's tokenizer (False: only with `calibration` ids). Returns the (weightless) model."""
+    from lowbit.io.streamed import quantize_streamed
+    from lowbit.pipeline.loading import load_tokenizer, resolve_model_path
+    from lowbit.pipeline.streaming import skeleton
+
+    folder = resolve_model_path(path)
+    model, shards = skeleton(folder)
+    tokenizer = load_tokenizer(folder)
+    calib = calibration_for(model, config, calibration, tokenizer if use_tokenizer else None, n_samples, seq_len,
+                            seed, calibration_mode)
+    return quantize_streamed(model, shards, config, calib, out, tokenizer, batch_size, progress)
 
 
 def _refuse_uncalibrated(config) -> None:

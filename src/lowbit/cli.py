@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lowbit: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lowbit: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(getattr(e, "hint", None) or "lowbit: interrupted; nothing was written", file=sys.stderr)
         return 130
     finally:
         _install(signal.SIGTERM, previous)

@@ -25,6 +25,8 @@ from lowbit.pipeline.report import report_to_json
 FORMAT_NAME = "lowbit"
 FORMAT_VERSION = 1
 CONFIG_FILE = "lowbit_config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_METADATA = {"format": "pt"}
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -34,26 +36,38 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 def save(model: nn.Module, out, tokenizer=None) -> Path:
     out = Path(out)
     with writing_folder(out) as tmp:
-        write_metadata(tmp, model, _saved_config(model), tokenizer)
-        recipe = getattr(model, "lowbit_recipe", None)
-        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_class": type(model).__name__,
-                "recipe": recipe.to_dict() if recipe is not None else None,
-                "modules": {n: m.layer_config() for n, m in quantized_modules(model).items()}}
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-        if getattr(model, "lowbit_report", None) is not None:
-            (tmp / "quant_report.json").write_text(report_to_json(model.lowbit_report))
-        save_file(_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        modules = {n: m.layer_config() for n, m in quantized_modules(model).items()}
+        write_files(tmp, model, modules, getattr(model, "lowbit_report", None), tokenizer)
+        save_file(_tensors(model), str(tmp / WEIGHTS_FILE), metadata=WEIGHTS_METADATA)
     return out
+
+
+def write_files(tmp: Path, model: nn.Module, modules: dict, report, tokenizer=None) -> None:
+    """Everything of a native folder but its weights: the transformers config and tokenizer, the recipe
+    and each quantised module's layout ({name: layer_config}) in lowbit_config.json, the report."""
+    write_metadata(tmp, model, _saved_config(model), tokenizer)
+    recipe = getattr(model, "lowbit_recipe", None)
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_class": type(model).__name__,
+            "recipe": recipe.to_dict() if recipe is not None else None, "modules": modules}
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+    if report is not None:
+        (tmp / "quant_report.json").write_text(report_to_json(report))
 
 
 def _tensors(model: nn.Module) -> dict:
     """The quantised modules' tensors as they are, the rest in the dtype the model was loaded from (an fp16
     model's embeddings and norms stay fp16, so the folder is the size its memory report promises)."""
-    quantized = quantized_modules(model)
-    tensors = float_tensors(model, quantized, getattr(model, "lowbit_source_dtype", None))
+    return tensors_of(model, getattr(model, "lowbit_source_dtype", None))
+
+
+def tensors_of(module: nn.Module, dtype, prefix: str = "") -> dict:
+    """What a save writes of `module` (a model, or one block whose names get `prefix`): its quantised
+    modules' tensors as they are, the other floating tensors in `dtype` (None: as they are)."""
+    quantized = quantized_modules(module)
+    tensors = float_tensors(module, quantized, dtype)
     for name, m in quantized.items():
         tensors.update({f"{name}.{k}": v.detach().contiguous() for k, v in m.state_dict().items()})
-    return tensors
+    return {prefix + k: v for k, v in tensors.items()}
 
 
 def _saved_config(model: nn.Module):
@@ -96,7 +110,7 @@ def load(path):
     modules = meta.get("modules")
     if not isinstance(modules, dict):
         raise LowbitError(f"{path / CONFIG_FILE}: 'modules' must map module names to their layouts")
-    weights = path / "model.safetensors"
+    weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise LowbitError(f"{weights} is missing")
     headers = read_header(weights)  # validated by hand before safetensors or torch allocate anything

@@ -34,34 +34,29 @@ def _cmd_quantize(args) -> str:
     from lowbit import api
     from lowbit.methods.recipe import DEFAULT_SKIP, Recipe
     from lowbit.pipeline.calibration import needs_calibration
-    from lowbit.pipeline.report import summarize
 
     from lowbit.io.atomic import check_output
 
     out = check_output(args.output, "output folder")  # before any work: a bad path costs seconds, not a run
-    if args.samples is not None and args.samples < 1:
-        raise LowbitError(f"--samples must be at least 1, got {args.samples}")
-    if args.seq_len is not None and args.seq_len < 2:
-        raise LowbitError(f"--seq-len must be at least 2, got {args.seq_len}")
+    check_sizes(args)
     config = method_from_args(args)
     if args.budget:
         from lowbit.pipeline.budget import parse_budget
 
         parse_budget(args.budget)          # a typo costs a second, not a sensitivity pass
-    model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
+        if args.stream:
+            raise LowbitError("--budget measures every layer with the whole model in memory; run it without --stream")
     recipe = Recipe(config, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
+    calibrate = needs_calibration(recipe) or args.calibration or args.samples or args.seq_len
+    if not args.ignore_memory:
+        check_fits(args.model, recipe, calibrate, args)
+    if args.stream:
+        return _streamed(args, recipe, calibrate, out)
+    model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     plan_text = ""
     if args.budget:
-        from lowbit.pipeline.budget import SENSITIVITY_SAMPLES, budget_recipe, default_candidates, render_plan
-
-        if tokenizer is None:
-            raise LowbitError("--budget measures sensitivity on text: the model folder needs a tokenizer")
-        candidates = args.candidates or default_candidates(config.name)
-        plan, _ = budget_recipe(model, tokenizer, args.budget, candidates, args.calibration, seed=args.seed,
-                                n_samples=args.samples or SENSITIVITY_SAMPLES, progress=not args.quiet,
-                                skip=tuple(args.skip or ()))
-        recipe, plan_text = plan.recipe, render_plan(plan) + "\n\n"
-    calibrate = needs_calibration(recipe) or args.calibration or args.samples or args.seq_len
+        recipe, plan_text = _budget_recipe(args, config, model, tokenizer)
+        calibrate = needs_calibration(recipe) or args.calibration or args.samples or args.seq_len
     # a calibration-free method reads no text and runs no forward pass unless asked (for the report)
     api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer if calibrate else None,
                  n_samples=args.samples or api.DEFAULT_SAMPLES, seq_len=args.seq_len, seed=args.seed,
@@ -69,9 +64,99 @@ def _cmd_quantize(args) -> str:
     if not any(hasattr(m, "layer_config") for m in model.modules()):
         raise LowbitError("nothing was quantised (every Linear was skipped or unsupported); nothing written")
     api.save(model, out, tokenizer=tokenizer)
+    return plan_text + _saved(model, "mixed-precision" if args.budget else config.short_name(), out)
+
+
+def _budget_recipe(args, config, model, tokenizer):
+    """--budget: (the recipe with one scheme per Linear, its table) from sensitivities measured on the model."""
+    from lowbit.pipeline.budget import SENSITIVITY_SAMPLES, budget_recipe, default_candidates, render_plan
+
+    if tokenizer is None:
+        raise LowbitError("--budget measures sensitivity on text: the model folder needs a tokenizer")
+    candidates = args.candidates or default_candidates(config.name)
+    plan, _ = budget_recipe(model, tokenizer, args.budget, candidates, args.calibration, seed=args.seed,
+                            n_samples=args.samples or SENSITIVITY_SAMPLES, progress=not args.quiet,
+                            skip=tuple(args.skip or ()))
+    return plan.recipe, render_plan(plan) + "\n\n"
+
+
+def _saved(model, name: str, out) -> str:
+    from lowbit.pipeline.report import summarize
+
     weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    return (f"{plan_text}{model.lowbit_calibration}\n{summarize(model.lowbit_report)}\n\nsaved {'mixed-precision' if args.budget else config.short_name()} model to "
+    return (f"{model.lowbit_calibration}\n{summarize(model.lowbit_report)}\n\nsaved {name} model to "
             f"{out} ({weights / 1e6:,.2f} MB of weights; `lowbit eval` reports the memory it promises)")
+
+
+def _streamed(args, recipe, calibrate, out) -> str:
+    """--stream: one block in memory at a time, resumable (the same command continues an interrupted run)."""
+    from lowbit import api
+
+    if args.trust_remote_code or args.target:
+        raise LowbitError("--stream does not take --trust-remote-code or --target yet; run without --stream")
+    model = api.quantize_folder(args.model, recipe, out, calibration=args.calibration, use_tokenizer=bool(calibrate),
+                                n_samples=args.samples or api.DEFAULT_SAMPLES, seq_len=args.seq_len, seed=args.seed,
+                                progress=not args.quiet, calibration_mode=args.calibration_mode)
+    return _saved(model, recipe.default.short_name(), out)
+
+
+def check_sizes(args) -> None:
+    if args.samples is not None and args.samples < 1:
+        raise LowbitError(f"--samples must be at least 1, got {args.samples}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise LowbitError(f"--seq-len must be at least 2, got {args.seq_len}")
+
+
+def _planned(model, recipe, calibrate, args, probe: bool):
+    from lowbit import api
+    from lowbit.pipeline.plan import plan_folder
+
+    samples = (args.samples or api.DEFAULT_SAMPLES) if calibrate else 0
+    return plan_folder(model, recipe, samples, args.seq_len, probe=probe)
+
+
+def check_fits(model, recipe, calibrate, args) -> None:
+    """Refuse, before any work, a run the plan says cannot fit in the memory available (a folder the
+    planner cannot read, such as a pre-quantised one, is left to the loader's own checks)."""
+    try:
+        plan = _planned(model, recipe, calibrate, args, probe=False)
+    except LowbitError:
+        return
+    if plan.fits(args.stream):
+        return
+    need = plan.streamed_peak_bytes if args.stream else plan.in_memory_peak_bytes
+    hint = "" if args.stream or not plan.fits(True) else (f"; --stream needs about "
+                                                          f"{plan.streamed_peak_bytes / 2 ** 30:,.2f} GiB")
+    raise LowbitError(f"this run needs about {need / 2 ** 30:,.2f} GiB of memory, {plan.available_bytes / 2 ** 30:,.2f} "
+                      f"GiB are available{hint} (`lowbit plan` for the details; --ignore-memory to run anyway)")
+
+
+def _cmd_plan(args) -> str:
+    from lowbit.methods.recipe import DEFAULT_SKIP, Recipe
+    from lowbit.pipeline.calibration import needs_calibration
+    from lowbit.pipeline.plan import describe_plan
+
+    check_sizes(args)
+    recipe = Recipe(method_from_args(args), skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
+    calibrate = needs_calibration(recipe) or args.samples or args.seq_len
+    plan = _planned(args.model, recipe, calibrate, args, probe=not args.no_probe)
+    if args.json:
+        import json
+
+        return json.dumps(plan.to_dict(), indent=1)
+    return describe_plan(plan, recipe.default.short_name(), args.model)
+
+
+def add_method_flags(p) -> None:
+    from lowbit.methods import METHODS
+
+    p.add_argument("--method", default="rtn", help=f"a method ({', '.join(sorted(METHODS))}) with --bits, --group-size "
+                   "..., or a short name that states its scheme, such as rtn-int4-g128 or gptq-int4-g128 (default rtn)")
+    p.add_argument("--bits", type=int, help="bits per weight (with a bare method name)")
+    p.add_argument("--group-size", type=int, help="elements per scale group; 0 = per output channel")
+    p.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
+    p.add_argument("--observer", choices=["minmax", "mse", "percentile"], help="how ranges are chosen (RTN)")
+    p.add_argument("--skip", nargs="*", help="extra Linear name patterns to keep in full precision")
 
 
 def add_calibration_mode(p) -> None:
@@ -90,19 +175,11 @@ def add_threads(p) -> None:
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="quantise a model folder (default: the bundled model)")
     p.add_argument("model", nargs="?", default=None, help="Hugging Face model folder; omitted: the bundled model")
-    from lowbit.methods import METHODS
-
-    p.add_argument("--method", default="rtn", help=f"a method ({', '.join(sorted(METHODS))}) with --bits, --group-size "
-                   "..., or a short name that states its scheme, such as rtn-int4-g128 or gptq-int4-g128 (default rtn)")
-    p.add_argument("--bits", type=int, help="bits per weight (with a bare method name)")
-    p.add_argument("--group-size", type=int, help="elements per scale group; 0 = per output channel")
-    p.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
-    p.add_argument("--observer", choices=["minmax", "mse", "percentile"], help="how ranges are chosen (RTN)")
-    p.add_argument("--budget", help="mixed precision: a scheme per Linear, least measured KL within this size: "
+    add_method_flags(p)
+    p.add_argument("--budget", help="mixed precision: a scheme per Linear, least measured loss within this size: "
                                      "3.5bpw (bits per weight of the quantised Linears) or 4GB (the whole model)")
     p.add_argument("--candidates", help="schemes to mix under --budget, comma-separated method names (default: the "
                                         "method at int2-g64, int3-g128, int3-g32, int4-g128, int4-g32, int8)")
-    p.add_argument("--skip", nargs="*", help="extra Linear name patterns to keep in full precision")
     p.add_argument("--calibration", help=".txt, .jsonl, .parquet or saved dataset folder (default: bundled text; "
                    "calibration-free methods such as rtn and hqq read none unless given this, --samples or --seq-len, "
                    "which then only feed the report's output errors)")
@@ -115,5 +192,21 @@ def register(sub) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_threads(p)
+    p.add_argument("--stream", action="store_true", help="read one decoder block at a time from the safetensors "
+                   "shards and write it out as it is done: memory of one block, not the model; an interrupted run "
+                   "resumes when the same command is run again; the output equals the in-memory run's byte for byte")
+    p.add_argument("--ignore-memory", action="store_true", help="run even when the plan says the memory available "
+                   "is not enough")
     p.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     p.set_defaults(run=_cmd_quantize)
+    p = sub.add_parser("plan", help="what quantising a model folder needs (peak memory, disk, time) and whether it "
+                       "fits this machine, from its config and shard headers alone")
+    p.add_argument("model", nargs="?", default=None, help="Hugging Face model folder; omitted: the bundled model")
+    add_method_flags(p)
+    p.add_argument("--samples", type=int, help="calibration sequences (default 128 for methods that calibrate)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default min(context, 256))")
+    p.add_argument("--stream", action="store_true", help="judge the fit for a --stream run (both peaks are printed)")
+    p.add_argument("--no-probe", action="store_true", help="no time estimate (the probe runs the method on one "
+                   "random block's shapes)")
+    p.add_argument("--json", action="store_true", help="the plan as JSON (bytes and seconds)")
+    p.set_defaults(run=_cmd_plan)

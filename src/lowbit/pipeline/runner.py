@@ -52,7 +52,7 @@ def _gqa(model: nn.Module) -> int:
 
 
 def _quantize_block(block, prefix: str, index: int, inputs: list[BlockInput], recipe: Recipe, arch: Arch,
-                    n_layers: int, n_gqa: int) -> list[LayerReport]:
+                    n_layers: int, n_gqa: int, after_layer=lambda: None) -> list[LayerReport]:
     linears = block_linears(block)
     plan = {n: recipe.config_for(f"{prefix}.{n}") for n in linears}
     todo = [n for n in linears if plan[n] is not None]
@@ -69,6 +69,7 @@ def _quantize_block(block, prefix: str, index: int, inputs: list[BlockInput], re
             new, rep = quantize_linear(plan[n], info, linears[n], stats[n])
             set_module(block, n, new)
             reports.append(rep)
+            after_layer()
         del stats
     return reports
 
@@ -204,10 +205,29 @@ def planned_weights(model: nn.Module, config_or_recipe) -> tuple[dict, list[list
     return {n: w for n, w in out.items() if w is not None}, groups
 
 
+class BlockStream:
+    """What a streamed run does around the block walk (the in-memory run does nothing): load a block's
+    weights before it is reached, persist and free it after, and resume where an earlier run stopped."""
+
+    def begin(self, blocks, inputs: list[BlockInput]) -> tuple[int, list[LayerReport]]:
+        """(the first block still to do, the reports of those done before); may restore `inputs`."""
+        return 0, []
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Give the block its full-precision weights (called again for block 0 after capture: idempotent)."""
+
+    def done(self, index: int, block: nn.Module, reports: list[LayerReport], inputs: list[BlockInput]) -> None:
+        """The block is quantised and `inputs` hold its outputs (the next block's inputs)."""
+
+    def layer_done(self) -> None:
+        """A Linear was quantised and swapped (its full-precision weight and temporaries are garbage)."""
+
+
 def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor | CalibrationSet | None,
-                   batch_size: int = 8, progress: bool = True) -> nn.Module:
+                   batch_size: int = 8, progress: bool = True, stream: BlockStream | None = None) -> nn.Module:
     """Quantise `model` in place, block by block, on calibration token ids [n_samples, seq_len] (windows)
-    or a CalibrationSet (samples: padded batches with attention masks)."""
+    or a CalibrationSet (samples: padded batches with attention masks). stream: loads and saves blocks
+    (a model built without its block weights); Linears outside the blocks are then never quantised."""
     recipe = as_recipe(config_or_recipe)
     model.eval()
     calibration = CalibrationSet.of(calibration)
@@ -218,16 +238,23 @@ def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor
     arch = describe(model)
     path, blocks = block_list(model, arch)
     batches = calibration.batches(batch_size) if calibration is not None else []
+    walk = stream or BlockStream()
+    walk.load(0, blocks[0])
     inputs = capture_block_inputs(model, blocks, batches)
-    reports: list[LayerReport] = []
+    start, reports = walk.begin(blocks, inputs)
     n_gqa = _gqa(model)
-    bar = tqdm(range(len(blocks)), desc="quantising blocks", unit="block", file=sys.stderr, disable=not progress)
+    bar = tqdm(range(start, len(blocks)), desc="quantising blocks", unit="block", file=sys.stderr,
+               disable=not progress, initial=start, total=len(blocks))
     for i in bar:
         block, prefix = blocks[i], f"{path}.{i}"
+        walk.load(i, block)
         scale_block(block, arch, inputs, recipe, prefix, i)
-        reports += _quantize_block(block, prefix, i, inputs, recipe, arch, len(blocks), n_gqa)
+        done = _quantize_block(block, prefix, i, inputs, recipe, arch, len(blocks), n_gqa, walk.layer_done)
         advance(block, inputs)
-    reports += _quantize_outside_blocks(model, arch, path, recipe, batches, len(blocks))
+        walk.done(i, block, done, inputs)
+        reports += done
+    if stream is None:
+        reports += _quantize_outside_blocks(model, arch, path, recipe, batches, len(blocks))
     model.lowbit_recipe = recipe
     model.lowbit_report = reports
     model.lowbit_calibration = calibration.describe() if calibration is not None else "calibration: none"
