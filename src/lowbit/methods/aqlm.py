@@ -26,6 +26,7 @@ from lowbit.formats.e8 import DIM
 from lowbit.methods.base import MethodConfig, register_method
 from lowbit.methods.gptq import _check_hessian, _check_weight
 from lowbit.weights.codebook import AQLMWeight
+from lowbit.weights.placeholders import free
 
 KMEANS_ITERS = 15
 KMEANS_PP_MAX = 4096
@@ -70,9 +71,9 @@ class AQLM(MethodConfig):
     def planned_weight(self, shape, layer) -> AQLMWeight:
         out, n_in = shape
         dtype = torch.uint8 if self.code_bits == 8 else torch.int16
-        return AQLMWeight(torch.zeros(out, n_in // DIM, self.codebooks, dtype=dtype),
-                          torch.zeros(self.codebooks, 1 << self.code_bits, DIM, dtype=torch.float16),
-                          torch.ones(out, dtype=torch.float16))
+        return AQLMWeight(free((out, n_in // DIM, self.codebooks), dtype),
+                          free((self.codebooks, 1 << self.code_bits, DIM), torch.float16),
+                          free((out,), torch.float16, 1))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from lowbit.methods.base import MethodConfig, register_method
 from lowbit.methods.gptq import _check_hessian, _check_weight
 from lowbit.methods.ldlq import block_ldl, block_ldlq, block_refine
 from lowbit.weights.codebook import QuipWeight
+from lowbit.weights.placeholders import free
 
 # bits -> (RMS of Wr / scale, gain of the residual before its codebook): 2 bits measured here on a Gaussian
 # source (tests/methods/test_quip.py), 3 and 4 bits QuIP#'s E8P12RVQ3B / E8P12RVQ4B values
@@ -76,10 +77,13 @@ class QuIP(MethodConfig):
         return quip_quantize(weight, stats.hessian(), self)
 
     def planned_weight(self, shape, layer) -> QuipWeight:
+        """Placeholders that allocate nothing; a shape the Hadamard transform cannot take is refused here."""
         out, n_in = shape
-        codes = torch.zeros(out, n_in // DIM, dtype=torch.int16)
-        resid = {2: None, 3: codes.to(torch.uint8), 4: codes}[self.bits]
-        return QuipWeight(codes, resid, torch.ones(n_in), torch.ones(out), torch.ones(()), RESID_SCALE[self.bits])
+        hadamard_factor(n_in), hadamard_factor(out)
+        codes = free((out, n_in // DIM), torch.int16)
+        resid = {2: None, 3: free(codes.shape, torch.uint8), 4: codes}[self.bits]
+        return QuipWeight(codes, resid, free((n_in,), torch.float32, 1), free((out,), torch.float32, 1),
+                          torch.ones(()), RESID_SCALE[self.bits])
 
 
 def codebook_rounding(bits: int):

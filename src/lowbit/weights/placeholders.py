@@ -10,9 +10,12 @@ from lowbit.weights.bnb4 import NESTED_BLOCK_SIZE, Quantized4bit
 from lowbit.weights.ggml import GGMLTensor, row_nbytes
 
 
-def _free(shape, dtype, value=0) -> torch.Tensor:
-    """A tensor of `shape` filled with `value` that allocates one element."""
+def free(shape, dtype, value=0) -> torch.Tensor:
+    """A tensor of `shape` filled with `value` that allocates one element (sizes count it whole)."""
     return torch.full((1,), value, dtype=dtype).expand(*shape)
+
+
+_free = free
 
 
 def affine(shape: torch.Size, spec: QuantSpec, g_idx: bool = False) -> QuantizedTensor:
