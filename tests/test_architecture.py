@@ -20,7 +20,7 @@ ALLOWED = {
     "methods": {"formats", "core", "weights", "kernels"},
     "kernels": {"formats", "core", "weights"},
     "nn": {"formats", "core", "weights", "kernels"},
-    "pipeline": {"formats", "core", "weights", "kernels", "methods", "nn", "data", "table"},
+    "pipeline": {"formats", "core", "weights", "kernels", "methods", "nn", "data", "table", "units"},
 }
 NEVER_FROM_METHODS = ("lowbit.nn", "lowbit.pipeline", "lowbit.io", "lowbit.eval", "lowbit.train", "lowbit.api")
 

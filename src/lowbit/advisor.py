@@ -18,7 +18,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowbit.calc import GB, PRESET_SHAPES, ModelShape, kv_cache_memory, model_size, quantized_kv_cache_memory
+from lowbit.calc import (GB, PRESET_SHAPES, ModelShape, kv_cache_memory, model_size, parse_size,
+                         quantized_kv_cache_memory)
 from lowbit.errors import LowbitError
 
 RESERVE_BYTES = 0.5 * GB        # runtime buffers, CUDA context / llama.cpp compute buffers (a round figure)
@@ -115,16 +116,12 @@ def resolve_shape(model: str) -> ModelShape:
 
 def parse_bytes(text) -> float:
     """"8GB", "24 GiB", "512MB", "8" (GB) -> bytes."""
-    units = {"gib": 2**30, "gb": GB, "mib": 2**20, "mb": 1e6, "g": GB, "": GB}
-    s = str(text).strip().lower().replace(" ", "")
-    unit = next(u for u in sorted(units, key=len, reverse=True) if s.endswith(u))
-    try:
-        value = float(s[: len(s) - len(unit)] if unit else s)
-    except ValueError:
-        raise LowbitError(f"cannot read a memory size from {text!r}: use e.g. 8GB or 24GiB") from None
-    if not value > 0 or value == float("inf"):
+    value = parse_size(text, GB)
+    if value is None:
+        raise LowbitError(f"cannot read a memory size from {text!r}: use e.g. 8GB or 24GiB")
+    if not 0 < value < float("inf"):
         raise LowbitError(f"memory must be a positive size, got {text!r}")
-    return value * units[unit]
+    return value
 
 
 def _inference_extra(shape: ModelShape, context: int, batch: int, kv_cache: str | None = None) -> float:
@@ -225,7 +222,7 @@ WHY_TARGET = {
 }
 
 
-def _gb(x: float) -> str:
+def gb_text(x: float) -> str:
     return f"{x / GB:.2f} GB"
 
 
@@ -236,22 +233,22 @@ def explain(a: Advice, shape: ModelShape) -> list[str]:
            f"{shape.kv_heads} KV heads); {WHY_TARGET[a.target]}."]
     if a.pick is None:
         smallest = min(a.options, key=lambda o: o.total_bytes)
-        out.append(f"It will not fit: the smallest option, {smallest.label}, needs {_gb(smallest.total_bytes)} "
-                   f"({_gb(smallest.weight_bytes)} weights + {_gb(smallest.other_bytes)} {extra}) plus the runtime "
-                   f"reserve, against {_gb(a.memory_bytes)}. A larger budget, a shorter context, offloading layers "
+        out.append(f"It will not fit: the smallest option, {smallest.label}, needs {gb_text(smallest.total_bytes)} "
+                   f"({gb_text(smallest.weight_bytes)} weights + {gb_text(smallest.other_bytes)} {extra}) plus the runtime "
+                   f"reserve, against {gb_text(a.memory_bytes)}. A larger budget, a shorter context, offloading layers "
                    f"to CPU memory, or a smaller model would.")
         return out
     p = a.pick
-    out.append(f"{p.label} at {p.bits_per_weight:.2f} bits per weight ({p.quality}): {_gb(p.weight_bytes)} of weights "
-               f"+ {_gb(p.other_bytes)} {extra} at {a.context} tokens x batch {a.batch} = {_gb(p.total_bytes)} "
-               f"of {_gb(a.memory_bytes)}.")
+    out.append(f"{p.label} at {p.bits_per_weight:.2f} bits per weight ({p.quality}): {gb_text(p.weight_bytes)} of weights "
+               f"+ {gb_text(p.other_bytes)} {extra} at {a.context} tokens x batch {a.batch} = {gb_text(p.total_bytes)} "
+               f"of {gb_text(a.memory_bytes)}.")
     better = [o for o in a.options[: a.options.index(p)] if o.fits]
     if a.quality == "balanced" and better:
-        out.append(f"{better[0].label} would also fit ({_gb(better[0].total_bytes)}); it is the pick for "
+        out.append(f"{better[0].label} would also fit ({gb_text(better[0].total_bytes)}); it is the pick for "
                    f"--quality max, at a cost in size and decode speed for a small gain.")
     bigger = [o for o in a.options[: a.options.index(p)] if not o.fits]
     if bigger:
-        out.append(f"{bigger[-1].label} would need {_gb(bigger[-1].total_bytes)} plus the runtime reserve.")
+        out.append(f"{bigger[-1].label} would need {gb_text(bigger[-1].total_bytes)} plus the runtime reserve.")
     if p.bits_per_weight < 3.5:
         out.append("Below 4 bits scalar methods lose much quality; 2-bit codebook methods (lowbit's quip and aqlm) "
                    "keep more, and a smaller model at 4 bits is often better than a large one at 2.")

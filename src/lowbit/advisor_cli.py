@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from lowbit.advisor import _gb, explain
+from lowbit.advisor import explain, gb_text
 from lowbit.calc import GB
 from lowbit.errors import LowbitError
 
@@ -12,7 +12,7 @@ def render(a) -> str:
     from lowbit.table import format_table
 
     pick = "will not fit" if a.pick is None else f"{a.pick.label}" + (f"  (--method {a.pick.method})" if a.pick.method else "")
-    lines = [f"recommendation for {a.model} with {_gb(a.memory_bytes)} on {a.target} (quality {a.quality}): {pick}", ""]
+    lines = [f"recommendation for {a.model} with {gb_text(a.memory_bytes)} on {a.target} (quality {a.quality}): {pick}", ""]
     lines += [f"- {r}" for r in a.reasons]
     if a.command:
         lines += ["", f"  {a.command}"]

@@ -10,8 +10,7 @@ from dataclasses import asdict, dataclass
 
 from lowbit.errors import LowbitError
 
-GB = 1e9
-GIB = 2**30
+from lowbit.units import GB, GIB, parse_size  # noqa: F401  (re-exported: calc is where users look)
 
 # Storage bits per element of the plain precisions.
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8, "int8": 8, "fp6": 6, "int4": 4,

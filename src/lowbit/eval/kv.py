@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import PerplexityResult
 from lowbit.eval.scoring import Scores
-from lowbit.eval.speed import _cache_keyword
+from lowbit.eval.speed import cache_keyword
 from lowbit.eval.windows import split_windows
 from lowbit.weights.kv import KVSpec
 
@@ -41,7 +41,7 @@ def _window_nll(model, ids: torch.Tensor, spec, step: int) -> float:
     t = ids.shape[1]
     for start in range(0, t - 1, step):
         chunk = ids[:, start:min(start + step, t - 1)]
-        logits = model(input_ids=chunk, use_cache=True, **{_cache_keyword(model): cache}).logits.float()
+        logits = model(input_ids=chunk, use_cache=True, **{cache_keyword(model): cache}).logits.float()
         targets = ids[:, start + 1:start + 1 + chunk.shape[1]]
         total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                    reduction="sum").item()
@@ -78,7 +78,7 @@ def fill_cache(model, spec, n_tokens: int, chunk: int = 512, seed: int = 0):
     ids = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=g)
     cache = new_cache(model, spec)
     for start in range(0, n_tokens, chunk):
-        model(input_ids=ids[:, start:start + chunk], use_cache=True, **{_cache_keyword(model): cache})
+        model(input_ids=ids[:, start:start + chunk], use_cache=True, **{cache_keyword(model): cache})
     return cache
 
 
@@ -96,7 +96,7 @@ def kv_decode_speed(model, spec, context: int, decode_tokens: int = 32, seed: in
     token = torch.zeros(1, 1, dtype=torch.long)
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        logits = model(input_ids=token, use_cache=True, **{_cache_keyword(model): cache}).logits
+        logits = model(input_ids=token, use_cache=True, **{cache_keyword(model): cache}).logits
         token = logits[:, -1:].argmax(-1)
     seconds = time.perf_counter() - start
     return KVSpeed(decode_tokens / seconds if seconds > 0 else math.inf, context, decode_tokens)

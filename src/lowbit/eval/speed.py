@@ -38,7 +38,7 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """transformers 5 names the KV cache argument `cache`; earlier versions `past_key_values`."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -61,7 +61,7 @@ def _prefill(model, ids: torch.Tensor) -> None:
 @torch.inference_mode()
 def _decode(model, prompt: torch.Tensor, n_tokens: int) -> float:
     """Seconds for n_tokens greedy steps with the KV cache, the prompt's own forward pass excluded."""
-    keyword = _cache_keyword(model)
+    keyword = cache_keyword(model)
     token, cache = _step(model, prompt, None, keyword)
     start = time.perf_counter()
     for _ in range(n_tokens):

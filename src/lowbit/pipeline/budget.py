@@ -16,13 +16,17 @@ from dataclasses import dataclass
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.methods.base import SchemeMethod
 from lowbit.methods.knapsack import Allocation, allocate
 from lowbit.methods.recipe import DEFAULT_SKIP, Recipe
-from lowbit.methods.base import SchemeMethod
-from lowbit.pipeline.sensitivity import (LayerSensitivity, candidate_configs, candidate_plans, rank_correlation,
-                                         sensitivity)
-
-_UNITS = {"gb": 1e9, "gib": 2**30, "mb": 1e6, "mib": 2**20, "kb": 1e3, "kib": 2**10, "b": 1, "": 1}
+from lowbit.pipeline.sensitivity import (
+    LayerSensitivity,
+    candidate_configs,
+    candidate_plans,
+    rank_correlation,
+    sensitivity,
+)
+from lowbit.units import parse_size
 
 
 @dataclass
@@ -44,10 +48,10 @@ def parse_budget(text: str) -> tuple[str, float]:
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)(bpw|bits)", s)
     if m and float(m.group(1)) > 0:
         return "bpw", float(m.group(1))
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z]*)", s)
-    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
+    size = parse_size(s, 1)
+    if size is None or size <= 0:
         raise LowbitError(f"cannot read a budget from {text!r}: use e.g. 3.5bpw, 4GB, 512MiB or a byte count")
-    return "bytes", float(m.group(1)) * _UNITS[m.group(2)]
+    return "bytes", size
 
 
 def linear_budget(text: str, model: nn.Module, numel: int) -> int:
@@ -130,7 +134,12 @@ def budget_recipe(model: nn.Module, tokenizer, budget: str, candidates, calibrat
                   progress: bool = True, skip: tuple = ()) -> tuple[BudgetPlan, list[LayerSensitivity]]:
     """Measure sensitivities on calibration windows, then allocate: (the plan, the sensitivities). Linears
     matching `skip` stay in full precision and outside the budget."""
-    from lowbit.pipeline.samples import calibration_batch, check_context, check_token_ids, context_length
+    from lowbit.pipeline.samples import (
+        calibration_batch,
+        check_context,
+        check_token_ids,
+        context_length,
+    )
 
     check_budget(model, candidates, budget, skip)
     seq_len = seq_len or min(context_length(model) or 256, 256)
