@@ -39,7 +39,7 @@ def _cast(x: torch.Tensor, history, scale, column: int, update: bool, recipe) ->
     """(FP8 tensor, float32 inverse scale) of x with the column's current scale; when `update`, its amax
     is recorded afterwards, so the scale of the next step follows (delayed scaling)."""
     s = scale[column].clone()
-    q = to_float8(x.float() * s, FORMATS[column])
+    q = to_float8(x.float() * s, FORMATS[column])   # x * s overflowing float32 is inf: NaN, not saturated
     if update:
         record_amax(history, scale, column, x, fp8_max(FORMATS[column]), recipe)
     return q, 1.0 / s

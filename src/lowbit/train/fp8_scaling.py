@@ -68,8 +68,8 @@ def record_amax(history: torch.Tensor, scale: torch.Tensor, column: int, x: torc
                 recipe: DelayedScaling) -> None:
     """Record max|x| as the newest amax of column `column` of `history` [L, C], update `scale` [C] from
     it, then move that column's window on by one (the oldest amax is dropped): in place."""
-    amax = x.detach().abs().amax().float() if x.numel() else torch.zeros(())
-    history[0, column] = torch.where(torch.isfinite(amax), amax, torch.zeros(()))
+    amax = x.detach().abs().amax().float() if x.numel() else history.new_zeros(())
+    history[0, column] = torch.where(torch.isfinite(amax), amax, 0.0)
     scale[column] = scale_from_history(history[:, column:column + 1], scale[column:column + 1], top, recipe)[0]
     history[:, column] = torch.roll(history[:, column], 1)   # newest -> row 1; the oldest wraps to row 0 ...
     history[0, column] = 0.0                                  # ... and is cleared for the next step
