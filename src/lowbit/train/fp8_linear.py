@@ -30,8 +30,9 @@ FORMATS = (FORWARD_FORMAT, FORWARD_FORMAT, BACKWARD_FORMAT)
 
 def fp8_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor, backend: str) -> torch.Tensor:
     """(a @ b) * a_inv * b_inv in float32 for FP8 a [M, K], b [K, N] and float32 scalar inverse scales."""
-    if backend == "scaled_mm":   # cuBLASLt wants b column-major
-        return torch._scaled_mm(a, b.t().contiguous().t(), scale_a=a_inv, scale_b=b_inv, out_dtype=torch.float32)
+    if backend == "scaled_mm":   # cuBLASLt wants a row-major and b column-major
+        return torch._scaled_mm(a.contiguous(), b.t().contiguous().t(), scale_a=a_inv, scale_b=b_inv,
+                                out_dtype=torch.float32)
     return (a.float() @ b.float()) * (a_inv * b_inv)
 
 

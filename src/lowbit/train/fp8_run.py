@@ -76,7 +76,8 @@ def train_precision(precision: str, settings: LoopSettings, recipe: DelayedScali
     eval_ids = tokenize(tokenizer, eval_text if eval_text is not None else bundled_text("eval"))
     run = {"precision": precision, "model": str(path) if path else "bundled", "scratch": scratch,
            "recipe": asdict(recipe) if fp8 else None}
-    scaler = torch.amp.GradScaler("cpu") if fp8 else None
+    device = next(model.parameters()).device.type
+    scaler = torch.amp.GradScaler(device) if fp8 else None
     history = train_loop(model, model.parameters(), train_ids, settings, checkpoint_dir=checkpoint_dir, run=run,
                          evaluate=lambda m: held_out_loss(m, eval_ids, settings.seq_len), progress=progress,
                          scaler=scaler, autocast_dtype=torch.bfloat16, optimizer=make_optimizer(model, settings))
