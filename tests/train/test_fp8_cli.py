@@ -42,6 +42,11 @@ def test_interrupted_run_resumes_and_writes_the_folder(setup, capsys, monkeypatc
     assert summary["steps"] == 3 and summary["fp8_linears"] == 14 and summary["history"]["resumed_from"] == 1
     assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG" and (out / "config.json").is_file()
     assert not (tmp_path / "out.checkpoints").exists()   # done: nothing left to resume
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:   # plain Linears again: no FP8 state saved
+        keys = list(f.keys())
+    assert "model.layers.0.mlp.up_proj.weight" in keys and not any("fp8_" in k for k in keys)
     assert "held-out loss" in captured.out
 
 
