@@ -80,7 +80,9 @@ class Fp8Linear(nn.Module):
     """nn.Linear that computes in FP8 with delayed scaling. weight [out, in] and bias [out] are float32
     master parameters; buffers fp8_amax_history [amax_history_len, 3] and fp8_scale [3] (columns: input,
     weight, grad_output) are in the state dict, so checkpoints carry the scaling state. Histories are
-    updated only in training mode with gradients enabled; evaluation uses the scales as they are.
+    updated only in training mode with gradients enabled; evaluation uses the scales as they are. Each
+    forward (and backward) records one amax, so one pass per optimizer step is assumed, as TE's
+    per-iteration update assumes; activation recomputation would record the forward twice.
     The output has the input's dtype (float32 products, then cast), as TE returns the activation dtype."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
