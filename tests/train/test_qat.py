@@ -150,3 +150,21 @@ def test_qat_command_reports_what_the_saved_folder_scores(tiny_model_dir, tmp_pa
     err = capsys.readouterr().err
     assert "Traceback" not in err and "already exists" in err and "does not divide" in err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_qat_can_start_from_the_gptq_solution(one_thread):
+    import copy
+
+    from lowbit import api
+    from lowbit.io import quantized_weights
+
+    base = build_tiny_model("llama")
+    calibration = IDS[:2048].reshape(16, 128)
+    ptq = api.quantize(copy.deepcopy(base), parse_method("gptq-int3-g32"), calibration=calibration, progress=False)
+    prepare_qat(base, parse_method("qat-int3-g32"), init=quantized_weights(ptq))
+    reference_path(ptq)
+    ids = IDS[:64].reshape(2, 32)
+    with torch.no_grad():      # the fake-quantised start is GPTQ's model, exactly
+        assert torch.equal(base(ids).logits, ptq(ids).logits)
+    with pytest.raises(LowbitError, match="same scheme"):
+        prepare_qat(build_tiny_model("llama"), parse_method("qat-int4-g32"), init=quantized_weights(ptq))

@@ -63,7 +63,7 @@ def _cmd_qat(args) -> str:
                         warmup=min(args.warmup, args.steps), seed=args.seed, eval_every=args.eval_every,
                         checkpoint_every=args.checkpoint_every, log_every=0 if args.quiet else args.log_every,
                         minutes=args.minutes, threads=args.threads)
-    job = QATJob(args.path, args.scheme, args.output, args.distill, _read_text(args.train_file),
+    job = QATJob(args.path, args.scheme, args.output, args.distill, args.init, _read_text(args.train_file),
                  _read_text(args.eval_file), args.checkpoint_dir)
     summary = run_qat(job, loop, QATSettings(not args.fixed_scales, args.act_bits), progress=not args.quiet)
     return render(summary, args.output)
@@ -84,6 +84,8 @@ def register_qat(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed of the data order (default 0)")
     p.add_argument("--distill", action="store_true",
                    help="match the float model's next-token distribution (KL) instead of the text's next tokens")
+    p.add_argument("--init", choices=["rtn", "gptq"], default="rtn",
+                   help="start from round-to-nearest (default) or from GPTQ's solution (its weights and scales)")
     p.add_argument("--fixed-scales", action="store_true", help="min-max scales every step instead of learned (LSQ)")
     p.add_argument("--act-bits", type=int, choices=[8], help="also fake-quantise activations per token (int8; "
                                                               "converts to W8A8, needs --scheme int8-sfp32)")

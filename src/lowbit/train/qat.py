@@ -64,6 +64,13 @@ def fake_quant_act_int8(x: torch.Tensor) -> torch.Tensor:
     return fake_quant_affine(x, scale, 0.0, -127, 127)
 
 
+def _check_init(init, spec: QuantSpec, linear: nn.Linear) -> QuantizedTensor:
+    if not isinstance(init, QuantizedTensor) or init.spec != spec or init.g_idx is not None or \
+            tuple(init.shape) != tuple(linear.weight.shape):
+        raise LowbitError("QAT starts from a post-training weight of the same scheme and shape, with contiguous groups")
+    return init
+
+
 class FakeQuantLinear(nn.Module):
     """A Linear whose weight is fake-quantised under `spec` in every forward pass.
 
@@ -71,14 +78,17 @@ class FakeQuantLinear(nn.Module):
     learned), zero [rows, blocks] (a buffer: integer on the grid, or the implied zero when symmetric).
     """
 
-    def __init__(self, linear: nn.Linear, spec: QuantSpec, settings: QATSettings = QATSettings()):
+    def __init__(self, linear: nn.Linear, spec: QuantSpec, settings: QATSettings = QATSettings(),
+                 init: QuantizedTensor | None = None):
         super().__init__()
         settings.check(spec)
         self.spec, self.settings = spec, settings
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().float().clone())
+        start = linear.weight.detach().float() if init is None else _check_init(init, spec, linear).dequantize()
+        self.weight = nn.Parameter(start.float().clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone())
-        q = quantize(self.weight.detach(), spec, "minmax")
+        # min-max scales, or those of the post-training solution QAT starts from (its weights on its grid)
+        q = quantize(self.weight.detach(), spec, "minmax") if init is None else init
         self.learn = settings.learn_scales and learnable(spec)
         if self.learn:
             self.scale = nn.Parameter(q.scale.clone())
@@ -126,10 +136,13 @@ class FakeQuantLinear(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # whole models
 
-def prepare_qat(model: nn.Module, config_or_recipe, settings: QATSettings = QATSettings()) -> list[str]:
+def prepare_qat(model: nn.Module, config_or_recipe, settings: QATSettings = QATSettings(),
+                init: dict | None = None) -> list[str]:
     """Swap every Linear the recipe quantises (the same selection as post-training quantisation: the output
     head stays in full precision by default) for a FakeQuantLinear with that layer's scheme; freeze nothing.
-    Returns the swapped names; refuses, before any change, a scheme a layer's shape cannot take."""
+    init: {name: QuantizedTensor} of a post-training solution to start from (weights and scales), else
+    min-max round-to-nearest. Returns the swapped names; refuses, before any change, a scheme a layer's
+    shape cannot take."""
     from lowbit.methods.recipe import as_recipe
     from lowbit.pipeline.loading import set_module
     from lowbit.pipeline.runner import layer_plan
@@ -139,7 +152,8 @@ def prepare_qat(model: nn.Module, config_or_recipe, settings: QATSettings = QATS
     for config, _info in plan.values():
         settings.check(config.spec())
     for name, (config, _info) in plan.items():
-        set_module(model, name, FakeQuantLinear(model.get_submodule(name), config.spec(), settings))
+        start = None if init is None else init.get(name)
+        set_module(model, name, FakeQuantLinear(model.get_submodule(name), config.spec(), settings, start))
     model.lowbit_qat_recipe = recipe
     return list(plan)
 

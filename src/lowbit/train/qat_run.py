@@ -25,11 +25,13 @@ EVAL_TOKENS_DURING = 16384     # held-out tokens scored at each evaluation durin
 class QATJob:
     """What `lowbit qat` is asked: the model folder (None: bundled), the scheme's short words, the output
     folder, and whether to distil from the float model (KL to its next-token distribution, as LLM-QAT does)
-    instead of training on the text's next tokens."""
+    instead of training on the text's next tokens. init: "rtn" (min-max round-to-nearest) or "gptq" (start
+    from GPTQ's solution on the scheme, calibrated on the bundled calibration text: its weights and scales)."""
     model: str | None
     scheme: str
     out: str
     distill: bool = False
+    init: str = "rtn"
     train_text: str | None = None
     eval_text: str | None = None
     checkpoint_dir: str | None = None
@@ -77,10 +79,10 @@ def run_qat(job: QATJob, loop: LoopSettings, qat: QATSettings = QATSettings(), p
     context = min(model_context(model), loop.seq_len)
     teacher = copy.deepcopy(model).eval() if job.distill else None
     float_nll = held_out(model, eval_ids, model_context(model))
-    prepare_qat(model, config, qat)
-    rtn_nll = held_out(model, eval_ids, model_context(model))
+    prepare_qat(model, config, qat, starting_weights(model, job, tokenizer))
+    start_nll = held_out(model, eval_ids, model_context(model))
     run = {"model": str(resolve_model_path(job.model)), "scheme": config.short_name(), "qat": asdict(qat),
-           "distill": job.distill}
+           "init": job.init, "distill": job.distill}
     quick = eval_ids[:EVAL_TOKENS_DURING]
     history = train_loop(model, [p for p in model.parameters() if p.requires_grad], train_ids, loop,
                          checkpoint_dir=job.checkpoints(), run=run, progress=progress,
@@ -90,7 +92,7 @@ def run_qat(job: QATJob, loop: LoopSettings, qat: QATSettings = QATSettings(), p
     description = (f"QAT: {history.steps_done} steps x {loop.batch_size} x {loop.seq_len} tokens "
                    f"({'distilled from the float model' if job.distill else 'next-token loss'})")
     convert_qat(model, description)
-    summary = _summary(job, config, loop, qat, history, float_nll, rtn_nll, fake_nll,
+    summary = _summary(job, config, loop, qat, history, float_nll, start_nll, fake_nll,
                        held_out(model, eval_ids, model_context(model)), eval_ids.numel())
     save(model, job.out, tokenizer)
     _write_beside(Path(job.out), summary, history, config.short_name())
@@ -98,15 +100,33 @@ def run_qat(job: QATJob, loop: LoopSettings, qat: QATSettings = QATSettings(), p
     return summary
 
 
+INITS = ("rtn", "gptq")
+
+
+def starting_weights(model, job: QATJob, tokenizer) -> dict | None:
+    """{Linear name: QuantizedTensor} of the post-training solution QAT starts from (None: round-to-nearest)."""
+    if job.init not in INITS:
+        raise LowbitError(f"--init must be one of {', '.join(INITS)}, got {job.init!r}")
+    if job.init == "rtn":
+        return None
+    from lowbit.api import quantize
+    from lowbit.io import quantized_weights
+    from lowbit.methods import parse_method
+
+    ptq = quantize(copy.deepcopy(model), parse_method(f"gptq-{job.scheme}"), tokenizer=tokenizer)
+    return quantized_weights(ptq)
+
+
 def _next_token_loss(model, batch):
     return model(input_ids=batch, labels=batch).loss
 
 
-def _summary(job, config, loop, qat, history, float_nll, rtn_nll, fake_nll, quant_nll, eval_tokens) -> dict:
+def _summary(job, config, loop, qat, history, float_nll, start_nll, fake_nll, quant_nll, eval_tokens) -> dict:
     return {"model": job.model or "bundled", "method": config.short_name(), "distill": job.distill,
             "loop": asdict(loop), "qat": asdict(qat), "steps": history.steps_done, "tokens": history.tokens,
             "train_seconds": history.seconds, "stopped": history.stopped, "eval_tokens": eval_tokens,
-            "perplexity": {"float": math.exp(float_nll), "rtn_init": math.exp(rtn_nll),
+            "init": job.init,
+            "perplexity": {"float": math.exp(float_nll), "start": math.exp(start_nll),
                            "qat_fake_quant": math.exp(fake_nll), "qat": math.exp(quant_nll)},
             "losses": history.losses, "evals": history.evals}
 
@@ -125,7 +145,7 @@ def render(summary: dict, out) -> str:
     return (f"{summary['method']} on {summary['model']}: {summary['steps']} steps, {summary['tokens']:,} tokens, "
             f"{summary['train_seconds'] / 60:.1f} min ({'distilled' if summary['distill'] else 'next-token loss'})\n"
             f"held-out perplexity ({summary['eval_tokens']:,} tokens): float {p['float']:.3f}, "
-            f"round-to-nearest start {p['rtn_init']:.3f}, after QAT {p['qat']:.3f}\n"
+            f"start ({summary['init']}) {p['start']:.3f}, after QAT {p['qat']:.3f}\n"
             f"saved to {out} (native lowbit folder; {CURVE_FILE} and {SUMMARY_FILE} beside the weights)")
 
 
