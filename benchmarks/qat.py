@@ -1,14 +1,15 @@
 """QAT against the best post-training method (GPTQ) at low bits on the bundled model: how much of GPTQ's
 perplexity gap to full precision QAT recovers, and what the training cost.
 
-    .venv/bin/python benchmarks/qat.py                                   # int3 g128 and int2 g64 (~25 min)
-    .venv/bin/python benchmarks/qat.py --schemes int2-g64 --steps 300 --no-distill
+    .venv/bin/python benchmarks/qat.py                                   # int3 g128 and int2 g64 (~15 min)
+    .venv/bin/python benchmarks/qat.py --schemes int2-g64 --steps 300 --init rtn --no-distill
 
 Every row is scored by lowbit.eval.compare's protocol (the bundled eval text, the model's context,
 the same held-out windows, fidelity against the same full-precision reference). GPTQ rows use lowbit's
 default GPTQ settings and calibration (`lowbit quantize --method gptq-...`). QAT rows run `lowbit qat`'s code
-(lowbit.train.qat_run.run_qat): learned step sizes (LSQ), distilled from the float model on the bundled
-training text by default, then converted to real weights and reloaded from the saved folder before scoring.
+(lowbit.train.qat_run.run_qat) with its defaults: started from that GPTQ solution, learned step sizes
+(LSQ), distilled from the float model on the bundled calibration text (which the bundled model never trained
+on), then converted to real weights and reloaded from the saved folder before scoring.
 "recovered" = (GPTQ - QAT) / (GPTQ - float) perplexity. Writes qat.md, qat.json and qat.png into --out.
 """
 from __future__ import annotations
@@ -26,8 +27,9 @@ import torch
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--schemes", default="int3-g128,int2-g64")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--init", choices=["gptq", "rtn"], default="gptq")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-distill", action="store_true")
@@ -62,12 +64,12 @@ def main() -> None:
                      "bits_per_weight": gptq["bits_per_weight"], "minutes": seconds / 60})
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "qat"
-            s = run_qat(QATJob(None, scheme, str(out), distill=not args.no_distill), loop)
+            s = run_qat(QATJob(None, scheme, str(out), distill=not args.no_distill, init=args.init), loop)
             model, _ = api.load(out)
             qat = evaluate(model, reference=reference, speed=False)
         curves[f"qat-{scheme}"] = History([tuple(x) for x in s["losses"]], [tuple(x) for x in s["evals"]])
         recovered = (gptq["perplexity"] - qat["perplexity"]) / (gptq["perplexity"] - fp)
-        rows.append({"scheme": scheme, "method": f"QAT ({s['steps']} steps x {args.batch_size} x 256, "
+        rows.append({"scheme": scheme, "method": f"QAT from {args.init} ({s['steps']} steps x {args.batch_size} x 256, "
                      f"{'distilled' if not args.no_distill else 'next-token'})", "perplexity": qat["perplexity"],
                      "kl": qat["kl"], "bits_per_weight": qat["bits_per_weight"], "minutes": s["train_seconds"] / 60,
                      "tokens": s["tokens"], "recovered": recovered})

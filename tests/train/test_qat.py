@@ -83,7 +83,7 @@ def test_qat_folder_loads_exports_and_resumes(tiny_model_dir, tmp_path, monkeypa
     folder = tiny_model_dir("llama")
     loop = LoopSettings(steps=4, lr=1e-3, batch_size=2, seq_len=32, warmup=1, checkpoint_every=2, eval_every=2,
                         log_every=0)
-    whole = run_qat(QATJob(str(folder), "int4-g32", str(tmp_path / "whole"), train_text=text, eval_text=text),
+    whole = run_qat(QATJob(str(folder), "int4-g32", str(tmp_path / "whole"), False, "rtn", text, text),
                     loop, progress=False)
 
     calls = {"n": 0}
@@ -95,7 +95,7 @@ def test_qat_folder_loads_exports_and_resumes(tiny_model_dir, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real_loss(model, batch)
 
-    job = QATJob(str(folder), "int4-g32", str(tmp_path / "resumed"), train_text=text, eval_text=text)
+    job = QATJob(str(folder), "int4-g32", str(tmp_path / "resumed"), False, "rtn", text, text)
     monkeypatch.setattr(qat_run, "_next_token_loss", dies_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         run_qat(job, loop, progress=False)

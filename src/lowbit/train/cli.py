@@ -63,7 +63,7 @@ def _cmd_qat(args) -> str:
                         warmup=min(args.warmup, args.steps), seed=args.seed, eval_every=args.eval_every,
                         checkpoint_every=args.checkpoint_every, log_every=0 if args.quiet else args.log_every,
                         minutes=args.minutes, threads=args.threads)
-    job = QATJob(args.path, args.scheme, args.output, args.distill, args.init, _read_text(args.train_file),
+    job = QATJob(args.path, args.scheme, args.output, not args.no_distill, args.init, _read_text(args.train_file),
                  _read_text(args.eval_file), args.checkpoint_dir)
     summary = run_qat(job, loop, QATSettings(not args.fixed_scales, args.act_bits), progress=not args.quiet)
     return render(summary, args.output)
@@ -76,16 +76,17 @@ def register_qat(sub) -> None:
     p.add_argument("--scheme", default="int4-g128",
                    help="weight scheme in short words: int4-g128, int3-g128, int2-g64, uint4-g64, nf4-g64, fp8_e4m3, "
                         "mxfp4, int8-sfp32 ... (default int4-g128)")
-    p.add_argument("--steps", type=_positive_int, default=300, help="optimiser steps (default 300)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of weights and scales (default 1e-4)")
+    p.add_argument("--steps", type=_positive_int, default=150, help="optimiser steps (default 150)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of weights and scales (default 2e-4)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step (default 8)")
     p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay (default 20)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the data order (default 0)")
-    p.add_argument("--distill", action="store_true",
-                   help="match the float model's next-token distribution (KL) instead of the text's next tokens")
-    p.add_argument("--init", choices=["rtn", "gptq"], default="rtn",
-                   help="start from round-to-nearest (default) or from GPTQ's solution (its weights and scales)")
+    p.add_argument("--no-distill", action="store_true",
+                   help="train on the text's next tokens instead of matching the float model's next-token "
+                        "distribution (KL, the default)")
+    p.add_argument("--init", choices=["gptq", "rtn"], default="gptq",
+                   help="start from GPTQ's solution, its weights and scales (default), or from round-to-nearest")
     p.add_argument("--fixed-scales", action="store_true", help="min-max scales every step instead of learned (LSQ)")
     p.add_argument("--act-bits", type=int, choices=[8], help="also fake-quantise activations per token (int8; "
                                                               "converts to W8A8, needs --scheme int8-sfp32)")
@@ -96,7 +97,7 @@ def register_qat(sub) -> None:
     p.add_argument("--checkpoint-dir", help="where checkpoints go (default OUTPUT.checkpoints); run the same "
                                             "command again to resume from the last one")
     p.add_argument("--log-every", type=_positive_int, default=10, help="progress line every N steps (default 10)")
-    p.add_argument("--train-file", help="training text (default: the bundled training text)")
+    p.add_argument("--train-file", help="training text (default: the bundled calibration text, which GPTQ reads too)")
     p.add_argument("--eval-file", help="held-out text (default: the bundled eval text)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(run=_cmd_qat)

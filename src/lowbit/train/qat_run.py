@@ -25,13 +25,15 @@ EVAL_TOKENS_DURING = 16384     # held-out tokens scored at each evaluation durin
 class QATJob:
     """What `lowbit qat` is asked: the model folder (None: bundled), the scheme's short words, the output
     folder, and whether to distil from the float model (KL to its next-token distribution, as LLM-QAT does)
-    instead of training on the text's next tokens. init: "rtn" (min-max round-to-nearest) or "gptq" (start
-    from GPTQ's solution on the scheme, calibrated on the bundled calibration text: its weights and scales)."""
+    or train on the text's next tokens. The training text defaults to the bundled calibration text: text
+    the bundled model never trained on, so the float model's distribution there is what it generalises to.
+    init: "gptq" (start from GPTQ's solution on the scheme, calibrated on the bundled calibration text: its
+    weights and scales) or "rtn" (min-max round-to-nearest)."""
     model: str | None
     scheme: str
     out: str
-    distill: bool = False
-    init: str = "rtn"
+    distill: bool = True
+    init: str = "gptq"
     train_text: str | None = None
     eval_text: str | None = None
     checkpoint_dir: str | None = None
@@ -73,7 +75,7 @@ def run_qat(job: QATJob, loop: LoopSettings, qat: QATSettings = QATSettings(), p
     if tokenizer is None:
         raise LowbitError(f"{resolve_model_path(job.model)} has no tokenizer; QAT needs one to read the text")
     model = model.float()
-    train_ids = tokenize(tokenizer, job.train_text if job.train_text is not None else bundled_text("train"))
+    train_ids = tokenize(tokenizer, job.train_text if job.train_text is not None else bundled_text("calibration"))
     eval_ids = tokenize(tokenizer, job.eval_text if job.eval_text is not None else bundled_text("eval"),
                         DEFAULT_MAX_EVAL_TOKENS)
     context = min(model_context(model), loop.seq_len)
