@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.train.loop import random_windows
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -210,12 +211,6 @@ class TrainSettings:
 class TrainResult:
     losses: list = field(default_factory=list)   # training loss of every step
     seconds: float = 0.0
-
-
-def random_windows(ids: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-    """batch_size windows of seq_len tokens at seeded random offsets of a 1-D token stream."""
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (batch_size,), generator=generator)
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
 def lr_at(step: int, settings: TrainSettings) -> float:
