@@ -64,16 +64,18 @@ def held_out(model: nn.Module, eval_ids: torch.Tensor, context: int, windows: in
 
 def train_model(model: nn.Module, train_ids: torch.Tensor, eval_ids: torch.Tensor, settings: LoopSettings, *,
                 bitnet: bool = True, packing: str = "trit5", checkpoint_dir=None, progress: bool = True,
-                run: dict | None = None) -> tuple[nn.Module, dict, History]:
+                run: dict | None = None, measure_before: bool = True) -> tuple[nn.Module, dict, History]:
     """Train `model` (BitLinear in its blocks when bitnet, else as it is) and, for bitnet, convert it to
     TernaryLinear. Returns (model, summary, history); summary holds steps, tokens, minutes, the held-out
     perplexity before training, after training (for bitnet: of the fake-quantised model) and of the
-    converted ternary model, all on the full eval_ids in windows of settings.seq_len."""
+    converted ternary model, all on the full eval_ids in windows of settings.seq_len (measure_before=False
+    skips the first: a model trained from scratch starts near the vocabulary size)."""
     context = settings.seq_len
     summary = {"bitnet": bitnet, "packing": packing if bitnet else None, "settings": asdict(settings)}
     if bitnet:
         to_bitnet(model, packing)
-    summary["ppl_before"] = held_out(model, eval_ids, context)
+    if measure_before:
+        summary["ppl_before"] = held_out(model, eval_ids, context)
 
     def evaluate(m):
         return math.log(held_out(m, eval_ids, context, EVAL_WINDOWS))
