@@ -47,7 +47,8 @@ def render(s: dict, out, curve) -> str:
     lines = [f"trained {s['steps']} steps, {s['tokens']:,} tokens in {s['minutes']} min "
              f"({s['tokens_per_second']:,} tokens/s; stopped by {s['stopped']})"]
     if "ppl_before" in s:
-        lines.append(f"held-out perplexity before: {s['ppl_before']:.2f}")
+        lines.append(f"held-out perplexity of the float model: {s['ppl_float']:.2f}; ternarised before training: "
+                     f"{s['ppl_before']:.2f}")
     lines += [f"held-out perplexity after:  {s['ppl_ternary']:.2f} (ternary weights; {s['ppl_trained']:.2f} "
               f"fake-quantised)",
               f"ternary Linears: {bits['bytes']:,} bytes for {bits['weights']:,} weights = "

@@ -67,11 +67,14 @@ def train_model(model: nn.Module, train_ids: torch.Tensor, eval_ids: torch.Tenso
                 run: dict | None = None, measure_before: bool = True) -> tuple[nn.Module, dict, History]:
     """Train `model` (BitLinear in its blocks when bitnet, else as it is) and, for bitnet, convert it to
     TernaryLinear. Returns (model, summary, history); summary holds steps, tokens, minutes, the held-out
-    perplexity before training, after training (for bitnet: of the fake-quantised model) and of the
+    perplexity of the float model given (ppl_float, bitnet only), before training (for bitnet: with its
+    Linears ternarised, i.e. post-training BitNet), after training (for bitnet: fake-quantised) and of the
     converted ternary model, all on the full eval_ids in windows of settings.seq_len (measure_before=False
     skips the first: a model trained from scratch starts near the vocabulary size)."""
     context = settings.seq_len
     summary = {"bitnet": bitnet, "packing": packing if bitnet else None, "settings": asdict(settings)}
+    if measure_before and bitnet:
+        summary["ppl_float"] = held_out(model, eval_ids, context)
     if bitnet:
         to_bitnet(model, packing)
     if measure_before:
