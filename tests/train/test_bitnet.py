@@ -86,3 +86,43 @@ def test_bitnet_command_trains_converts_and_saves(tiny_model_dir, tmp_path, caps
     assert main(["bitnet", str(src), "-o", str(tmp_path / "o2"), "--packing", "3bit"]) == 2
     err = capsys.readouterr().err
     assert "packing" in err and len(err.strip().splitlines()) == 1
+
+
+def test_interrupted_command_resumes_to_the_uninterrupted_model(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    """Ctrl-C after step 3 of 5 keeps the checkpoint of step 2; the same command again resumes there and saves
+    exactly the model an uninterrupted run saves."""
+    from safetensors.torch import load_file
+
+    import lowbit.train.loop as loop
+
+    src = tiny_model_dir("llama")
+    text = tmp_path / "t.txt"
+    text.write_text("a stitch in time saves nine; " * 300)
+
+    def run(out):
+        return main(["bitnet", str(src), "-o", str(out), "--steps", "5", "--batch-size", "2", "--seq-len", "16",
+                     "--warmup", "1", "--eval-every", "0", "--checkpoint-every", "2", "--train-file", str(text),
+                     "--eval-file", str(text), "--quiet"])
+
+    assert run(tmp_path / "whole") == 0
+    real_step, calls = loop._step, {"n": 0}
+
+    def dies_at_step_4(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(loop, "_step", dies_at_step_4)
+    assert run(tmp_path / "resumed") == 130 and not (tmp_path / "resumed").exists()
+    assert (tmp_path / "resumed.checkpoints").is_dir()
+    rerun = {"n": 0}
+
+    def counted(*a, **k):
+        rerun["n"] += 1
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(loop, "_step", counted)
+    assert run(tmp_path / "resumed") == 0 and rerun["n"] == 3      # steps 3..5: resumed after step 2's checkpoint
+    whole, resumed = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("whole", "resumed"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
