@@ -44,4 +44,4 @@ def __getattr__(name):
 __all__ = ["QuantSpec", "QuantizedTensor", "quantize_tensor", "dequantize", "fake_quantize", "RTN", "GPTQ", "AWQ",
            "SmoothQuant", "W8A8", "LLMInt8", "NF4", "FP4", "GGMLQuant", "HQQ", "SpQR", "QuIP", "AQLM", "Recipe", "METHODS", "parse_method",
            "get_format", "list_formats", "LowbitError", *_API, *_EVAL, "__version__"]
-__all__.append("BitNet")      # BitNet b1.58's ternary weights (methods/bitnet.py; trained by `lowbit bitnet`)
+__all__ += ["BitNet"]      # BitNet b1.58's ternary weights (methods/bitnet.py; trained by `lowbit bitnet`)
