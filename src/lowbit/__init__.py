@@ -23,6 +23,7 @@ from lowbit.methods.hqq import HQQ
 from lowbit.methods.aqlm import AQLM
 from lowbit.methods.quip import QuIP
 from lowbit.methods.spqr import SpQR
+from lowbit.methods.qat import QAT
 
 _API = ("quantize", "save", "load", "load_model", "export")
 _EVAL = ("evaluate", "compare")
@@ -42,6 +43,6 @@ def __getattr__(name):
 
 
 __all__ = ["QuantSpec", "QuantizedTensor", "quantize_tensor", "dequantize", "fake_quantize", "RTN", "GPTQ", "AWQ",
-           "SmoothQuant", "W8A8", "LLMInt8", "NF4", "FP4", "GGMLQuant", "HQQ", "SpQR", "QuIP", "AQLM", "Recipe", "METHODS", "parse_method",
+           "SmoothQuant", "W8A8", "LLMInt8", "NF4", "FP4", "GGMLQuant", "HQQ", "SpQR", "QuIP", "AQLM", "QAT", "Recipe", "METHODS", "parse_method",
            "get_format", "list_formats", "LowbitError", *_API, *_EVAL, "__version__"]
 __all__ += ["BitNet"]      # BitNet b1.58's ternary weights (methods/bitnet.py; trained by `lowbit bitnet`)

@@ -109,3 +109,26 @@ def test_round_trip_of_every_code():
 def test_fp4_rejects_nan():
     with pytest.raises(LowbitError, match="NaN"):
         get_format("fp4_e2m1").encode(torch.tensor([1.0, math.nan]))
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_to_float8_rounds_like_our_grid_and_saturates(name):
+    from lowbit.formats.minifloat import to_float8
+
+    fmt = get_format(name)
+    top = fmt.max_value
+    # in range, beyond it, and the midpoint between max and the next binade step (torch's cast gives inf there)
+    x = torch.cat([random_in_range(top, n=5000, seed=3), torch.tensor([top * 1.06, -top * 1.2, 1e30, -1e30])])
+    ours = to_float8(x, name).float()
+    assert torch.equal(ours, fmt.round(x))  # FloatFormat.round: float64 arithmetic, saturating
+    assert torch.equal(ours[-4:], torch.tensor([top, -top, top, -top]))
+
+
+def test_to_float8_keeps_non_finite_values_non_finite():
+    from lowbit.formats.minifloat import to_float8
+
+    x = torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0])
+    for name in ("fp8_e5m2", "fp8_e4m3"):   # not saturated: an overflow must stay visible to a loss scaler
+        assert torch.isnan(to_float8(x, name).float()).tolist() == [True, True, True, False]
+    with pytest.raises(LowbitError, match="no torch float8"):
+        to_float8(x, "fp6_e3m2")

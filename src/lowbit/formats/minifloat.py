@@ -93,3 +93,23 @@ class FloatFormat(NumberFormat):
     def round(self, x: torch.Tensor) -> torch.Tensor:
         r = self.round_magnitude(x.double().abs())
         return torch.where(torch.signbit(x), -r, r).to(torch.float32)
+
+
+TORCH_FLOAT8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def to_float8(x: torch.Tensor, name: str) -> torch.Tensor:
+    """`x` (any float dtype, any shape) as torch's float8 dtype of format `name` ("fp8_e4m3" or "fp8_e5m2"):
+    round to nearest, ties to even, from float32 (one rounding). Finite values beyond the largest finite
+    value saturate to ±max (448 / 57344), as FP8 casts do in NVIDIA Transformer Engine ("satfinite") and
+    the OCP FP8 spec's saturating mode; torch's own cast would give inf for E5M2 and ±448 for an inf in
+    E4M3FN. Non-finite values become NaN in both formats, so a loss scaler still sees the overflow.
+    Matches FloatFormat.round bit for bit on finite values (tests/formats/test_minifloat.py)."""
+    if name not in TORCH_FLOAT8:
+        raise LowbitError(f"no torch float8 dtype for {name!r}; known: {', '.join(TORCH_FLOAT8)}")
+    dtype = TORCH_FLOAT8[name]
+    top = torch.finfo(dtype).max
+    x = x.float()
+    y = x.clamp(-top, top)   # a new tensor; clamp keeps NaN but turns ±inf into ±top ...
+    y += x - x               # ... so add 0 where x is finite and NaN where it is not (no branch, no sync)
+    return y.to(dtype)

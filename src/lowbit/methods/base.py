@@ -84,6 +84,8 @@ class MethodConfig(metaclass=_ConfigMeta):
     sequential: ClassVar[bool] = False
     # The method's own short-name words (methods/names.py): word -> field values, or prefix -> field.
     words: ClassVar[dict] = {}
+    # Whether the method's values come from training (`lowbit qat`) rather than from quantize_weight alone.
+    trains: ClassVar[bool] = False
 
     def quantize_weight(self, weight: torch.Tensor, stats: LayerStats | None):
         raise NotImplementedError

@@ -40,6 +40,9 @@ def _cmd_quantize(args) -> str:
     out = check_output(args.output, "output folder")  # before any work: a bad path costs seconds, not a run
     check_sizes(args)
     config = method_from_args(args)
+    if config.trains:
+        raise LowbitError(f"{config.short_name()} is trained, not solved: run `lowbit qat MODEL --scheme "
+                          f"{'-'.join(config._scheme_words()) or 'int4-g128'} -o OUT`")
     if args.budget:
         from lowbit.pipeline.budget import parse_budget
 

@@ -52,7 +52,58 @@ def _cmd_finetune(args) -> str:
     return render_summary(summary, args.output)
 
 
+def _cmd_qat(args) -> str:
+    from lowbit.io.atomic import check_output
+    from lowbit.train.loop import LoopSettings
+    from lowbit.train.qat import QATSettings
+    from lowbit.train.qat_run import QATJob, render, run_qat
+
+    check_output(args.output, "output folder")  # before any training
+    loop = LoopSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                        warmup=min(args.warmup, args.steps), seed=args.seed, eval_every=args.eval_every,
+                        checkpoint_every=args.checkpoint_every, log_every=0 if args.quiet else args.log_every,
+                        minutes=args.minutes, threads=args.threads)
+    job = QATJob(args.path, args.scheme, args.output, args.distill, args.init, _read_text(args.train_file),
+                 _read_text(args.eval_file), args.checkpoint_dir)
+    summary = run_qat(job, loop, QATSettings(not args.fixed_scales, args.act_bits), progress=not args.quiet)
+    return render(summary, args.output)
+
+
+def register_qat(sub) -> None:
+    p = sub.add_parser("qat", help="quantisation-aware training: fake quantisation + STE, then real quantised weights")
+    p.add_argument("path", nargs="?", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("-o", "--output", required=True, help="native lowbit folder to write (must not exist)")
+    p.add_argument("--scheme", default="int4-g128",
+                   help="weight scheme in short words: int4-g128, int3-g128, int2-g64, uint4-g64, nf4-g64, fp8_e4m3, "
+                        "mxfp4, int8-sfp32 ... (default int4-g128)")
+    p.add_argument("--steps", type=_positive_int, default=300, help="optimiser steps (default 300)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of weights and scales (default 1e-4)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the data order (default 0)")
+    p.add_argument("--distill", action="store_true",
+                   help="match the float model's next-token distribution (KL) instead of the text's next tokens")
+    p.add_argument("--init", choices=["rtn", "gptq"], default="rtn",
+                   help="start from round-to-nearest (default) or from GPTQ's solution (its weights and scales)")
+    p.add_argument("--fixed-scales", action="store_true", help="min-max scales every step instead of learned (LSQ)")
+    p.add_argument("--act-bits", type=int, choices=[8], help="also fake-quantise activations per token (int8; "
+                                                              "converts to W8A8, needs --scheme int8-sfp32)")
+    p.add_argument("--minutes", type=float, help="stop training after this many minutes")
+    p.add_argument("--threads", type=_positive_int, help="torch threads while training (default: as set)")
+    p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (default 50; 0: end only)")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every N steps (default 50)")
+    p.add_argument("--checkpoint-dir", help="where checkpoints go (default OUTPUT.checkpoints); run the same "
+                                            "command again to resume from the last one")
+    p.add_argument("--log-every", type=_positive_int, default=10, help="progress line every N steps (default 10)")
+    p.add_argument("--train-file", help="training text (default: the bundled training text)")
+    p.add_argument("--eval-file", help="held-out text (default: the bundled eval text)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(run=_cmd_qat)
+
+
 def register(sub) -> None:
+    register_qat(sub)
     p = sub.add_parser("finetune", help="QLoRA: LoRA adapters trained on a frozen NF4 base, saved for PEFT")
     p.add_argument("path", nargs="?", default=None, help="model folder (default: the bundled model)")
     p.add_argument("-o", "--output", required=True, help="adapter folder to write (must not exist)")

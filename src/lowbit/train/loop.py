@@ -314,9 +314,12 @@ def _progress_line(h: History, step: int, s: LoopSettings) -> str:
 # ---------------------------------------------------------------------------------------------------
 # loss curves
 
-def write_loss_curve(path, curves: dict, title: str = "training loss", eval_label: str = "held-out") -> Path | None:
+def write_loss_curve(path, curves: dict, title: str = "training loss", eval_label: str = "held-out",
+                     eval_axis: str | None = None) -> Path | None:
     """One PNG with the training loss (a moving mean over 10 steps) of every History in `curves`
-    ({label: History}) and its evaluation points; None (nothing written) without matplotlib."""
+    ({label: History}) and its evaluation points; with `eval_axis` (its label) the evaluations get their
+    own y axis on the right (when they measure something else, e.g. held-out NLL beside a distillation
+    KL). None (nothing written) without matplotlib."""
     try:
         import matplotlib
 
@@ -327,19 +330,23 @@ def write_loss_curve(path, curves: dict, title: str = "training loss", eval_labe
     from lowbit.io.atomic import atomic_output
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    right = ax.twinx() if eval_axis else ax
     for label, h in curves.items():
         steps = [s for s, _ in h.losses]
         losses = [v for _, v in h.losses]
         smooth = [sum(losses[max(0, i - 9):i + 1]) / len(losses[max(0, i - 9):i + 1]) for i in range(len(losses))]
         (line,) = ax.plot(steps, smooth, label=f"{label} (train)", linewidth=1.2)
         if h.evals:
-            ax.plot([s for s, _ in h.evals], [v for _, v in h.evals], "o--", color=line.get_color(),
-                    label=f"{label} ({eval_label})", markersize=4)
+            right.plot([s for s, _ in h.evals], [v for _, v in h.evals], "o--", color=line.get_color(),
+                       label=f"{label} ({eval_label})", markersize=4)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("training loss (nats/token)")
+    if eval_axis:
+        right.set_ylabel(eval_axis)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    handles = [h for a in {ax, right} for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
     path = Path(path)
     with atomic_output(path, folder=False) as tmp:

@@ -21,9 +21,9 @@ class _FakeQuantAffine(torch.autograd.Function):
     the STE's mask is exact (autograd through x / s * s would give 1 only up to rounding)."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero, qmin: float, qmax: float, grad_factor: float):
+    def forward(ctx, x, scale, zero, qmin: float, qmax: float, grad_factor: float, rounder):
         v = x / scale + zero
-        q = torch.clamp(torch.round(v), qmin, qmax)
+        q = torch.clamp(torch.round(v), qmin, qmax) if rounder is None else rounder(v)
         ctx.save_for_backward(v, q, scale, zero)
         ctx.qmin, ctx.qmax, ctx.grad_factor = qmin, qmax, grad_factor
         return (q - zero) * scale
@@ -41,19 +41,21 @@ class _FakeQuantAffine(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             # LSQ+: the zero point moves x_hat only where x is clipped
             grad_zero = torch.where(inside, torch.zeros_like(g), -g * scale).sum_to_size(zero.shape)
-        return grad_x, grad_scale, grad_zero, None, None, None
+        return grad_x, grad_scale, grad_zero, None, None, None, None
 
 
 def fake_quant_affine(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | float, qmin: float, qmax: float,
-                      grad_factor: float = 1.0) -> torch.Tensor:
+                      grad_factor: float = 1.0, rounder=None) -> torch.Tensor:
     """Quantise-dequantise `x` on the integer grid [qmin, qmax] with `scale` and `zero` (broadcast against x:
     per tensor, per channel [out, 1] or per group [out, groups, 1] over x viewed as [out, groups, size]).
 
     Backward: dx = dy where qmin <= x/scale + zero <= qmax, else 0 (the clipped STE); dscale by LSQ, times
     `grad_factor` (LSQ recommends 1 / sqrt(elements per scale * qmax)); dzero = -scale * dy where clipped.
+    rounder: a saturating grid rounding of v = x / scale + zero onto levels in [qmin, qmax] (a format's
+    `round`, e.g. NF4's or FP8's levels); default the integers.
     """
     zero = torch.as_tensor(zero, dtype=x.dtype, device=x.device)
-    return _FakeQuantAffine.apply(x, scale, zero, float(qmin), float(qmax), float(grad_factor))
+    return _FakeQuantAffine.apply(x, scale, zero, float(qmin), float(qmax), float(grad_factor), rounder)
 
 
 def fake_quant_grid(x: torch.Tensor, rounder) -> torch.Tensor:

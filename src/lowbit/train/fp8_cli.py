@@ -1,0 +1,85 @@
+"""`lowbit train-fp8`: FP8 training (delayed scaling) of a causal LM on text, or the BF16 baseline run."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lowbit.train.cli import _positive_int, _read_text
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
+    return v
+
+
+def checkpoint_folder(args) -> Path:
+    return Path(args.checkpoint_dir) if args.checkpoint_dir else Path(f"{args.output}.checkpoints")
+
+
+def _cmd_train_fp8(args) -> str:
+    import shutil
+
+    from lowbit.io.atomic import check_output
+    from lowbit.train.fp8_run import render_summary, save_run, train_precision
+    from lowbit.train.fp8_scaling import DelayedScaling
+    from lowbit.train.loop import LoopSettings, latest_checkpoint
+
+    check_output(args.output, "output folder")   # before any training
+    recipe = DelayedScaling(args.margin, args.history_len, args.amax_algo)
+    settings = LoopSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                            warmup=min(args.warmup, args.steps), min_lr_ratio=args.min_lr_ratio,
+                            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
+                            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                            log_every=0 if args.quiet else args.log_every, minutes=args.minutes)
+    folder = checkpoint_folder(args)
+    try:
+        model, tokenizer, history, summary = train_precision(
+            args.precision, settings, recipe, path=args.path, scratch=args.scratch, checkpoint_dir=folder,
+            backend=args.backend, train_text=_read_text(args.train_file), eval_text=_read_text(args.eval_file),
+            progress=not args.quiet)
+    except KeyboardInterrupt as e:
+        last = latest_checkpoint(folder)
+        if last is not None:
+            e.hint = f"lowbit: interrupted; run the same command again to resume from {last}"
+        raise
+    save_run(args.output, model, tokenizer, history, summary)
+    shutil.rmtree(folder, ignore_errors=True)   # the run is complete: nothing left to resume
+    return render_summary(summary, args.output)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train-fp8", help="train with the decoder Linears in FP8 (E4M3 forward, E5M2 backward, "
+                                         "delayed scaling), or the same run in BF16")
+    p.add_argument("path", nargs="?", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("-o", "--output", required=True, help="folder to write: model, loss curve, summary")
+    p.add_argument("--precision", choices=["fp8", "bf16"], default="fp8", help="fp8 (default) or the bf16 baseline")
+    p.add_argument("--scratch", action="store_true", help="re-initialise the weights from the config (seeded)")
+    p.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per step (default 16)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--warmup", type=_non_negative_int, default=30, help="linear warm-up steps (default 30)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr (0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (0.1)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default 1; 0: none)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: initialisation and data order (default 0)")
+    p.add_argument("--history-len", type=_positive_int, default=16, help="amax history length (default 16)")
+    p.add_argument("--margin", type=_non_negative_int, default=0, help="scale margin: scales / 2**margin (0)")
+    p.add_argument("--amax-algo", choices=["max", "most_recent"], default="max", help="amax from the history")
+    p.add_argument("--backend", choices=["auto", "emulated", "scaled_mm"], default="auto",
+                   help="FP8 matmuls: auto (torch._scaled_mm on a GPU, exact float32 emulation on CPU)")
+    p.add_argument("--eval-every", type=_non_negative_int, default=50, help="held-out loss every N steps (50)")
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=25, help="checkpoint every N steps (25)")
+    p.add_argument("--checkpoint-dir", help="resume folder (default: OUTPUT.checkpoints; removed when done)")
+    p.add_argument("--log-every", type=_positive_int, default=10, help="progress line every N steps (10)")
+    p.add_argument("--minutes", type=float, help="stop after this much training time (the schedule keeps --steps)")
+    p.add_argument("--threads", type=_positive_int, help="torch threads (default: as the environment sets)")
+    p.add_argument("--train-file", help="training text (default: the bundled training text)")
+    p.add_argument("--eval-file", help="held-out text (default: the bundled eval text)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(run=_cmd_train_fp8)
