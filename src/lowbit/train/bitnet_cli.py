@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lowbit.train.cli import _positive_int, _read_text
+from lowbit.train.cli import _positive_int, _read_text, add_run_arguments
 
 
 def _cmd_bitnet(args) -> str:
@@ -72,15 +72,6 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay (default 20)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and of a scratch model (default 0)")
-    p.add_argument("--minutes", type=float, help="stop training after this many minutes")
-    p.add_argument("--threads", type=_positive_int, help="torch threads while training (default: as set)")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (default 50; 0: end only)")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every N steps (default 50)")
-    p.add_argument("--checkpoint-dir", help="where checkpoints go (default OUTPUT.checkpoints); run the same "
-                                            "command again to resume from the last one")
-    p.add_argument("--log-every", type=_positive_int, default=10, help="progress line every N steps (default 10)")
-    p.add_argument("--train-file", help="training text (default: the bundled training text)")
-    p.add_argument("--eval-file", help="held-out text (default: the bundled eval text)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_run_arguments(p)
     p.set_defaults(run=_cmd_bitnet)
