@@ -78,9 +78,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--packing", default="trit5")
-    p.add_argument("--calibration-steps", type=int, default=6)
-    p.add_argument("--margin", type=float, default=0.85,
-                   help="share of the calibrated step count scheduled (load on a shared machine varies; default 0.85)")
+    p.add_argument("--calibration-steps", type=int, default=8)
+    p.add_argument("--margin", type=float, default=0.8,
+                   help="share of the calibrated step count scheduled (load on a shared machine varies; default 0.8)")
     p.add_argument("--out", default="bitnet-vs-float")
     p.add_argument("--save", action="store_true", help="save the BitNet model to OUT/bitnet-model")
     # internal: one worker
