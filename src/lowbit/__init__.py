@@ -17,8 +17,8 @@ from lowbit.core import QuantizedTensor, QuantSpec, dequantize, fake_quantize
 from lowbit.core import quantize as quantize_tensor
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format, list_formats
-from lowbit.methods import (AWQ, FP4, GPTQ, METHODS, NF4, RTN, W8A8, GGMLQuant, LLMInt8, Recipe, SmoothQuant,
-                            parse_method)
+from lowbit.methods import (AWQ, FP4, GPTQ, METHODS, NF4, RTN, W8A8, BitNet, GGMLQuant, LLMInt8, Recipe,
+                            SmoothQuant, parse_method)
 from lowbit.methods.hqq import HQQ
 from lowbit.methods.aqlm import AQLM
 from lowbit.methods.quip import QuIP
@@ -45,3 +45,4 @@ def __getattr__(name):
 __all__ = ["QuantSpec", "QuantizedTensor", "quantize_tensor", "dequantize", "fake_quantize", "RTN", "GPTQ", "AWQ",
            "SmoothQuant", "W8A8", "LLMInt8", "NF4", "FP4", "GGMLQuant", "HQQ", "SpQR", "QuIP", "AQLM", "QAT", "Recipe", "METHODS", "parse_method",
            "get_format", "list_formats", "LowbitError", *_API, *_EVAL, "__version__"]
+__all__ += ["BitNet"]      # BitNet b1.58's ternary weights (methods/bitnet.py; trained by `lowbit bitnet`)

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Packages that add subcommands: each module has register(subparsers) and sets `run` on its parsers.
 COMMAND_MODULES = ("lowbit.pipeline.cli", "lowbit.eval.cli", "lowbit.io.cli", "lowbit.train.cli", "lowbit.train.fp8_cli",
-                   "lowbit.advisor_cli")
+                   "lowbit.train.bitnet_cli", "lowbit.advisor_cli")
 
 
 def _optional_module(name: str):

@@ -18,7 +18,7 @@ from lowbit.methods import METHODS, parse_method
 METHOD_NAMES = ("rtn-int4-g32", "rtn-int8-g32", "rtn-fp8_e4m3-channel", "rtn-uint4-g64", "rtn-int3-g32", "rtn-nf4-g64",
                 "gptq-int4-g32",
                 "gptq-int4-g32-dynamic", "gptq-int8", "awq-uint4-g32", "nf4", "nf4-dq", "fp4", "w8a8", "w8a8-static",
-                "llm-int8", "smoothquant", "ggml-q4_0", "ggml-q8_0", "ggml-q4_k", "q4_k_m", "q3_k_s", "hqq-int4-g64",
+                "llm-int8", "smoothquant", "bitnet", "ggml-q4_0", "ggml-q8_0", "ggml-q4_k", "q4_k_m", "q3_k_s", "hqq-int4-g64",
                 "hqq-int4-g32", "hqq-int2-g16", "spqr", "spqr-int3-g16-actorder", "quip", "quip-4bit", "aqlm-r1-steps5",
                 "rtn-mxfp4", "rtn-nvfp4", "gptq-nvfp4", "rtn-mxint8", "rtn-fp8_e4m3-a8dyn", "rtn-fp8_e4m3-tensor-a8static", "qat-int4-g32")
 load_format_modules()
@@ -96,6 +96,7 @@ def test_the_expected_pairs_are_accepted(quantised):
     assert accepted("rtn-fp8_e4m3-channel") == ["compressed-tensors"]
     assert accepted("spqr") == accepted("hqq-int4-g64") == []   # sparse outliers; float zero points
     assert accepted("quip") == accepted("aqlm-r1-steps5") == []  # lattice codes of a rotated weight; codebooks
+    assert accepted("bitnet") == ["gguf"]                        # ternary + one fp16 scale: TQ1_0 blocks
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)

@@ -8,6 +8,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 import lowbit.weights.ggml as ggml
+from lowbit.core.packing import trit_bytes
 from lowbit.errors import LowbitError
 from tests.weights.ggml_helpers import awkward_weights, extreme_weights, gguf_values, importance
 from lowbit.weights.ggml import (BLOCK_TYPES, GGML_TYPES, PLAIN_TYPES, BlockType, GGMLTensor, bits_per_weight,
@@ -17,10 +18,13 @@ from lowbit.weights.ggml import (BLOCK_TYPES, GGML_TYPES, PLAIN_TYPES, BlockType
 TYPES = list(BLOCK_TYPES)
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 K_QUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+TERNARY = ["TQ1_0", "TQ2_0"]
 FIELD_NAMES = ("d", "q", "sc", "dmin", "m")
 # Byte offsets of the fp16 fields in each block: random bytes there get finite values instead.
 HALF_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
-               "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+               "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "TQ1_0": [52], "TQ2_0": [64]}
+# Bytes a block may hold there: TQ1_0's trit bytes take 243 (qs, five trits) and 81 (qh, four) of 256 values.
+TRIT_RUNS = {"TQ1_0": [(0, 48, 5), (48, 52, 4)]}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,6 +36,9 @@ def random_blocks(name: str, n=64, seed=1) -> np.ndarray:
     blocks = rng.integers(0, 256, size=(n, BLOCK_TYPES[name].type_size), dtype=np.uint8)
     for at in HALF_FIELDS[name]:
         blocks[:, at:at + 2] = rng.uniform(-1, 1, n).astype(np.float16).view(np.uint8).reshape(n, 2)
+    for start, stop, k in TRIT_RUNS.get(name, []):
+        digits = torch.from_numpy(rng.integers(0, 3, size=(k, n * (stop - start))))
+        blocks[:, start:stop] = trit_bytes(digits).numpy().reshape(n, stop - start)
     return blocks
 
 
@@ -48,7 +55,7 @@ def test_size_table_equals_gguf_quant_sizes():
 
 
 def test_types_register_by_subclassing():
-    assert TYPES == LEGACY + K_QUANTS                                      # the table's order
+    assert TYPES == LEGACY + K_QUANTS + TERNARY                            # the table's order
     assert all(issubclass(bt, BlockType) and getattr(ggml, name) is bt for name, bt in BLOCK_TYPES.items())
     assert {bt.nsub for bt in BLOCK_TYPES.values()} == {1, 8, 16}
     with pytest.raises(LowbitError, match="Q4_0"):
@@ -130,7 +137,7 @@ def test_search_is_never_worse_than_llama_cpp_per_block(name, with_imatrix):
     ref = block_errors(w, name, quantize_ggml(w, name, imp, search=False), imp)
     best = block_errors(w, name, quantize_ggml(w, name, imp, search=True), imp)
     assert (best <= ref).all()
-    if name != "Q8_0":
+    if name != "Q8_0" and name not in TERNARY:     # these have one answer: nothing to search
         assert best.sum() < ref.sum()
 
 

@@ -67,3 +67,48 @@ def _unpack_byte_aligned(packed: torch.Tensor, bits: int, n: int) -> torch.Tenso
     shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
     codes = (packed[:nbytes, None] >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:n]
+
+
+# ---- trits: five ternary digits per byte, in llama.cpp's TQ1_0 encoding (ggml-quants.c, quantize_row_tq1_0_ref)
+TRIT_POWERS = (81, 27, 9, 3, 1)
+TRITS_PER_BYTE = 5
+
+
+def trit_bytes(digits: torch.Tensor) -> torch.Tensor:
+    """[..., k, n] digits 0..2 (k <= 5) -> [..., n] uint8. The k digits are the leading digits of a 5-digit
+    base-3 number v (first digit most significant), stored as ceil(v * 256 / 243): digit i is then read back
+    with a multiply and a shift, ((byte * 3^i) mod 256) * 3 >> 8, as ggml's TQ1_0 kernels do (byte_trits)."""
+    k = digits.shape[-2]
+    powers = torch.tensor(TRIT_POWERS[:k], dtype=torch.int32).unsqueeze(-1)
+    v = (digits.to(torch.int32) * powers).sum(-2)
+    return ((v * 256 + 242) // 243).to(torch.uint8)
+
+
+def byte_trits(b: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of trit_bytes: [..., n] uint8 -> [..., k, n] int32 digits 0..2."""
+    mult = torch.tensor([3 ** i for i in range(k)], dtype=torch.int32).unsqueeze(-1)
+    q = (b.to(torch.int32).unsqueeze(-2) * mult) & 0xFF
+    return (q * 3) >> 8
+
+
+def trit_nbytes(n: int) -> int:
+    return -(-n // TRITS_PER_BYTE)
+
+
+def pack_trits(codes: torch.Tensor) -> torch.Tensor:
+    """Ternary codes {-1, 0, +1} (any shape) -> flat uint8 of ceil(n / 5) bytes: codes 5i..5i+4 in byte i
+    (1.6 bits per code; the tail is padded with zeros)."""
+    flat = codes.reshape(-1).to(torch.int32)
+    if flat.numel() and (flat.min() < -1 or flat.max() > 1):
+        raise LowbitError("ternary codes must be -1, 0 or +1")
+    flat = torch.nn.functional.pad(flat + 1, (0, (-flat.numel()) % TRITS_PER_BYTE), value=1)
+    return trit_bytes(flat.reshape(-1, TRITS_PER_BYTE).T)
+
+
+def unpack_trits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n ternary codes of a pack_trits stream, int8 in {-1, 0, +1}."""
+    data = packed.reshape(-1)
+    if data.numel() < trit_nbytes(n):
+        raise LowbitError(f"packed data holds {data.numel()} bytes, {trit_nbytes(n)} needed for {n} ternary codes")
+    digits = byte_trits(data[:trit_nbytes(n)], TRITS_PER_BYTE)
+    return (digits.T.reshape(-1)[:n] - 1).to(torch.int8)

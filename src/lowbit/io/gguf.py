@@ -3,8 +3,9 @@
 The container is gguf-py's GGUFWriter (llama.cpp's own library); the quantisation is ours
 (lowbit.weights.ggml), with the per-tensor types of llama.cpp's file types (methods/ggml_mix.py), the
 tensors named by the roles the model's Arch gives its modules. Weights already held as ggml blocks
-(`lowbit quantize --method q4_k_m`), or as affine integer groups that are exactly a legacy ggml type
-(an int4 g32 symmetric weight is Q4_0), are copied as they are; a quantised weight of another scheme is
+(`lowbit quantize --method q4_k_m`), as affine integer groups that are exactly a legacy ggml type
+(an int4 g32 symmetric weight is Q4_0), or as ternary codes with one float16 scale (BitNet b1.58: TQ1_0 /
+TQ2_0 blocks whose d is that scale), are copied as they are; a quantised weight of another scheme is
 refused unless re-rounding is asked for; float weights are quantised here. q and k rows are permuted
 from Hugging Face's rotate-half layout to the interleaved pairs llama.cpp's rope expects (what
 convert_hf_to_gguf.py does).
@@ -27,8 +28,10 @@ from lowbit.io.gguf_rope import rope_for_export
 from lowbit.kernels.ggml_search import searches
 from lowbit.methods.ggml_mix import FILE_TYPES, file_type, tensor_type
 from lowbit.pipeline.arch import Arch, block_list, describe
-from lowbit.weights.ggml import GGMLTensor, quantize_ggml
+from lowbit.weights.ggml import TERNARY_TYPES, GGMLTensor, ggml_from_ternary, quantize_ggml, retype_ternary
 from lowbit.weights.ggml.affine import ggml_from_affine
+from lowbit.weights.ggml.block import QK_K
+from lowbit.weights.ternary import TernaryWeight
 
 QUANTIZATION_VERSION = 2
 HF_JSON_KEY = "tokenizer.huggingface.json"
@@ -166,6 +169,8 @@ def _adds_bos(tokenizer) -> bool:
 # Tensors
 # ----------------------------------------------------------------------------------------------------
 def _as_ggml(weight) -> GGMLTensor | None:
+    if isinstance(weight, TernaryWeight):
+        return ggml_from_ternary(weight) if weight.shape[1] % QK_K == 0 else None
     return weight if isinstance(weight, GGMLTensor) else ggml_from_affine(weight)
 
 
@@ -212,6 +217,8 @@ def _stored(name: str, source, target: str, importance, search: bool, held: str)
     """(uint8 array as GGUF stores it, ggml type): held blocks are copied, float weights quantised.
     held: what to do with held blocks of another type than `target`: "keep", "reround" or "refuse"."""
     if isinstance(source, GGMLTensor):
+        if source.type in TERNARY_TYPES and target in TERNARY_TYPES:
+            source = retype_ternary(source, target)      # the same d and codes in the other layout
         if source.type == target or held == "keep":
             return source.data.numpy(), source.type
         if held == "refuse":
@@ -248,7 +255,8 @@ def gguf_tensors(model, ftype: str, weights: dict | None = None, imatrix: dict |
 # ----------------------------------------------------------------------------------------------------
 # The file type named after a block type, for models holding one type throughout.
 _FILE_TYPE_OF_BLOCK = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1", "Q8_0": "q8_0",
-                       "Q2_K": "q2_k", "Q3_K": "q3_k_s", "Q4_K": "q4_k_s", "Q5_K": "q5_k_s", "Q6_K": "q6_k"}
+                       "Q2_K": "q2_k", "Q3_K": "q3_k_s", "Q4_K": "q4_k_s", "Q5_K": "q5_k_s", "Q6_K": "q6_k",
+                       "TQ1_0": "tq1_0", "TQ2_0": "tq2_0"}
 DEFAULT_FILE_TYPE = "q4_k_m"
 
 
@@ -277,8 +285,8 @@ class GGUFExporter(Exporter):
     def problem(self, weight) -> str | None:
         if _as_ggml(weight) is not None:
             return None
-        return ("GGUF holds ggml blocks, and int4/int5/int8 g32 symmetric or uint4/uint5 g32 weights with fp16 "
-                "scales as Q4_0/Q5_0/Q8_0/Q4_1/Q5_1")
+        return ("GGUF holds ggml blocks, int4/int5/int8 g32 symmetric or uint4/uint5 g32 weights with fp16 "
+                "scales as Q4_0/Q5_0/Q8_0/Q4_1/Q5_1, and ternary weights with rows of a multiple of 256 as TQ1_0/TQ2_0")
 
     def prepare(self, model: nn.Module, requantize: bool = False) -> tuple[dict, list[str]]:
         weights, redone = {}, []

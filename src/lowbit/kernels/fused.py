@@ -171,10 +171,14 @@ def affine_plan(codes: torch.Tensor, bits: int, n: int, k: int, group: int, leve
     return Plan(lib, AFFINE, s, tuple(keep), n, k)
 
 
+# The ggml type ids csrc/decode.h decodes (the ternary TQ1_0 / TQ2_0 keep the Python path).
+KERNEL_GGML_TYPES = frozenset((2, 3, 6, 7, 8, 10, 11, 12, 13, 14))
+
+
 def ggml_plan(blocks: torch.Tensor, type_id: int, n: int, k: int) -> Plan | None:
     """Plan for ggml blocks uint8 [n, row bytes] of ggml type `type_id` (2 Q4_0 ... 14 Q6_K)."""
     lib = library()
-    if lib is None:
+    if lib is None or type_id not in KERNEL_GGML_TYPES:
         return None
     data = blocks.contiguous()
     s = GGMLStruct(data=_ptr(data), n=n, k=k, row_bytes=data.shape[1], type=type_id)

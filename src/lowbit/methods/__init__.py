@@ -17,9 +17,11 @@ from lowbit.methods import spqr  # noqa: F401  (registers "spqr")
 from lowbit.methods import quip  # noqa: F401  (registers "quip")
 from lowbit.methods import aqlm  # noqa: F401  (registers "aqlm")
 from lowbit.methods import qat  # noqa: F401  (registers "qat")
+from lowbit.methods import bitnet  # noqa: F401  (registers "bitnet")
 from lowbit.methods.awq import AWQ
 from lowbit.methods.base import (METHODS, LayerInfo, MethodConfig, SchemeMethod, method_from_dict, parse_method,
                                  register_method)
+from lowbit.methods.bitnet import BitNet
 from lowbit.methods.ggml_quant import GGMLQuant
 from lowbit.methods.gptq import GPTQ
 from lowbit.methods.llm_int8 import LLMInt8
@@ -32,5 +34,5 @@ from lowbit.methods.stats import LayerStats
 from lowbit.methods.w8a8 import W8A8
 
 __all__ = ["METHODS", "MethodConfig", "SchemeMethod", "LayerInfo", "LayerStats", "Recipe", "RTN", "GPTQ", "AWQ",
-           "SmoothQuant", "W8A8", "LLMInt8", "NF4", "FP4", "GGMLQuant", "QAT", "method_from_dict", "parse_method",
+           "SmoothQuant", "W8A8", "LLMInt8", "NF4", "FP4", "GGMLQuant", "QAT", "BitNet", "method_from_dict", "parse_method",
            "register_method"]

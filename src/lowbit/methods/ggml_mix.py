@@ -32,7 +32,10 @@ FILE_TYPES: dict[str, FileType] = {
     "q3_k_s": FileType(11, "Q3_K"), "q3_k_m": FileType(12, "Q3_K"), "q3_k_l": FileType(13, "Q3_K"),
     "q4_k_s": FileType(14, "Q4_K"), "q4_k_m": FileType(15, "Q4_K"), "q5_k_s": FileType(16, "Q5_K"),
     "q5_k_m": FileType(17, "Q5_K"), "q6_k": FileType(18, "Q6_K"),
+    "tq1_0": FileType(36, "TQ1_0"), "tq2_0": FileType(37, "TQ2_0"),
 }
+# llama.cpp gives an untied token embedding another type in a few file types (the ternary ones: Q4_K).
+EMBEDDING_TYPES = {"tq1_0": "Q4_K", "tq2_0": "Q4_K"}
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -110,6 +113,8 @@ def role_type(ftype: str, role: str | None, layer: int | None, n_layers: int, n_
         return default
     if role == "output" or (role == "token_embd" and tied_embeddings):
         chosen = _output_type(default, n_cols)
+    elif role == "token_embd" and key in EMBEDDING_TYPES:
+        chosen = EMBEDDING_TYPES[key]
     else:
         chosen = _rule_type(key, role, layer, n_layers, n_gqa, imatrix) or default
     return chosen if n_cols is None else fit_type(chosen, n_cols)

@@ -90,6 +90,13 @@ def register_qat(sub) -> None:
     p.add_argument("--fixed-scales", action="store_true", help="min-max scales every step instead of learned (LSQ)")
     p.add_argument("--act-bits", type=int, choices=[8], help="also fake-quantise activations per token (int8; "
                                                               "converts to W8A8, needs --scheme int8-sfp32)")
+    add_run_arguments(p)
+    p.set_defaults(run=_cmd_qat)
+
+
+def add_run_arguments(p) -> None:
+    """The options every trainer on the shared loop takes after its own: time, threads, evaluation,
+    checkpoints (resume), progress and the texts (qat, bitnet)."""
     p.add_argument("--minutes", type=float, help="stop training after this many minutes")
     p.add_argument("--threads", type=_positive_int, help="torch threads while training (default: as set)")
     p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (default 50; 0: end only)")
@@ -100,7 +107,6 @@ def register_qat(sub) -> None:
     p.add_argument("--train-file", help="training text (default: the bundled calibration text, which GPTQ reads too)")
     p.add_argument("--eval-file", help="held-out text (default: the bundled eval text)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(run=_cmd_qat)
 
 
 def register(sub) -> None:

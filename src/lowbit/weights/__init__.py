@@ -13,6 +13,7 @@ it, copying it bit for bit where a format can hold it.
     SpQRWeight        SpQR's dense 3-bit base with quantised statistics plus sparse fp16 outliers (sparse.py)
 
     QuipWeight        QuIP#'s E8 lattice codes of the Hadamard-rotated weight, with the rotation's signs (codebook.py)
+    TernaryWeight     BitNet b1.58's ternary codes {-1, 0, +1} with one absmean scale per tensor (ternary.py)
     AQLMWeight        AQLM's additive codes: per 8 inputs a sum of codewords of M learned codebooks (codebook.py)
 
 A new weight type is a module here with
@@ -25,6 +26,7 @@ from lowbit.weights.fp8 import FP8ActWeight
 from lowbit.weights.int8 import ActQuantWeight, MixedInt8Weight
 from lowbit.weights.codebook import AQLMWeight, QuipWeight
 from lowbit.weights.sparse import SpQRWeight
+from lowbit.weights.ternary import TernaryWeight
 
 __all__ = ["QuantizedTensor", "Quantized4bit", "GGMLTensor", "ActQuantWeight", "MixedInt8Weight", "SpQRWeight", "QuipWeight", "AQLMWeight",
-           "FP8ActWeight"]
+           "FP8ActWeight", "TernaryWeight"]

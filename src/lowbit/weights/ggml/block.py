@@ -23,7 +23,7 @@ GGML_TYPES: dict[str, tuple[int, int, int]] = {
     "F32": (0, 1, 4), "F16": (1, 1, 2), "BF16": (30, 1, 2),
     "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22), "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34),
     "Q2_K": (10, QK_K, 84), "Q3_K": (11, QK_K, 110), "Q4_K": (12, QK_K, 144), "Q5_K": (13, QK_K, 176),
-    "Q6_K": (14, QK_K, 210),
+    "Q6_K": (14, QK_K, 210), "TQ1_0": (34, QK_K, 54), "TQ2_0": (35, QK_K, 66),
 }
 
 # name -> the registered block-type class, in the table's order whatever the order of registration.

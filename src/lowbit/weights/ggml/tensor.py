@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.weights.ggml import kquants, legacy  # noqa: F401  (defining the type classes registers them)
+from lowbit.weights.ggml import kquants, legacy, tquants  # noqa: F401  (defining the type classes registers them)
 from lowbit.weights.ggml.block import BLOCK_TYPES, GGML_TYPES, BlockType
 from lowbit.weights.ggml.fields import Fields
 
@@ -28,7 +28,8 @@ PLAIN_TYPES: dict[str, tuple[int, torch.dtype]] = {
 GGML_TYPE_NAMES: dict[int, str] = {GGML_TYPES[name][0]: name for name in (*BLOCK_TYPES, *PLAIN_TYPES)}
 
 # llama.cpp's substitutes when a row length does not divide the block (tensor_type_fallback).
-FALLBACK_TYPES = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK_TYPES = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+                  "TQ1_0": "Q4_0", "TQ2_0": "Q4_0"}
 
 
 def canonical_type(name: str) -> str:

@@ -1,0 +1,77 @@
+"""`lowbit bitnet`: BitNet b1.58 training, by conversion of a float model (continued training) or from scratch.
+
+    lowbit bitnet -o tiny-bitnet                       # convert the bundled model, 300 steps
+    lowbit bitnet MODEL -o OUT --from-scratch --minutes 10
+    lowbit eval OUT ; lowbit export OUT --format gguf -o OUT.gguf      # TQ1_0 (or TQ2_0 with --packing 2bit)
+
+The output is a native lowbit folder holding real ternary weights (TernaryLinear); checkpoints go to
+OUT.checkpoints and running the same command again resumes from the last one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lowbit.train.cli import _positive_int, _read_text, add_run_arguments
+
+
+def _cmd_bitnet(args) -> str:
+    from lowbit.io.atomic import check_output
+    from lowbit.io.native import save
+    from lowbit.train.bitnet_run import scratch_model, source_model, token_stream, train_model
+    from lowbit.train.loop import LoopSettings, write_loss_curve
+    from lowbit.weights.ternary import check_packing
+
+    out = check_output(args.output, "output folder")   # before any training
+    check_packing(args.packing)
+    settings = LoopSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                            warmup=min(args.warmup, args.steps), weight_decay=args.weight_decay, seed=args.seed,
+                            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                            log_every=args.log_every, minutes=args.minutes, threads=args.threads)
+    model, tok = scratch_model(args.path, args.seed) if args.from_scratch else source_model(args.path)
+    train_text, eval_text = _read_text(args.train_file), _read_text(args.eval_file)
+    train_ids = token_stream(tok, train_text, False) if train_text is not None else token_stream(tok, "train")
+    eval_ids = token_stream(tok, eval_text, False) if eval_text is not None else token_stream(tok, "eval")
+    checkpoints = Path(args.checkpoint_dir or f"{out}.checkpoints")
+    run = {"model": str(args.path or "bundled"), "from_scratch": args.from_scratch}
+    model, summary, history = train_model(model, train_ids, eval_ids, settings, packing=args.packing,
+                                          checkpoint_dir=checkpoints, progress=not args.quiet, run=run,
+                                          measure_before=not args.from_scratch)
+    save(model, out, tok)
+    curve = write_loss_curve(Path(f"{out}.loss.png"), {"bitnet": history}, title="BitNet b1.58 training")
+    return json.dumps(summary, indent=1) if args.json else render(summary, out, curve)
+
+
+def render(s: dict, out, curve) -> str:
+    bits = s["weight_bits"]
+    lines = [f"trained {s['steps']} steps, {s['tokens']:,} tokens in {s['minutes']} min "
+             f"({s['tokens_per_second']:,} tokens/s; stopped by {s['stopped']})"]
+    if "ppl_before" in s:
+        lines.append(f"held-out perplexity of the float model: {s['ppl_float']:.2f}; ternarised before training: "
+                     f"{s['ppl_before']:.2f}")
+    lines += [f"held-out perplexity after:  {s['ppl_ternary']:.2f} (ternary weights; {s['ppl_trained']:.2f} "
+              f"fake-quantised)",
+              f"ternary Linears: {bits['bytes']:,} bytes for {bits['weights']:,} weights = "
+              f"{bits['bits_per_weight']:.4f} bits per weight ({s['packing']})",
+              f"saved to {out}" + (f"; loss curve {curve}" if curve else "")]
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bitnet", help="BitNet b1.58: train ternary weights (convert a float model or from scratch)")
+    p.add_argument("path", nargs="?", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("-o", "--output", required=True, help="native lowbit folder to write (must not exist)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="train a randomly initialised model of the folder's architecture instead of converting it")
+    p.add_argument("--packing", default="trit5", help="trit5 (5 codes per byte, 1.6 bits; GGUF TQ1_0) or 2bit "
+                                                      "(GGUF TQ2_0) (default trit5)")
+    p.add_argument("--steps", type=_positive_int, default=300, help="optimiser steps (default 300)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay (default 20)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order and of a scratch model (default 0)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_run_arguments(p)
+    p.set_defaults(run=_cmd_bitnet)
