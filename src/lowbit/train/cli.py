@@ -90,11 +90,11 @@ def register_qat(sub) -> None:
     p.add_argument("--fixed-scales", action="store_true", help="min-max scales every step instead of learned (LSQ)")
     p.add_argument("--act-bits", type=int, choices=[8], help="also fake-quantise activations per token (int8; "
                                                               "converts to W8A8, needs --scheme int8-sfp32)")
-    add_run_arguments(p)
+    add_run_arguments(p, "the bundled calibration text, which GPTQ reads too")
     p.set_defaults(run=_cmd_qat)
 
 
-def add_run_arguments(p) -> None:
+def add_run_arguments(p, train_default: str = "the bundled training text") -> None:
     """The options every trainer on the shared loop takes after its own: time, threads, evaluation,
     checkpoints (resume), progress and the texts (qat, bitnet)."""
     p.add_argument("--minutes", type=float, help="stop training after this many minutes")
@@ -104,7 +104,7 @@ def add_run_arguments(p) -> None:
     p.add_argument("--checkpoint-dir", help="where checkpoints go (default OUTPUT.checkpoints); run the same "
                                             "command again to resume from the last one")
     p.add_argument("--log-every", type=_positive_int, default=10, help="progress line every N steps (default 10)")
-    p.add_argument("--train-file", help="training text (default: the bundled calibration text, which GPTQ reads too)")
+    p.add_argument("--train-file", help=f"training text (default: {train_default})")
     p.add_argument("--eval-file", help="held-out text (default: the bundled eval text)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
