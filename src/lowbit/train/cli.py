@@ -7,14 +7,21 @@ import sys
 from lowbit.train.qlora import DEFAULT_TARGETS, LoraSettings, TrainSettings
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum, else argparse's one-line error."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {v}")
+        return v
+    return parse
+
+
+_positive_int = int_at_least(1)
+_non_negative_int = int_at_least(0)
 
 
 def _read_text(path):
@@ -94,13 +101,15 @@ def register_qat(sub) -> None:
     p.set_defaults(run=_cmd_qat)
 
 
-def add_run_arguments(p, train_default: str = "the bundled training text") -> None:
+def add_run_arguments(p, train_default: str = "the bundled training text", checkpoint_every: int = 50) -> None:
     """The options every trainer on the shared loop takes after its own: time, threads, evaluation,
     checkpoints (resume), progress and the texts (qat, bitnet)."""
     p.add_argument("--minutes", type=float, help="stop training after this many minutes")
     p.add_argument("--threads", type=_positive_int, help="torch threads while training (default: as set)")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (default 50; 0: end only)")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every N steps (default 50)")
+    p.add_argument("--eval-every", type=_non_negative_int, default=50,
+                   help="held-out loss every N steps (default 50; 0: at the end only)")
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=checkpoint_every,
+                   help=f"checkpoint every N steps (default {checkpoint_every}; 0: at the end only)")
     p.add_argument("--checkpoint-dir", help="where checkpoints go (default OUTPUT.checkpoints); run the same "
                                             "command again to resume from the last one")
     p.add_argument("--log-every", type=_positive_int, default=10, help="progress line every N steps (default 10)")

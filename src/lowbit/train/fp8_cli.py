@@ -1,20 +1,9 @@
 """`lowbit train-fp8`: FP8 training (delayed scaling) of a causal LM on text, or the BF16 baseline run."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from lowbit.train.cli import _positive_int, _read_text
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
-    return v
+from lowbit.train.cli import _non_negative_int, _positive_int, _read_text, add_run_arguments
 
 
 def checkpoint_folder(args) -> Path:
@@ -35,7 +24,8 @@ def _cmd_train_fp8(args) -> str:
                             warmup=min(args.warmup, args.steps), min_lr_ratio=args.min_lr_ratio,
                             weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                            log_every=0 if args.quiet else args.log_every, minutes=args.minutes)
+                            log_every=0 if args.quiet else args.log_every, minutes=args.minutes,
+                            threads=args.threads)
     folder = checkpoint_folder(args)
     try:
         model, tokenizer, history, summary = train_precision(
@@ -73,13 +63,5 @@ def register(sub) -> None:
     p.add_argument("--amax-algo", choices=["max", "most_recent"], default="max", help="amax from the history")
     p.add_argument("--backend", choices=["auto", "emulated", "scaled_mm"], default="auto",
                    help="FP8 matmuls: auto (torch._scaled_mm on a GPU, exact float32 emulation on CPU)")
-    p.add_argument("--eval-every", type=_non_negative_int, default=50, help="held-out loss every N steps (50)")
-    p.add_argument("--checkpoint-every", type=_non_negative_int, default=25, help="checkpoint every N steps (25)")
-    p.add_argument("--checkpoint-dir", help="resume folder (default: OUTPUT.checkpoints; removed when done)")
-    p.add_argument("--log-every", type=_positive_int, default=10, help="progress line every N steps (10)")
-    p.add_argument("--minutes", type=float, help="stop after this much training time (the schedule keeps --steps)")
-    p.add_argument("--threads", type=_positive_int, help="torch threads (default: as the environment sets)")
-    p.add_argument("--train-file", help="training text (default: the bundled training text)")
-    p.add_argument("--eval-file", help="held-out text (default: the bundled eval text)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_run_arguments(p, checkpoint_every=25)
     p.set_defaults(run=_cmd_train_fp8)

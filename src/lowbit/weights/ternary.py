@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.core.quantize import StoredSize
 from lowbit.core import pack_bits, pack_trits, packed_nbytes, trit_nbytes, unpack_bits, unpack_trits
 from lowbit.errors import LowbitError
 
@@ -50,7 +51,7 @@ def unpack_ternary(packed: torch.Tensor, n: int, packing: str) -> torch.Tensor:
 
 
 @dataclass
-class TernaryWeight:
+class TernaryWeight(StoredSize):
     """A weight [out, in] = scale * codes, codes in {-1, 0, +1} packed flat (row-major) by `packing`.
 
     packed: uint8 [packed_size(out * in, packing)]; scale: float16 scalar (the absmean gamma);
@@ -86,17 +87,9 @@ class TernaryWeight:
         return self.shape[0] * self.shape[1]
 
     @property
-    def nbytes(self) -> int:
-        """True size: the packed codes and the float16 scale."""
-        return self.packed.numel() + SCALE_BYTES
-
-    @property
     def storage_bits(self) -> int:
-        return 8 * self.nbytes
-
-    @property
-    def bits_per_element(self) -> float:
-        return self.storage_bits / self.numel
+        """True size: the packed codes and the float16 scale."""
+        return 8 * (self.packed.numel() + SCALE_BYTES)
 
     def codes(self) -> torch.Tensor:
         """int8 [out, in] in {-1, 0, +1}."""
