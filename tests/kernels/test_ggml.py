@@ -12,7 +12,9 @@ from lowbit.weights.ggml import BLOCK_TYPES, quantize_to_tensor, unpack_ggml
 from tests.kernels.helpers import assert_accumulation_close, isa, kernels_or_skip  # noqa: F401
 from tests.weights.ggml_helpers import awkward_weights
 
-TYPES = list(BLOCK_TYPES)
+from lowbit.kernels.fused import KERNEL_GGML_TYPES
+
+TYPES = [t for t, b in BLOCK_TYPES.items() if b.type_id in KERNEL_GGML_TYPES]
 
 
 def magnitude(m: GGMLLinear) -> torch.Tensor:
@@ -61,6 +63,9 @@ def test_plain_types_keep_the_python_path():
     kernels_or_skip()
     m = GGMLLinear.from_tensor(quantize_to_tensor(torch.randn(8, 64), "F16"))
     assert m.build_plan() is None
+    assert {"Q4_0", "Q4_K", "Q6_K", "Q8_0"} <= set(TYPES)
+    for name in set(BLOCK_TYPES) - set(TYPES):    # the ternary types: no fused decoder yet
+        assert layer(name, 512).build_plan() is None, name
 
 
 def test_instruction_sets_agree_to_accumulation_order():
