@@ -150,6 +150,11 @@ def test_qat_command_reports_what_the_saved_folder_scores(tiny_model_dir, tmp_pa
     err = capsys.readouterr().err
     assert "Traceback" not in err and "already exists" in err and "does not divide" in err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    # QAT's values come from training: the solvers' commands refuse it rather than run its RTN start
+    assert main(["quantize", str(folder), "--method", "qat-int4-g32", "-o", str(tmp_path / "d")]) != 0
+    assert main(["compare", "--methods", "fp16,qat-int3"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("is trained, not solved") == 2 and "Traceback" not in err
 
 
 def test_qat_can_start_from_the_gptq_solution(one_thread):

@@ -41,6 +41,10 @@ def parse_methods(methods) -> list[Planned]:
     if not names:
         raise LowbitError("no methods to compare; pass e.g. --methods fp16,rtn-int8,rtn-int4-g128")
     plan = [Planned(n, None if n in BASELINES else parse_method(n)) for n in names]
+    trained = [p.name for p in plan if p.config is not None and p.config.trains]
+    if trained:
+        raise LowbitError(f"{trained[0]} is trained, not solved: run `lowbit qat` and compare its folder with "
+                          f"`lowbit eval`")
     seen: dict = {}
     for p in plan:
         key = p.name if p.config is None else p.config
