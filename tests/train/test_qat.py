@@ -182,9 +182,19 @@ def test_qat_refuses_long_windows_before_gptq_and_names_an_empty_training_text(t
     (tmp_path / "empty.txt").write_text("")
     capsys.readouterr()
     for args, words in ((["--seq-len", str(limit + 1)], "longer than the model's context"),
-                        (["--seq-len", "64", "--train-file", str(tmp_path / "empty.txt")], "training text is empty")):
+                        (["--seq-len", "64", "--train-file", str(tmp_path / "empty.txt")], "training text is empty"),
+                        (["--seq-len", "64", "--act-bits", "8"], "int8-sfp32")):
         assert main(["qat", str(folder), "-o", str(tmp_path / "q"), "--scheme", "int4-g32", "--steps", "1",
                      "--quiet", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("lowbit: error:") and words in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "q").exists()
+
+
+def test_negative_eval_and_checkpoint_intervals_are_refused(tmp_path, capsys):
+    from lowbit.cli import main
+
+    for option in ("--eval-every", "--checkpoint-every"):
+        with pytest.raises(SystemExit) as info:
+            main(["qat", "-o", str(tmp_path / "q"), option, "-1"])
+        assert info.value.code == 2 and "at least 0" in capsys.readouterr().err

@@ -17,6 +17,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
+    return v
+
+
 def _read_text(path):
     if path is None:
         return None
@@ -99,8 +109,9 @@ def add_run_arguments(p, train_default: str = "the bundled training text") -> No
     checkpoints (resume), progress and the texts (qat, bitnet)."""
     p.add_argument("--minutes", type=float, help="stop training after this many minutes")
     p.add_argument("--threads", type=_positive_int, help="torch threads while training (default: as set)")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (default 50; 0: end only)")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every N steps (default 50)")
+    p.add_argument("--eval-every", type=_non_negative_int, default=50, help="held-out loss every N steps (default 50; 0: end only)")
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=50,
+                   help="checkpoint every N steps (default 50; 0: at the end only)")
     p.add_argument("--checkpoint-dir", help="where checkpoints go (default OUTPUT.checkpoints); run the same "
                                             "command again to resume from the last one")
     p.add_argument("--log-every", type=_positive_int, default=10, help="progress line every N steps (default 10)")

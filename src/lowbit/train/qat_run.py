@@ -71,6 +71,7 @@ def run_qat(job: QATJob, loop: LoopSettings, qat: QATSettings = QATSettings(), p
     from lowbit.pipeline.loading import resolve_model_path
 
     config = parse_method(f"qat-{job.scheme}")
+    qat.check(config.spec())   # --act-bits with a scheme W8A8 cannot hold: before loading and GPTQ
     model, tokenizer = load_model(job.model)
     if tokenizer is None:
         raise LowbitError(f"{resolve_model_path(job.model)} has no tokenizer; QAT needs one to read the text")
