@@ -1,5 +1,7 @@
 """BitNet b1.58 training: BitLinear's straight-through gradients, conversion of a model to BitLinear and on to
 real ternary weights (same outputs), a native save that reloads them, and the `lowbit bitnet` command."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -81,6 +83,7 @@ def test_bitnet_command_trains_converts_and_saves(tiny_model_dir, tmp_path, caps
     model, _ = load_model(out)
     assert isinstance(model.model.layers[1].self_attn.q_proj, TernaryLinear)
     assert (tmp_path / "out.loss.png").exists()
+    assert not (tmp_path / "out.checkpoints").exists()   # the run is complete: nothing left to resume
     assert main(["bitnet", *args]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["bitnet", str(src), "-o", str(tmp_path / "o2"), "--packing", "3bit"]) == 2
@@ -126,3 +129,25 @@ def test_interrupted_command_resumes_to_the_uninterrupted_model(tiny_model_dir, 
     assert run(tmp_path / "resumed") == 0 and rerun["n"] == 3      # steps 3..5: resumed after step 2's checkpoint
     whole, resumed = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("whole", "resumed"))
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_bitnet_user_mistakes_are_one_line_errors(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    src = tiny_model_dir("llama")
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(src / name, bare / name)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    limit = json.loads((src / "config.json").read_text())["max_position_embeddings"]
+    capsys.readouterr()
+    for args, words in (([str(bare), "--from-scratch"], "no tokenizer"), ([str(bare)], "no tokenizer"),
+                        ([str(src), "--train-file", str(empty)], "training text is empty"),
+                        ([str(src), "--seq-len", str(limit + 1)], "longer than the model's context"),
+                        ([str(src), "--weight-decay", "nan"], "weight-decay")):
+        assert main(["bitnet", "--seq-len", "32", *args, "-o", str(tmp_path / "out"), "--steps", "1", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lowbit: error:") and words in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()

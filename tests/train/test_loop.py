@@ -77,3 +77,34 @@ def test_loss_curve_png(tmp_path):
     h = History(losses=[(i, 3.0 - 0.1 * i) for i in range(10)], evals=[(9, 2.5)])
     out = write_loss_curve(tmp_path / "loss.png", {"a": h, "b": h})
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nan_or_negative_weight_decay_and_clipping_are_refused():
+    for bad in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(LowbitError, match="weight-decay"):
+            LoopSettings(weight_decay=bad)
+        with pytest.raises(LowbitError, match="max-grad-norm"):
+            LoopSettings(max_grad_norm=bad)
+    LoopSettings(weight_decay=0.0, max_grad_norm=0.0)   # 0: no decay, no clipping
+
+
+def test_windows_longer_than_the_models_context_are_refused():
+    m = _model()   # max_position_embeddings 64
+    s = LoopSettings(steps=1, batch_size=1, seq_len=65, log_every=0)
+    with pytest.raises(LowbitError, match="longer than the model's context"):
+        train_loop(m, m.parameters(), IDS, s, progress=False)
+
+
+def test_interrupt_names_the_checkpoint_to_resume_from(tmp_path, one_thread):
+    calls = {"n": 0}
+
+    def dies_at_step_3(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return model(input_ids=batch, labels=batch).loss
+
+    m = _model()
+    with pytest.raises(KeyboardInterrupt) as info:
+        train_loop(m, m.parameters(), IDS, SETTINGS, checkpoint_dir=tmp_path, progress=False, loss_fn=dies_at_step_3)
+    assert "resume from" in info.value.hint and "step-00000001" in info.value.hint

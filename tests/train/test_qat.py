@@ -145,7 +145,8 @@ def test_qat_command_reports_what_the_saved_folder_scores(tiny_model_dir, tmp_pa
     assert summary["perplexity"]["qat"] == pytest.approx(summary["perplexity"]["qat_fake_quant"], rel=1e-4)
 
     assert main(["qat", str(folder), "-o", str(out), "--steps", "2"]) != 0            # output exists
-    assert main(["qat", str(folder), "-o", str(tmp_path / "b"), "--scheme", "int4-g48", "--steps", "2", *files]) != 0
+    assert main(["qat", str(folder), "-o", str(tmp_path / "b"), "--scheme", "int4-g48", "--steps", "2",
+                 "--seq-len", "64", *files]) != 0
     assert main(["qat", str(folder), "-o", str(tmp_path / "c"), "--scheme", "int9", "--steps", "2", *files]) != 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and "already exists" in err and "does not divide" in err
@@ -173,3 +174,32 @@ def test_qat_can_start_from_the_gptq_solution(one_thread):
         assert torch.equal(base(ids).logits, ptq(ids).logits)
     with pytest.raises(LowbitError, match="same scheme"):
         prepare_qat(build_tiny_model("llama"), parse_method("qat-int4-g32"), init=quantized_weights(ptq))
+
+
+def test_qat_refuses_long_windows_before_gptq_and_names_an_empty_training_text(tiny_model_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    from lowbit.cli import main
+    from lowbit.train import qat_run
+
+    folder = tiny_model_dir("llama")
+    limit = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+    monkeypatch.setattr(qat_run, "starting_weights", lambda *a: pytest.fail("GPTQ ran before the check"))
+    (tmp_path / "empty.txt").write_text("")
+    capsys.readouterr()
+    for args, words in ((["--seq-len", str(limit + 1)], "longer than the model's context"),
+                        (["--seq-len", "64", "--train-file", str(tmp_path / "empty.txt")], "training text is empty"),
+                        (["--seq-len", "64", "--act-bits", "8"], "int8-sfp32")):
+        assert main(["qat", str(folder), "-o", str(tmp_path / "q"), "--scheme", "int4-g32", "--steps", "1",
+                     "--quiet", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lowbit: error:") and words in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "q").exists()
+
+
+def test_negative_eval_and_checkpoint_intervals_are_refused(tmp_path, capsys):
+    from lowbit.cli import main
+
+    for option in ("--eval-every", "--checkpoint-every"):
+        with pytest.raises(SystemExit) as info:
+            main(["qat", "-o", str(tmp_path / "q"), option, "-1"])
+        assert info.value.code == 2 and "at least 0" in capsys.readouterr().err

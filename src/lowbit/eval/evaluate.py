@@ -26,8 +26,8 @@ def bundled_eval_text() -> str:
     return bundled_text("eval")
 
 
-def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
-    """int64 token ids of `text`, cut to max_tokens. Documents separated by a `<|endoftext|>` line (the
+def tokenize(tokenizer, text: str, max_tokens: int | None = None, what: str = "eval text") -> torch.Tensor:
+    """int64 token ids of `text`, cut to max_tokens (`what` names the text in errors). Documents separated by a `<|endoftext|>` line (the
     bundled corpus format) are encoded one by one, each with the tokenizer's special tokens (a BOS),
     and concatenated: every document then starts the way a prompt does."""
     from lowbit.data import DOCUMENT_SEPARATOR
@@ -36,7 +36,7 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
         raise LowbitError("a tokenizer is needed to evaluate on text")
     documents = [d for d in text.split(DOCUMENT_SEPARATOR) if d.strip()]
     if not documents:
-        raise LowbitError("the eval text is empty")
+        raise LowbitError(f"the {what} is empty")
     encoded = tokenizer(documents, verbose=False)["input_ids"]
     ids = torch.tensor([t for doc in encoded for t in doc], dtype=torch.int64)
     return ids[:max_tokens] if max_tokens else ids

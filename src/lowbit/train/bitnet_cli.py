@@ -10,6 +10,7 @@ OUT.checkpoints and running the same command again resumes from the last one.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from lowbit.train.cli import _positive_int, _read_text, add_run_arguments
@@ -19,7 +20,7 @@ def _cmd_bitnet(args) -> str:
     from lowbit.io.atomic import check_output
     from lowbit.io.native import save
     from lowbit.train.bitnet_run import scratch_model, source_model, token_stream, train_model
-    from lowbit.train.loop import LoopSettings, write_loss_curve
+    from lowbit.train.loop import LoopSettings, check_seq_len, write_loss_curve
     from lowbit.weights.ternary import check_packing
 
     out = check_output(args.output, "output folder")   # before any training
@@ -30,7 +31,9 @@ def _cmd_bitnet(args) -> str:
                             log_every=args.log_every, minutes=args.minutes, threads=args.threads)
     model, tok = scratch_model(args.path, args.seed) if args.from_scratch else source_model(args.path)
     train_text, eval_text = _read_text(args.train_file), _read_text(args.eval_file)
-    train_ids = token_stream(tok, train_text, False) if train_text is not None else token_stream(tok, "train")
+    check_seq_len(model, settings.seq_len)   # before the float model is scored
+    train_ids = (token_stream(tok, train_text, False, what="training text") if train_text is not None
+                 else token_stream(tok, "train", what="training text"))
     eval_ids = token_stream(tok, eval_text, False) if eval_text is not None else token_stream(tok, "eval")
     checkpoints = Path(args.checkpoint_dir or f"{out}.checkpoints")
     run = {"model": str(args.path or "bundled"), "from_scratch": args.from_scratch}
@@ -39,6 +42,7 @@ def _cmd_bitnet(args) -> str:
                                           measure_before=not args.from_scratch)
     save(model, out, tok)
     curve = write_loss_curve(Path(f"{out}.loss.png"), {"bitnet": history}, title="BitNet b1.58 training")
+    shutil.rmtree(checkpoints, ignore_errors=True)   # the run is complete: nothing left to resume (as qat, train-fp8)
     return json.dumps(summary, indent=1) if args.json else render(summary, out, curve)
 
 

@@ -22,31 +22,42 @@ EVAL_WINDOWS = 16        # held-out windows scored at each evaluation during tra
 def scratch_model(path=None, seed: int = 0):
     """(a randomly initialised float32 model with the architecture of the folder `path`, its tokenizer);
     path None: the bundled model's. Initialisation is transformers' own under torch.manual_seed(seed)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lowbit.data import bundled_model_path
+    from lowbit.pipeline.loading import load_tokenizer, resolve_model_path
 
-    folder = str(path or bundled_model_path())
-    config = AutoConfig.from_pretrained(folder)
+    folder = resolve_model_path(path)
+    tokenizer = _needs_tokenizer(load_tokenizer(folder), folder)
+    config = AutoConfig.from_pretrained(str(folder))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model, AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def _needs_tokenizer(tokenizer, folder):
+    from lowbit.errors import LowbitError
+
+    if tokenizer is None:
+        raise LowbitError(f"{folder} has no tokenizer; BitNet training needs one to read the text")
+    return tokenizer
 
 
 def source_model(path=None):
     """(the float model of `path` (None: the bundled model) in float32, its tokenizer) for conversion."""
     from lowbit.api import load_model
+    from lowbit.pipeline.loading import resolve_model_path
 
     model, tok = load_model(path)
-    return model.float(), tok
+    return model.float(), _needs_tokenizer(tok, resolve_model_path(path))
 
 
-def token_stream(tokenizer, split_or_text: str, is_split: bool = True, max_tokens: int | None = None) -> torch.Tensor:
+def token_stream(tokenizer, split_or_text: str, is_split: bool = True, max_tokens: int | None = None,
+                 what: str = "eval text") -> torch.Tensor:
     from lowbit.data import bundled_text
     from lowbit.train.finetune import token_ids
 
     text = bundled_text(split_or_text) if is_split else split_or_text
-    return torch.as_tensor(token_ids(tokenizer, text, max_tokens)).reshape(-1)
+    return torch.as_tensor(token_ids(tokenizer, text, max_tokens, what)).reshape(-1)
 
 
 def held_out(model: nn.Module, eval_ids: torch.Tensor, context: int, windows: int | None = None) -> float:

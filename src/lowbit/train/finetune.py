@@ -35,10 +35,10 @@ def quantized_base(model, quant: str, compute_dtype: str | None):
     return quantize(model, config, calibration=None, tokenizer=None, progress=False), config.short_name()
 
 
-def token_ids(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+def token_ids(tokenizer, text: str, max_tokens: int | None = None, what: str = "eval text") -> torch.Tensor:
     from lowbit.eval.evaluate import tokenize
 
-    return tokenize(tokenizer, text, max_tokens)
+    return tokenize(tokenizer, text, max_tokens, what)
 
 
 def held_out_perplexity(model, ids: torch.Tensor, context: int) -> float:
@@ -65,7 +65,8 @@ def finetune(path, out, lora: LoraSettings = LoraSettings(), train: TrainSetting
     if tokenizer is None:
         raise LowbitError(f"{base_path} has no tokenizer; fine-tuning needs one to read the text")
     model, quant_name = quantized_base(model, quant, compute_dtype)
-    train_ids = token_ids(tokenizer, train_text if train_text is not None else bundled_text("train"))
+    train_ids = token_ids(tokenizer, train_text if train_text is not None else bundled_text("train"),
+                          what="training text")
     eval_ids = token_ids(tokenizer, eval_text if eval_text is not None else bundled_text("eval"), max_eval_tokens)
     context = model_context(model)
     max_len = getattr(model.config, "max_position_embeddings", None)

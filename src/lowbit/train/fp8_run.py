@@ -72,7 +72,8 @@ def train_precision(precision: str, settings: LoopSettings, recipe: DelayedScali
         raise LowbitError(f"--seq-len {settings.seq_len} is longer than the model's context ({max_len} tokens)")
     fp8 = precision == "fp8"
     converted = convert_to_fp8_training(model, recipe, backend) if fp8 else []
-    train_ids = tokenize(tokenizer, train_text if train_text is not None else bundled_text("train"))
+    train_ids = tokenize(tokenizer, train_text if train_text is not None else bundled_text("train"),
+                         what="training text")
     eval_ids = tokenize(tokenizer, eval_text if eval_text is not None else bundled_text("eval"))
     run = {"precision": precision, "model": str(path) if path else "bundled", "scratch": scratch,
            "recipe": asdict(recipe) if fp8 else None}

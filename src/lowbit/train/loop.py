@@ -60,6 +60,10 @@ class LoopSettings:
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise LowbitError(f"warm-up must be >= 0 and min_lr_ratio in [0, 1], got {self.warmup}, "
                               f"{self.min_lr_ratio}")
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise LowbitError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value!r}")
         if self.minutes is not None and not self.minutes > 0:
             raise LowbitError(f"--minutes must be positive, got {self.minutes!r}")
 
@@ -105,6 +109,15 @@ def batch_at(ids: torch.Tensor, step: int, s: LoopSettings) -> torch.Tensor:
     """The batch of step `step`: a function of (seed, step) only, so a resumed run sees the same data."""
     generator = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
     return random_windows(ids, s.batch_size, s.seq_len, generator)
+
+
+def check_seq_len(model, seq_len: int) -> None:
+    """Refuse training windows longer than the model's context (max_position_embeddings), which would
+    train positions the model has no embeddings or rotary range for."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        raise LowbitError(f"--seq-len {seq_len} is longer than the model's context ({limit} tokens): pass "
+                          f"--seq-len {limit} or less")
 
 
 def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
@@ -241,6 +254,7 @@ def train_loop(model, params, train_ids: torch.Tensor, settings: LoopSettings, *
     optimizer: default AdamW(params, weight_decay=settings.weight_decay) with fp32 state.
     Returns the History; raises LowbitError for too little text or a diverging loss.
     """
+    check_seq_len(model, settings.seq_len)
     ids = torch.as_tensor(train_ids, dtype=torch.int64).reshape(-1)
     if ids.numel() < settings.seq_len + 1:
         raise LowbitError(f"the training text holds {ids.numel()} tokens, fewer than one window of "
@@ -261,6 +275,11 @@ def train_loop(model, params, train_ids: torch.Tensor, settings: LoopSettings, *
     try:
         _run(model, params, optimizer, ids, settings, history, folder, run, evaluate, progress, loss_fn, scaler,
              autocast_dtype)
+    except KeyboardInterrupt as e:   # Ctrl-C: say what the same command again will resume from
+        last = latest_checkpoint(folder)
+        if last is not None and not getattr(e, "hint", None):
+            e.hint = f"lowbit: interrupted; run the same command again to resume from {last}"
+        raise
     finally:
         torch.set_num_threads(threads_before)
         model.eval()
@@ -356,4 +375,4 @@ def write_loss_curve(path, curves: dict, title: str = "training loss", eval_labe
 
 
 __all__ = ["LoopSettings", "History", "train_loop", "lr_at", "batch_at", "random_windows", "causal_lm_loss",
-           "save_checkpoint", "load_checkpoint", "latest_checkpoint", "write_loss_curve"]
+           "save_checkpoint", "load_checkpoint", "latest_checkpoint", "write_loss_curve", "check_seq_len"]

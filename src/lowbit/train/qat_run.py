@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.train.loop import LoopSettings, train_loop, write_loss_curve
+from lowbit.train.loop import LoopSettings, check_seq_len, train_loop, write_loss_curve
 from lowbit.train.qat import QATSettings, convert_qat, prepare_qat
 
 SUMMARY_FILE, CURVE_FILE = "lowbit_qat.json", "qat_loss.png"
@@ -71,11 +71,14 @@ def run_qat(job: QATJob, loop: LoopSettings, qat: QATSettings = QATSettings(), p
     from lowbit.pipeline.loading import resolve_model_path
 
     config = parse_method(f"qat-{job.scheme}")
+    qat.check(config.spec())   # --act-bits with a scheme W8A8 cannot hold: before loading and GPTQ
     model, tokenizer = load_model(job.model)
     if tokenizer is None:
         raise LowbitError(f"{resolve_model_path(job.model)} has no tokenizer; QAT needs one to read the text")
+    check_seq_len(model, loop.seq_len)   # before GPTQ, not after it
     model = model.float()
-    train_ids = tokenize(tokenizer, job.train_text if job.train_text is not None else bundled_text("calibration"))
+    train_ids = tokenize(tokenizer, job.train_text if job.train_text is not None else bundled_text("calibration"),
+                         what="training text")
     eval_ids = tokenize(tokenizer, job.eval_text if job.eval_text is not None else bundled_text("eval"),
                         DEFAULT_MAX_EVAL_TOKENS)
     context = min(model_context(model), loop.seq_len)
