@@ -24,16 +24,6 @@ _positive_int = int_at_least(1)
 _non_negative_int = int_at_least(0)
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
-    return v
-
-
 def _read_text(path):
     if path is None:
         return None
