@@ -60,6 +60,9 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path, one_thread):
     with pytest.raises(LowbitError, match="another run"):
         train_loop(_model(), _model().parameters(), IDS, SETTINGS, checkpoint_dir=tmp_path, run={"m": 2},
                    progress=False)
+    with pytest.raises(LowbitError, match="another run"):     # the same run on another text
+        train_loop(_model(), _model().parameters(), IDS.flip(0), SETTINGS, checkpoint_dir=tmp_path, run={"m": 1},
+                   progress=False)
 
 
 def test_bad_settings_and_too_little_text_are_one_line_errors():

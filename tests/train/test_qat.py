@@ -132,12 +132,14 @@ def test_qat_command_reports_what_the_saved_folder_scores(tiny_model_dir, tmp_pa
     (tmp_path / "eval.txt").write_text(text[20000:26000])
     out = tmp_path / "qat"
     files = ["--train-file", str(tmp_path / "train.txt"), "--eval-file", str(tmp_path / "eval.txt")]
+    # no --seq-len: the default 256 is shortened to the tiny model's context of 128
     rc = main(["qat", str(folder), "-o", str(out), "--scheme", "int4-g32", "--steps", "6", "--batch-size", "2",
-               "--seq-len", "64", "--lr", "1e-3", "--eval-every", "3", "--log-every", "2", *files])
+               "--lr", "1e-3", "--eval-every", "3", "--log-every", "2", *files])
     assert rc == 0
     err = capsys.readouterr().err
     assert "step 2/6" in err and "step 6/6" in err and "eval" in err
     summary = json.loads((out / "lowbit_qat.json").read_text())
+    assert summary["loop"]["seq_len"] == 128 and summary["loop"]["warmup"] == 1
     model, tok = api.load(out)
     ids = tokenize(tok, (tmp_path / "eval.txt").read_text())
     with torch.no_grad():
@@ -203,3 +205,20 @@ def test_negative_eval_and_checkpoint_intervals_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit) as info:
             main(["qat", "-o", str(tmp_path / "q"), option, "-1"])
         assert info.value.code == 2 and "at least 0" in capsys.readouterr().err
+
+
+def test_a_failure_while_saving_leaves_no_output_folder(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    from lowbit.data import bundled_text
+    from lowbit.train import qat_run
+    from lowbit.train.qat_run import QATJob, run_qat
+
+    def broken_plot(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(qat_run, "write_loss_curve", broken_plot)
+    text = bundled_text("calibration")[:20000]
+    job = QATJob(str(tiny_model_dir("llama")), "int4-g32", str(tmp_path / "out"), False, "rtn", text, text)
+    loop = LoopSettings(steps=2, lr=1e-3, batch_size=2, seq_len=32, warmup=0, log_every=0, eval_every=0)
+    with pytest.raises(OSError):
+        run_qat(job, loop, progress=False)
+    assert not (tmp_path / "out").exists() and job.checkpoints().is_dir()   # nothing half-written; resumable

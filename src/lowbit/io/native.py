@@ -33,12 +33,16 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if hasattr(m, "layer_config")}
 
 
-def save(model: nn.Module, out, tokenizer=None) -> Path:
+def save(model: nn.Module, out, tokenizer=None, extra=None) -> Path:
+    """Write the native folder OUT atomically; extra(folder), when given, adds files (a training summary,
+    a plot) to the folder before it is renamed into place, so they appear with it or not at all."""
     out = Path(out)
     with writing_folder(out) as tmp:
         modules = {n: m.layer_config() for n, m in quantized_modules(model).items()}
         write_files(tmp, model, modules, getattr(model, "lowbit_report", None), tokenizer)
         save_file(_tensors(model), str(tmp / WEIGHTS_FILE), metadata=WEIGHTS_METADATA)
+        if extra is not None:
+            extra(tmp)
     return out
 
 

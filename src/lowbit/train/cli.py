@@ -66,12 +66,13 @@ def _cmd_qat(args) -> str:
     from lowbit.train.qat_run import QATJob, render, run_qat
 
     check_output(args.output, "output folder")  # before any training
-    loop = LoopSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-                        warmup=min(args.warmup, args.steps), seed=args.seed, eval_every=args.eval_every,
+    # a run no longer than its warm-up would never decay: warm up over at most a quarter of the steps
+    loop = LoopSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len or 256,
+                        warmup=min(args.warmup, args.steps // 4), seed=args.seed, eval_every=args.eval_every,
                         checkpoint_every=args.checkpoint_every, log_every=0 if args.quiet else args.log_every,
                         minutes=args.minutes, threads=args.threads)
     job = QATJob(args.path, args.scheme, args.output, not args.no_distill, args.init, _read_text(args.train_file),
-                 _read_text(args.eval_file), args.checkpoint_dir)
+                 _read_text(args.eval_file), args.checkpoint_dir, fit_context=args.seq_len is None)
     summary = run_qat(job, loop, QATSettings(not args.fixed_scales, args.act_bits), progress=not args.quiet)
     return render(summary, args.output)
 
@@ -86,7 +87,7 @@ def register_qat(sub) -> None:
     p.add_argument("--steps", type=_positive_int, default=150, help="optimiser steps (default 150)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of weights and scales (default 2e-4)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (default 256, or the model's context if shorter)")
     p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay (default 20)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the data order (default 0)")
     p.add_argument("--no-distill", action="store_true",

@@ -120,6 +120,12 @@ def check_seq_len(model, seq_len: int) -> None:
                           f"--seq-len {limit} or less")
 
 
+def _digest(ids: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
+
+
 def causal_lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     return model(input_ids=batch, labels=batch).loss
 
@@ -262,7 +268,8 @@ def train_loop(model, params, train_ids: torch.Tensor, settings: LoopSettings, *
     params = list(params)
     if not params:
         raise LowbitError("nothing to train: the model has no trainable parameters")
-    run = json.loads(json.dumps(run or {}))
+    # the training tokens are part of what a checkpoint belongs to: another text is another run
+    run = json.loads(json.dumps({**(run or {}), "train_ids": _digest(ids)}))
     optimizer = optimizer or torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     last = latest_checkpoint(folder)

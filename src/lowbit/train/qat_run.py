@@ -7,7 +7,7 @@ import copy
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ class QATJob:
     train_text: str | None = None
     eval_text: str | None = None
     checkpoint_dir: str | None = None
+    fit_context: bool = False      # shorten the training windows to the model's context when it is shorter
 
     def checkpoints(self) -> Path:
         out = Path(self.out)
@@ -63,7 +64,7 @@ def held_out(model, ids: torch.Tensor, context: int) -> float:
 
 def run_qat(job: QATJob, loop: LoopSettings, qat: QATSettings = QATSettings(), progress: bool = True) -> dict:
     """Train, convert, save. Returns the summary written to OUT/lowbit_qat.json."""
-    from lowbit.api import load_model, save
+    from lowbit.api import load_model
     from lowbit.data import bundled_text
     from lowbit.eval.evaluate import DEFAULT_MAX_EVAL_TOKENS, tokenize
     from lowbit.eval.windows import model_context
@@ -75,6 +76,8 @@ def run_qat(job: QATJob, loop: LoopSettings, qat: QATSettings = QATSettings(), p
     model, tokenizer = load_model(job.model)
     if tokenizer is None:
         raise LowbitError(f"{resolve_model_path(job.model)} has no tokenizer; QAT needs one to read the text")
+    if job.fit_context:
+        loop = replace(loop, seq_len=min(loop.seq_len, model_context(model)))
     check_seq_len(model, loop.seq_len)   # before GPTQ, not after it
     model = model.float()
     train_ids = tokenize(tokenizer, job.train_text if job.train_text is not None else bundled_text("calibration"),
@@ -99,8 +102,9 @@ def run_qat(job: QATJob, loop: LoopSettings, qat: QATSettings = QATSettings(), p
     convert_qat(model, description)
     summary = _summary(job, config, loop, qat, history, float_nll, start_nll, fake_nll,
                        held_out(model, eval_ids, model_context(model)), eval_ids.numel())
-    save(model, job.out, tokenizer)
-    _write_beside(Path(job.out), summary, history, config.short_name())
+    from lowbit.io.native import save
+
+    save(model, job.out, tokenizer, extra=lambda folder: _write_beside(folder, summary, history, config.short_name()))
     shutil.rmtree(job.checkpoints(), ignore_errors=True)   # the run is complete; its folder is the result
     return summary
 
@@ -137,9 +141,7 @@ def _summary(job, config, loop, qat, history, float_nll, start_nll, fake_nll, qu
 
 
 def _write_beside(out: Path, summary: dict, history, name: str) -> None:
-    from lowbit.io.atomic import write_bytes
-
-    write_bytes(out / SUMMARY_FILE, json.dumps(summary, indent=1).encode())
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     distilled = summary["distill"]
     write_loss_curve(out / CURVE_FILE, {name: history}, eval_axis="held-out NLL (nats/token)" if distilled else None,
                      title=f"{name}: {'KL to the float model' if distilled else 'next-token loss'} and held-out NLL")
