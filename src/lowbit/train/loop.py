@@ -230,7 +230,10 @@ def _log(message: str, progress: bool) -> None:
 
 
 def _step(model, params, optimizer, batch, loss_fn, scaler, autocast_dtype, max_grad_norm) -> float:
-    amp = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    # the batch goes where the parameters are, and autocast follows that device (CPU here, CUDA when lent)
+    device = params[0].device
+    batch = batch.to(device)
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     with amp:
         loss = loss_fn(model, batch)
     if not torch.isfinite(loss.detach()) and scaler is None:
