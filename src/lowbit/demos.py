@@ -71,10 +71,13 @@ def render_basics() -> str:
     b = outlier_exercise()
     kv = kv_cache_exercise()
     out = ["Exercise 1: symmetric INT8 (per tensor) of a 1024x1024 N(0, 0.02) FP32 matrix",
+           # each row is another quantity: formatted one by one, not at the column's one precision
            format_table(["figure", "value"], [
-               ["scale (amax/127)", a["scale"]], ["size FP32 -> INT8", f"{a['fp32_bytes']:,} -> {a['int8_bytes']:,} bytes"],
-               ["size ratio", a["size_ratio"]], ["mean |error|", a["mean_abs_error"]],
-               ["max |error| (<= scale/2)", a["max_abs_error"]], ["relative error ||W-Q||/||W||", a["relative_error"]]]),
+               ["scale (amax/127)", f"{a['scale']:.4g}"],
+               ["size FP32 -> INT8", f"{a['fp32_bytes']:,} -> {a['int8_bytes']:,} bytes"],
+               ["size ratio", f"{a['size_ratio']:.4g}"], ["mean |error|", f"{a['mean_abs_error']:.4g}"],
+               ["max |error| (<= scale/2)", f"{a['max_abs_error']:.4g}"],
+               ["relative error ||W-Q||/||W||", f"{a['relative_error']:.4g}"]]),
            "",
            "Exercise 2: the outlier problem (activations 32x512 N(0, 0.1), channels 0 and 1 scaled x100 and x50)",
            format_table(["granularity", "MSE (all)", "MSE (normal channels)"], [

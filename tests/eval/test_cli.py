@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from lowbit.cli import main
 from lowbit.eval.evaluate import eval_windows, evaluate
@@ -51,3 +52,26 @@ def test_cli_eval_of_a_saved_quantised_folder_matches_the_in_memory_model(tiny_d
     assert row["bits_per_weight"] == 4.125 and row["memory_bytes"] == expected["memory_bytes"]
     assert row["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-9)
     assert row["kl"] == pytest.approx(expected["kl"], rel=1e-6) and row["top1"] == expected["top1"]
+
+
+def test_cli_eval_shows_progress_on_stderr_and_quiet_hides_it(tiny_dir, capsys, one_thread):
+    args = ["eval", str(tiny_dir), "--reference", str(tiny_dir), "--json", "--max-eval-tokens", "300", "--no-speed"]
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr()
+    row = json.loads(out.out)                      # the progress never reaches stdout
+    n = row["n_scored"] // (row["context"] - 1)   # each window scores context - 1 tokens
+    assert "reference windows" in out.err and "scoring windows: 100%" in out.err and f"{n}/{n}" in out.err
+    assert main(args + ["--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_evaluate_api_is_silent_by_default(llama, capsys, one_thread):
+    from lowbit.eval.evaluate import evaluate
+    from lowbit.eval.fidelity import build_reference
+
+    ids = torch.randint(0, llama.config.vocab_size, (200,), generator=torch.Generator().manual_seed(0))
+    capsys.readouterr()
+    ref = build_reference(llama, ids, context=64)
+    evaluate(llama, reference=ref, speed=False)
+    assert capsys.readouterr().err == ""

@@ -101,3 +101,30 @@ def test_export_verify_runs_the_consumer(tmp_path, tiny_model_dir, capsys):
     assert line.startswith("verify: transformers loads") and "agrees with lowbit's model on" in line
     assert float(line.split(" on ")[1].split("%")[0]) >= 99.0      # the same weights, decompressed
     # gptq / awq are verified by vLLM from its own environment: tests/serving/test_vllm.py
+
+
+def test_gguf_export_and_import_show_progress_on_stderr_and_quiet_hides_it(tmp_path, tiny_model_dir, capsys,
+                                                                           one_thread):
+    from gguf import GGUFReader
+
+    src = tiny_model_dir("llama")
+    rc, out, err = run(capsys, "export", src, "--format", "gguf", "--type", "Q8_0", "-o", tmp_path / "m.gguf")
+    assert rc == 0, err
+    n = len(GGUFReader(tmp_path / "m.gguf").tensors)
+    assert "GGUF tensors" in err and f"{n}/{n}" in err and "GGUF" not in out   # stdout keeps only the result
+    rc, out, err = run(capsys, "import", tmp_path / "m.gguf", "--format", "gguf", "-o", tmp_path / "back")
+    assert rc == 0, err
+    assert "GGUF blocks" in err and "2/2" in err and f"writing the native folder {tmp_path / 'back'}" in err
+    rc, out, err = run(capsys, "import", tmp_path / "m.gguf", "--format", "gguf", "--quiet", "-o", tmp_path / "b2")
+    assert rc == 0 and err == ""
+
+
+def test_gguf_api_is_silent_by_default(tmp_path, tiny_model_dir, capsys, one_thread):
+    from lowbit.io.gguf import export_gguf
+    from lowbit.io.gguf_read import load_gguf
+
+    model, tok = api.load_model(tiny_model_dir("llama"))
+    capsys.readouterr()
+    export_gguf(model, tmp_path / "m.gguf", tok, type="Q8_0")
+    load_gguf(tmp_path / "m.gguf")
+    assert capsys.readouterr().err == ""

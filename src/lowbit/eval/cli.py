@@ -43,10 +43,10 @@ def _cmd_eval(args) -> str:
         ref_model, ref_tokenizer = api.load_model(args.reference)
         windows = eval_windows(ref_model, ref_tokenizer or tokenizer, text, context=args.context,
                                max_eval_tokens=args.max_eval_tokens)
-        reference = build_reference(ref_model, windows)
+        reference = build_reference(ref_model, windows, progress=not args.quiet)
         del ref_model
     row = evaluate(model, tokenizer, text, reference, context=args.context,
-                   max_eval_tokens=args.max_eval_tokens, speed=not args.no_speed)
+                   max_eval_tokens=args.max_eval_tokens, speed=not args.no_speed, progress=not args.quiet)
     row = {"model": str(args.model or "bundled"), **row}
     return json.dumps(row, indent=2) if args.json else render_eval(row)
 
@@ -129,6 +129,7 @@ def register(sub) -> None:
     ev = sub.add_parser("eval", help="perplexity, fidelity, memory and speed of one model")
     _add_eval_options(ev, "Hugging Face or lowbit-quantised model folder")
     ev.add_argument("--reference", help="full-precision model folder to measure KL / top-1 / delta-PPL against")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(run=_cmd_eval)
 
     kv = sub.add_parser("kv-cache", help="perplexity, memory and decode speed with a quantised KV cache")

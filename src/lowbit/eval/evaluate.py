@@ -57,16 +57,17 @@ def eval_windows(model, tokenizer=None, text: str | None = None, ids=None, conte
 
 def evaluate(model, tokenizer=None, text: str | None = None, reference: Reference | None = None, *,
              ids=None, context: int | None = None, max_eval_tokens: int | None = DEFAULT_MAX_EVAL_TOKENS,
-             speed: bool = True, float_bytes: int = 2, batch_size: int = 8) -> dict:
+             speed: bool = True, float_bytes: int = 2, batch_size: int = 8, progress: bool = False) -> dict:
     """Perplexity (and with a reference: delta-PPL, KL, top-1), memory and speed of `model`.
 
     With a reference, the reference's windows are scored (text, ids and context are then not used).
     `float_bytes` is the storage width of the tensors left unquantised (2 = fp16) in `memory_bytes`.
+    progress: a bar over the scored windows on stderr.
     """
     windows = reference.windows if reference is not None else eval_windows(
         model, tokenizer, text, ids, context, max_eval_tokens)
     ref_lp = None if reference is None else reference.logprobs
-    scores, _ = score_windows(model, windows, ref_lp, batch_size=batch_size)
+    scores, _ = score_windows(model, windows, ref_lp, batch_size=batch_size, progress=progress)
     row = perplexity_fields(PerplexityResult.from_scores(scores, windows))
     if reference is not None:
         row.update(fidelity_fields(FidelityResult.from_scores(scores), reference))

@@ -53,15 +53,17 @@ def fidelity_windows(windows: Windows, max_fidelity_tokens: int) -> int:
 
 
 def build_reference(model, ids: torch.Tensor | Windows, context: int | None = None,
-                    max_fidelity_tokens: int = DEFAULT_MAX_FIDELITY_TOKENS, batch_size: int = 8) -> Reference:
+                    max_fidelity_tokens: int = DEFAULT_MAX_FIDELITY_TOKENS, batch_size: int = 8,
+                    progress: bool = False) -> Reference:
     """Run the full-precision `model` once: its perplexity on all windows, its log-probs on the first."""
     windows = ids if isinstance(ids, Windows) else split_windows(ids, context or model_context(model))
     n_keep = fidelity_windows(windows, max_fidelity_tokens)
     head = windows.head(n_keep)
-    scores, logprobs = score_windows(model, head, batch_size=batch_size, keep_logprobs=True)
+    scores, logprobs = score_windows(model, head, batch_size=batch_size, keep_logprobs=True, progress=progress,
+                                     desc="reference windows")
     if n_keep < windows.n_windows:
         tail = Windows(windows.ids[n_keep:], windows.context, windows.n_tokens - head.n_tokens)
-        rest, _ = score_windows(model, tail, batch_size=batch_size)
+        rest, _ = score_windows(model, tail, batch_size=batch_size, progress=progress, desc="reference windows")
         scores.add(rest)
     return Reference(windows, logprobs, PerplexityResult.from_scores(scores, windows))
 

@@ -4,9 +4,11 @@ Perplexity and fidelity share this pass, so `evaluate` runs the model over the h
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from lowbit.eval.windows import Windows
 
@@ -60,20 +62,25 @@ def compare_to_reference(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> 
 
 
 def score_windows(model, windows: Windows, ref_logprobs: torch.Tensor | None = None,
-                  batch_size: int = 8, keep_logprobs: bool = False) -> tuple[Scores, torch.Tensor | None]:
+                  batch_size: int = 8, keep_logprobs: bool = False, progress: bool = False,
+                  desc: str = "scoring windows") -> tuple[Scores, torch.Tensor | None]:
     """NLL over all windows; KL and top-1 over the first ref_logprobs.shape[0] windows if given.
 
     With keep_logprobs, also returns the log-probs of every window (to serve as a reference).
+    progress: a bar on stderr (off by default: compare and tests call this many times).
     """
     total, kept = Scores(), []
     n_ref = 0 if ref_logprobs is None else ref_logprobs.shape[0]
+    bar = tqdm(total=windows.n_windows, desc=desc, unit="window", file=sys.stderr, disable=not progress)
     for start in range(0, windows.n_windows, batch_size):
         ids = windows.ids[start:start + batch_size]
         lp = next_token_logprobs(model, ids)
+        bar.update(ids.shape[0])
         total.add(Scores(nll_sum=token_nll_sum(lp, ids), n_scored=lp.shape[0] * lp.shape[1]))
         if start < n_ref:
             n = min(lp.shape[0], n_ref - start)
             total.add(compare_to_reference(ref_logprobs[start:start + n], lp[:n]))
         if keep_logprobs:
             kept.append(lp)
+    bar.close()
     return total, (torch.cat(kept) if keep_logprobs else None)

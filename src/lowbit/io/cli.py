@@ -2,9 +2,16 @@
 engines load (GGUF, HF GPTQ, AWQ GEMM, bitsandbytes 4-bit), through the exporter/importer registry."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from lowbit.errors import LowbitError
+
+
+def _stage(args, message: str) -> None:
+    """One line on stderr before a step that may take a while (stdout keeps only the result)."""
+    if not args.quiet:
+        print(f"lowbit: {message} ...", file=sys.stderr, flush=True)
 
 
 def _cmd_export(args) -> str:
@@ -22,6 +29,10 @@ def _cmd_export(args) -> str:
     weights, redone = exporter.prepare(model, args.requantize)
     if args.target:
         _check_target(args.target, args.format, weights, model)
+    if args.format == "gguf":
+        options["progress"] = not args.quiet   # a bar over the tensors
+    else:
+        _stage(args, f"writing {args.format} export to {out}")
     written = exporter.write(model, weights, out, tokenizer=tokenizer, requantize=args.requantize, **options)
     note = (f"; {len(redone)} quantised weights were rounded again for {args.format} (--requantize): "
             f"{', '.join(redone[:3])}{' ...' if len(redone) > 3 else ''}") if redone else ""
@@ -53,7 +64,12 @@ def _cmd_import(args) -> str:
     out = check_output(args.output, "output folder")
     if not Path(args.path).exists():
         raise LowbitError(f"not found: {args.path}")
-    model, tokenizer = importer(args.path)
+    if args.format == "gguf":
+        model, tokenizer = importer(args.path, progress=not args.quiet)   # a bar over the blocks
+    else:
+        _stage(args, f"reading {args.format} model {args.path}")
+        model, tokenizer = importer(args.path)
+    _stage(args, f"writing the native folder {out}")
     api.save(model, out, tokenizer=tokenizer)
     return f"imported {args.format} model {args.path} into the native format at {out}"
 
@@ -74,6 +90,7 @@ def register(sub) -> None:
                    help="load the written files with their consumer (llama.cpp, transformers, vLLM) when installed "
                         "and print its agreement with this model on held-out text")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_threads(p)
     p.add_argument("-o", "--output", required=True, help="file or folder to write (must not exist)")
     p.set_defaults(run=_cmd_export)
@@ -81,6 +98,7 @@ def register(sub) -> None:
     q = sub.add_parser("import", help="read a gguf/gptq/awq/bnb model into the native format")
     q.add_argument("path", help="the .gguf file or model folder to read")
     q.add_argument("--format", required=True, help="gguf, gptq, awq, bnb or compressed-tensors")
+    q.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_threads(q)
     q.add_argument("-o", "--output", required=True, help="native folder to write (must not exist)")
     q.set_defaults(run=_cmd_import)

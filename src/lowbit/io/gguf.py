@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, quantized_weights, register_exporter
@@ -303,7 +305,7 @@ class GGUFExporter(Exporter):
 
     def write(self, model, weights, out, tokenizer=None, type: str | None = None, imatrix: dict | None = None,
               search: bool = True, tokenizer_pre: str | None = None, name: str | None = None,
-              requantize: bool = False, **_options) -> Path:
+              requantize: bool = False, progress: bool = False, **_options) -> Path:
         from gguf import GGMLQuantizationType, GGUFWriter
 
         if tokenizer is None:
@@ -320,7 +322,10 @@ class GGUFExporter(Exporter):
             _write_tokenizer(writer, tokenizer, model.config.vocab_size, tokenizer_pre)
             with torch.no_grad():
                 tensors = gguf_tensors(model, ftype, weights, imatrix, search, held)
-                for tname, data, stored in tensors:
+                # rounding tensor by tensor is the long part (minutes for a large model): show it
+                total = len(tensor_names(model, describe(model)))
+                for tname, data, stored in tqdm(tensors, desc="GGUF tensors", unit="tensor", total=total,
+                                                file=sys.stderr, disable=not progress):
                     writer.add_tensor(tname, data, raw_dtype=GGMLQuantizationType[stored])
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -334,16 +339,17 @@ EXPORTER = register_exporter(GGUFExporter())
 
 def export_gguf(model, out_path, tokenizer=None, type: str | None = None, imatrix: dict | None = None,
                 search: bool = True, tokenizer_pre: str | None = None, name: str | None = None,
-                requantize: bool = False) -> Path:
+                requantize: bool = False, progress: bool = False) -> Path:
     """Write `model` (a Llama model, or a path to one) as a GGUF file of llama.cpp file type `type`
     ("Q4_K_M", "Q8_0", "F16", ...; None: the type the model was quantised to, Q4_K_M for a float model).
 
     imatrix: optional {HF Linear name: mean squared input activation per column} (llama.cpp's imatrix).
     search:  False quantises exactly as llama-quantize would; True searches further (lowbit.weights.ggml).
+    progress: a bar over the tensors on stderr.
     """
     if isinstance(model, (str, os.PathLike)):
         from lowbit.api import load_model
         model, loaded_tok = load_model(model)
         tokenizer = tokenizer or loaded_tok
     return EXPORTER.export(model, out_path, tokenizer, requantize, type=type, imatrix=imatrix, search=search,
-                           tokenizer_pre=tokenizer_pre, name=name)
+                           tokenizer_pre=tokenizer_pre, name=name, progress=progress)

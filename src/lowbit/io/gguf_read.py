@@ -7,11 +7,13 @@ produces, and llama.cpp's converter for Llama models).
 from __future__ import annotations
 
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.io import register_importer
@@ -302,10 +304,10 @@ def _gguf_tokenizer(meta: dict):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **roles)
 
 
-def load_gguf(path, dequantize: bool = False):
+def load_gguf(path, dequantize: bool = False, progress: bool = False):
     """(model, tokenizer or None) from a GGUF file of a Llama model. Quantised matrices become GGMLLinear
     modules holding the file's blocks (dequantize=True: plain float Linears); q/k rows are put back in
-    Hugging Face order."""
+    Hugging Face order. progress: a bar over the decoder blocks on stderr."""
     reader = open_gguf(path)
     try:
         meta, table = _fields(reader), _tensor_table(reader)
@@ -315,7 +317,7 @@ def load_gguf(path, dequantize: bool = False):
         raise LowbitError(f"{path}: GGUF file has no token_embd.weight")
     config = llama_config_from_gguf(meta, table["token_embd.weight"][0][0], "output.weight" not in table, table)
     _check_tensors(table, config)
-    model = _build_llama(config, table, dequantize)
+    model = _build_llama(config, table, dequantize, progress)
     return model, gguf_tokenizer(meta)
 
 
@@ -323,7 +325,7 @@ def _norm(name: str, table: dict) -> nn.Parameter:
     return nn.Parameter(_float_weight(name, *table[name]), requires_grad=False)
 
 
-def _build_llama(config, table: dict, dequantize: bool):
+def _build_llama(config, table: dict, dequantize: bool, progress: bool = False):
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):      # every tensor is replaced below: nothing to allocate twice
@@ -332,7 +334,8 @@ def _build_llama(config, table: dict, dequantize: bool):
     model.model.embed_tokens = nn.Embedding.from_pretrained(embedding, freeze=True)
     model.model.norm.weight = _norm("output_norm.weight", table)
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    for i, layer in enumerate(model.model.layers):
+    blocks = tqdm(model.model.layers, desc="GGUF blocks", unit="block", file=sys.stderr, disable=not progress)
+    for i, layer in enumerate(blocks):
         for suffix, role in LAYER_ROLES.items():
             name = f"blk.{i}.{role}.weight"
             if role.endswith("_norm"):
