@@ -82,7 +82,8 @@ def test_bitnet_command_trains_converts_and_saves(tiny_model_dir, tmp_path, caps
 
     model, _ = load_model(out)
     assert isinstance(model.model.layers[1].self_attn.q_proj, TernaryLinear)
-    assert (tmp_path / "out.loss.png").exists()
+    assert (tmp_path / "out" / "bitnet_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "out" / "lowbit_bitnet.json").read_text())["steps"] >= 1
     assert not (tmp_path / "out.checkpoints").exists()   # the run is complete: nothing left to resume
     assert main(["bitnet", *args]) == 2
     assert "already exists" in capsys.readouterr().err

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from lowbit.train.cli import _positive_int, _read_text, add_run_arguments
 
+SUMMARY_FILE, CURVE_FILE = "lowbit_bitnet.json", "bitnet_loss.png"
+
 
 def _cmd_bitnet(args) -> str:
     from lowbit.io.atomic import check_output
@@ -26,7 +28,7 @@ def _cmd_bitnet(args) -> str:
     out = check_output(args.output, "output folder")   # before any training
     check_packing(args.packing)
     settings = LoopSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-                            warmup=min(args.warmup, args.steps), weight_decay=args.weight_decay, seed=args.seed,
+                            warmup=min(args.warmup, args.steps // 4), weight_decay=args.weight_decay, seed=args.seed,
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                             log_every=args.log_every, minutes=args.minutes, threads=args.threads)
     model, tok = scratch_model(args.path, args.seed) if args.from_scratch else source_model(args.path)
@@ -40,8 +42,13 @@ def _cmd_bitnet(args) -> str:
     model, summary, history = train_model(model, train_ids, eval_ids, settings, packing=args.packing,
                                           checkpoint_dir=checkpoints, progress=not args.quiet, run=run,
                                           measure_before=not args.from_scratch)
-    save(model, out, tok)
-    curve = write_loss_curve(Path(f"{out}.loss.png"), {"bitnet": history}, title="BitNet b1.58 training")
+
+    def beside(folder: Path) -> None:   # inside the folder's atomic write: all of it appears, or none
+        (folder / SUMMARY_FILE).write_text(json.dumps({**summary, "history": history.to_json()}, indent=1))
+        write_loss_curve(folder / CURVE_FILE, {"bitnet": history}, title="BitNet b1.58 training")
+
+    save(model, out, tok, extra=beside)
+    curve = out / CURVE_FILE if (out / CURVE_FILE).exists() else None
     shutil.rmtree(checkpoints, ignore_errors=True)   # the run is complete: nothing left to resume (as qat, train-fp8)
     return json.dumps(summary, indent=1) if args.json else render(summary, out, curve)
 
@@ -57,7 +64,7 @@ def render(s: dict, out, curve) -> str:
               f"fake-quantised)",
               f"ternary Linears: {bits['bytes']:,} bytes for {bits['weights']:,} weights = "
               f"{bits['bits_per_weight']:.4f} bits per weight ({s['packing']})",
-              f"saved to {out}" + (f"; loss curve {curve}" if curve else "")]
+              f"saved to {out} ({SUMMARY_FILE}" + (f", {CURVE_FILE}" if curve else "") + " beside the weights)"]
     return "\n".join(lines)
 
 
