@@ -11,6 +11,7 @@ from lowbit.kernels.ternary import quantize_tokens_int8
 from lowbit.methods.bitnet import absmean_scale, ternary_codes
 from lowbit.nn import TernaryLinear
 from lowbit.train.bitnet import BitLinear, block_linears, to_bitnet, to_ternary
+from tests.train.helpers import interrupted_at
 
 
 def _llama(seed=0):
@@ -109,15 +110,8 @@ def test_interrupted_command_resumes_to_the_uninterrupted_model(tiny_model_dir, 
                      "--eval-file", str(text), "--quiet"])
 
     assert run(tmp_path / "whole") == 0
-    real_step, calls = loop._step, {"n": 0}
-
-    def dies_at_step_4(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(loop, "_step", dies_at_step_4)
+    real_step = loop._step
+    monkeypatch.setattr(loop, "_step", interrupted_at(4, real_step))
     assert run(tmp_path / "resumed") == 130 and not (tmp_path / "resumed").exists()
     assert (tmp_path / "resumed.checkpoints").is_dir()
     rerun = {"n": 0}

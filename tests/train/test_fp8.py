@@ -8,6 +8,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import get_format
 from lowbit.train.fp8_linear import GRAD_OUTPUT, INPUT, WEIGHT, Fp8Linear, convert_to_fp8_training
 from lowbit.train.fp8_scaling import DelayedScaling, record_amax
+from tests.train.helpers import interrupted_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 E4M3, E5M2 = get_format("fp8_e4m3"), get_format("fp8_e5m2")
@@ -193,17 +194,9 @@ def test_interrupted_fp8_training_resumes_with_the_amax_histories(tmp_path):
 
     whole = fp8_model()
     h_whole = train_loop(whole, whole.parameters(), ids, settings, progress=False)
-    calls = {"n": 0}
-
-    def dies_at_step_4(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return model(input_ids=batch, labels=batch).loss
-
     with pytest.raises(KeyboardInterrupt):
         m = fp8_model()
-        train_loop(m, m.parameters(), ids, settings, checkpoint_dir=tmp_path, progress=False, loss_fn=dies_at_step_4)
+        train_loop(m, m.parameters(), ids, settings, checkpoint_dir=tmp_path, progress=False, loss_fn=interrupted_at(4))
     assert latest_checkpoint(tmp_path).name == "step-00000001"
     m = fp8_model()
     h = train_loop(m, m.parameters(), ids, settings, checkpoint_dir=tmp_path, progress=False)

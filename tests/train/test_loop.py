@@ -5,6 +5,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.train.loop import History, LoopSettings, batch_at, latest_checkpoint, lr_at, train_loop, write_loss_curve
+from tests.train.helpers import interrupted_at
 
 
 def _model():
@@ -35,18 +36,10 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path, one_thread):
     whole = train_loop(whole_model, whole_model.parameters(), IDS, SETTINGS, progress=False,
                        evaluate=lambda m: 1.0)
 
-    calls = {"n": 0}
-
-    def dies_at_step_5(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return model(input_ids=batch, labels=batch).loss
-
     model = _model()
     with pytest.raises(KeyboardInterrupt):
         train_loop(model, model.parameters(), IDS, SETTINGS, checkpoint_dir=tmp_path, run={"m": 1},
-                   progress=False, loss_fn=dies_at_step_5)
+                   progress=False, loss_fn=interrupted_at(5))
     assert latest_checkpoint(tmp_path).name == "step-00000003"
     model = _model()
     resumed = train_loop(model, model.parameters(), IDS, SETTINGS, checkpoint_dir=tmp_path, run={"m": 1},
@@ -99,15 +92,7 @@ def test_windows_longer_than_the_models_context_are_refused():
 
 
 def test_interrupt_names_the_checkpoint_to_resume_from(tmp_path, one_thread):
-    calls = {"n": 0}
-
-    def dies_at_step_3(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return model(input_ids=batch, labels=batch).loss
-
     m = _model()
     with pytest.raises(KeyboardInterrupt) as info:
-        train_loop(m, m.parameters(), IDS, SETTINGS, checkpoint_dir=tmp_path, progress=False, loss_fn=dies_at_step_3)
+        train_loop(m, m.parameters(), IDS, SETTINGS, checkpoint_dir=tmp_path, progress=False, loss_fn=interrupted_at(3))
     assert "resume from" in info.value.hint and "step-00000001" in info.value.hint

@@ -10,6 +10,7 @@ from lowbit.methods import parse_method
 from lowbit.train.loop import LoopSettings, train_loop
 from lowbit.train.qat import FakeQuantLinear, QATSettings, convert_qat, fake_quant_modules, prepare_qat
 from tests.conftest import build_tiny_model
+from tests.train.helpers import interrupted_at
 
 IDS = torch.randint(0, 512, (6000,), generator=torch.Generator().manual_seed(0))
 LOOP = LoopSettings(steps=3, lr=1e-2, batch_size=2, seq_len=32, warmup=1, log_every=0, eval_every=0)
@@ -86,17 +87,9 @@ def test_qat_folder_loads_exports_and_resumes(tiny_model_dir, tmp_path, monkeypa
     whole = run_qat(QATJob(str(folder), "int4-g32", str(tmp_path / "whole"), False, "rtn", text, text),
                     loop, progress=False)
 
-    calls = {"n": 0}
     real_loss = qat_run._next_token_loss
-
-    def dies_at_step_4(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_loss(model, batch)
-
     job = QATJob(str(folder), "int4-g32", str(tmp_path / "resumed"), False, "rtn", text, text)
-    monkeypatch.setattr(qat_run, "_next_token_loss", dies_at_step_4)
+    monkeypatch.setattr(qat_run, "_next_token_loss", interrupted_at(4, real_loss))
     with pytest.raises(KeyboardInterrupt):
         run_qat(job, loop, progress=False)
     assert not (tmp_path / "resumed").exists() and job.checkpoints().is_dir()

@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from lowbit.train.cli import _positive_int, _read_text, add_run_arguments
+from lowbit.train.cli import _read_text, add_run_arguments, add_schedule_arguments, loop_settings, short_warmup
 
 SUMMARY_FILE, CURVE_FILE = "lowbit_bitnet.json", "bitnet_loss.png"
 
@@ -22,15 +22,12 @@ def _cmd_bitnet(args) -> str:
     from lowbit.io.atomic import check_output
     from lowbit.io.native import save
     from lowbit.train.bitnet_run import scratch_model, source_model, token_stream, train_model
-    from lowbit.train.loop import LoopSettings, check_seq_len, write_loss_curve
+    from lowbit.train.loop import check_seq_len, write_loss_curve
     from lowbit.weights.ternary import check_packing
 
     out = check_output(args.output, "output folder")   # before any training
     check_packing(args.packing)
-    settings = LoopSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-                            warmup=min(args.warmup, args.steps // 4), weight_decay=args.weight_decay, seed=args.seed,
-                            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                            log_every=args.log_every, minutes=args.minutes, threads=args.threads)
+    settings = loop_settings(args, warmup=short_warmup(args), weight_decay=args.weight_decay)
     model, tok = scratch_model(args.path, args.seed) if args.from_scratch else source_model(args.path)
     train_text, eval_text = _read_text(args.train_file), _read_text(args.eval_file)
     check_seq_len(model, settings.seq_len)   # before the float model is scored
@@ -76,11 +73,7 @@ def register(sub) -> None:
                    help="train a randomly initialised model of the folder's architecture instead of converting it")
     p.add_argument("--packing", default="trit5", help="trit5 (5 codes per byte, 1.6 bits; GGUF TQ1_0) or 2bit "
                                                       "(GGUF TQ2_0) (default trit5)")
-    p.add_argument("--steps", type=_positive_int, default=300, help="optimiser steps (default 300)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default 256)")
-    p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay (default 20)")
+    add_schedule_arguments(p, steps=300, lr=1e-3, batch_size=8, warmup=20)
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and of a scratch model (default 0)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -59,18 +59,29 @@ def _cmd_finetune(args) -> str:
     return render_summary(summary, args.output)
 
 
+def short_warmup(args) -> int:
+    """--warmup, but at most a quarter of --steps: a run no longer than its warm-up would never decay."""
+    return min(args.warmup, args.steps // 4)
+
+
+def loop_settings(args, **fields):
+    """The shared loop's settings from the options add_schedule_arguments and add_run_arguments define;
+    `fields` sets the rest (warmup, weight decay ...) as each trainer needs."""
+    from lowbit.train.loop import LoopSettings
+
+    common = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                  eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                  log_every=0 if args.quiet else args.log_every, minutes=args.minutes, threads=args.threads)
+    return LoopSettings(**{**common, **fields})
+
+
 def _cmd_qat(args) -> str:
     from lowbit.io.atomic import check_output
-    from lowbit.train.loop import LoopSettings
     from lowbit.train.qat import QATSettings
     from lowbit.train.qat_run import QATJob, render, run_qat
 
     check_output(args.output, "output folder")  # before any training
-    # a run no longer than its warm-up would never decay: warm up over at most a quarter of the steps
-    loop = LoopSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len or 256,
-                        warmup=min(args.warmup, args.steps // 4), seed=args.seed, eval_every=args.eval_every,
-                        checkpoint_every=args.checkpoint_every, log_every=0 if args.quiet else args.log_every,
-                        minutes=args.minutes, threads=args.threads)
+    loop = loop_settings(args, seq_len=args.seq_len or 256, warmup=short_warmup(args))
     job = QATJob(args.path, args.scheme, args.output, not args.no_distill, args.init, _read_text(args.train_file),
                  _read_text(args.eval_file), args.checkpoint_dir, fit_context=args.seq_len is None)
     summary = run_qat(job, loop, QATSettings(not args.fixed_scales, args.act_bits), progress=not args.quiet)
@@ -84,11 +95,8 @@ def register_qat(sub) -> None:
     p.add_argument("--scheme", default="int4-g128",
                    help="weight scheme in short words: int4-g128, int3-g128, int2-g64, uint4-g64, nf4-g64, fp8_e4m3, "
                         "mxfp4, int8-sfp32 ... (default int4-g128)")
-    p.add_argument("--steps", type=_positive_int, default=150, help="optimiser steps (default 150)")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of weights and scales (default 2e-4)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--seq-len", type=_positive_int, help="tokens per sequence (default 256, or the model's context if shorter)")
-    p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps, then cosine decay (default 20)")
+    add_schedule_arguments(p, steps=150, lr=2e-4, batch_size=8, warmup=20, seq_len=None,
+                           seq_len_help="default 256, or the model's context if shorter")
     p.add_argument("--seed", type=int, default=0, help="random seed of the data order (default 0)")
     p.add_argument("--no-distill", action="store_true",
                    help="train on the text's next tokens instead of matching the float model's next-token "
@@ -100,6 +108,18 @@ def register_qat(sub) -> None:
                                                               "converts to W8A8, needs --scheme int8-sfp32)")
     add_run_arguments(p, "the bundled calibration text, which GPTQ reads too")
     p.set_defaults(run=_cmd_qat)
+
+
+def add_schedule_arguments(p, *, steps: int, lr: float, batch_size: int, warmup: int, seq_len: int | None = 256,
+                           seq_len_help: str = "default 256") -> None:
+    """--steps, --lr, --batch-size, --seq-len, --warmup with a trainer's own defaults."""
+    p.add_argument("--steps", type=_positive_int, default=steps, help=f"optimiser steps (default {steps})")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    p.add_argument("--batch-size", type=_positive_int, default=batch_size,
+                   help=f"sequences per step (default {batch_size})")
+    p.add_argument("--seq-len", type=_positive_int, default=seq_len, help=f"tokens per sequence ({seq_len_help})")
+    p.add_argument("--warmup", type=_non_negative_int, default=warmup,
+                   help=f"linear warm-up steps, then cosine decay (default {warmup})")
 
 
 def add_run_arguments(p, train_default: str = "the bundled training text", checkpoint_every: int = 50) -> None:

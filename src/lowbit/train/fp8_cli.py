@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lowbit.train.cli import _non_negative_int, _positive_int, _read_text, add_run_arguments
+from lowbit.train.cli import (_non_negative_int, _positive_int, _read_text, add_run_arguments, add_schedule_arguments,
+                              loop_settings)
 
 
 def checkpoint_folder(args) -> Path:
@@ -16,16 +17,12 @@ def _cmd_train_fp8(args) -> str:
     from lowbit.io.atomic import check_output
     from lowbit.train.fp8_run import render_summary, save_run, train_precision
     from lowbit.train.fp8_scaling import DelayedScaling
-    from lowbit.train.loop import LoopSettings, latest_checkpoint
+    from lowbit.train.loop import latest_checkpoint
 
     check_output(args.output, "output folder")   # before any training
     recipe = DelayedScaling(args.margin, args.history_len, args.amax_algo)
-    settings = LoopSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-                            warmup=min(args.warmup, args.steps), min_lr_ratio=args.min_lr_ratio,
-                            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
-                            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                            log_every=0 if args.quiet else args.log_every, minutes=args.minutes,
-                            threads=args.threads)
+    settings = loop_settings(args, warmup=min(args.warmup, args.steps), min_lr_ratio=args.min_lr_ratio,
+                             weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm)
     folder = checkpoint_folder(args)
     try:
         model, tokenizer, history, summary = train_precision(
@@ -49,11 +46,7 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="folder to write: model, loss curve, summary")
     p.add_argument("--precision", choices=["fp8", "bf16"], default="fp8", help="fp8 (default) or the bf16 baseline")
     p.add_argument("--scratch", action="store_true", help="re-initialise the weights from the config (seeded)")
-    p.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per step (default 16)")
-    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default 256)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
-    p.add_argument("--warmup", type=_non_negative_int, default=30, help="linear warm-up steps (default 30)")
+    add_schedule_arguments(p, steps=300, lr=2e-3, batch_size=16, warmup=30)
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr (0.1)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (0.1)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default 1; 0: none)")
