@@ -75,3 +75,35 @@ def test_evaluate_api_is_silent_by_default(llama, capsys, one_thread):
     ref = build_reference(llama, ids, context=64)
     evaluate(llama, reference=ref, speed=False)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("fmt,method", [("gptq", "rtn-int4-g128"), ("awq", "rtn-uint4-g128"), ("bnb", "nf4"),
+                                        ("compressed-tensors", "rtn-int8")])
+def test_cli_eval_reads_exported_folders_as_the_model_that_wrote_them(tiny_dir, tmp_path, capsys, fmt, method,
+                                                                      one_thread):
+    """`lowbit eval` on a GPTQ, AWQ, bitsandbytes or compressed-tensors folder scores the very weights that
+    were exported: perplexity, KL and top-1 equal the in-memory quantised model's once its unquantised
+    tensors (embeddings, norms, head) are rounded to the dtype the format stores them in (fp16 for GPTQ and
+    AWQ, bf16 for compressed-tensors, as the engines load them), and every Linear counts as quantised."""
+    from safetensors import safe_open
+
+    from lowbit import api
+    from lowbit.methods import parse_method
+
+    base, tok = api.load_model(tiny_dir)
+    reference = build_reference(base, eval_windows(base, tok, max_eval_tokens=300, context=64))
+    model, _ = api.load_model(tiny_dir)
+    api.quantize(model, parse_method(method), progress=False)
+    api.export(model, tmp_path / fmt, fmt, tokenizer=tok)
+    with safe_open(next((tmp_path / fmt).glob("*.safetensors")), "pt") as f:
+        stored = f.get_tensor("model.embed_tokens.weight").dtype
+    with torch.no_grad():
+        for p in model.parameters():   # the quantised Linears hold buffers: only the float tensors are rounded
+            p.copy_(p.to(stored).float())
+    expected = evaluate(model, reference=reference, speed=False)
+    rc = main(["eval", str(tmp_path / fmt), "--reference", str(tiny_dir), "--json", "--max-eval-tokens", "300",
+               "--context", "64", "--no-speed", "--quiet"])
+    row = json.loads(capsys.readouterr().out)
+    assert rc == 0 and row["quantized_linears"] == expected["quantized_linears"] == 14
+    assert row["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-9)
+    assert row["kl"] == pytest.approx(expected["kl"], rel=1e-6) and row["top1"] == expected["top1"]
