@@ -20,7 +20,11 @@ from compressed_tensors.quantization import QuantizationConfig, QuantizationSche
 
 METHODS = ["rtn-int4-g32", "rtn-uint4-g64", "rtn-int8", "gptq-int3-g32", "rtn-int2-g32-asym", "awq-uint4-g32",
            "w8a8", "w8a8-static", "smoothquant-static", "rtn-fp8_e4m3-channel", "rtn-fp8_e4m3-tensor",
-           "rtn-fp8_e4m3-a8dyn", "rtn-fp8_e4m3-tensor-a8static", "rtn-mxint8"]
+           "rtn-fp8_e4m3-a8dyn", "rtn-fp8_e4m3-tensor-a8static", "rtn-mxint8", "rtn-nvfp4", "gptq-nvfp4", "rtn-mxfp4",
+           "gptq-mxfp4", "rtn-mxfp6_e2m3", "rtn-mxfp8_e4m3"]
+# compressed-tensors decompresses NVFP4 to bfloat16 (unpack_fp4_from_uint8's dtype): its weight is ours rounded
+# once to bf16. MX values (a few significant bits times a power of two) are exact in bf16.
+DECOMPRESSED_IN_BF16 = {"rtn-nvfp4", "gptq-nvfp4"}
 
 
 def small_llama():
@@ -65,7 +69,55 @@ def test_compressed_tensors_decompresses_our_files_to_our_weights(base, tiny_tok
         group = next(g for g in config.config_groups.values() if "Linear" in g.targets or name in g.targets)
         scheme = QuantizationScheme.model_validate(group.model_dump())
         state = BaseCompressor.load_from_registry(group.format).decompress(module_state(tensors, name), scheme)
-        assert torch.equal(state["weight"].float(), w.dequantize().float()), name
+        ours = w.dequantize().float()
+        if method in DECOMPRESSED_IN_BF16:
+            assert state["weight"].dtype == torch.bfloat16
+            ours = ours.to(torch.bfloat16).float()
+        assert torch.equal(state["weight"].float(), ours), name
+
+
+@pytest.mark.parametrize("method,preset", [("rtn-nvfp4", "NVFP4A16"), ("rtn-mxfp4", "MXFP4A16"),
+                                           ("rtn-mxfp6_e2m3", "MXFP6A16"), ("rtn-mxfp8_e4m3", "MXFP8A16")])
+def test_microscaling_exports_equal_compressed_tensors_own_compression(base, tiny_tokenizer, tmp_path, method, preset):
+    """compressed-tensors' own compressor, given our dequantised weight and float scales under its preset
+    scheme (what llm-compressor writes), stores the same bytes we do: codes, E4M3/E8M0 scales, global scale."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from safetensors.torch import load_file
+
+    model = quantised(base, method, tiny_tokenizer)
+    out = get_exporter("compressed-tensors").export(model, tmp_path / "ct", tokenizer=tiny_tokenizer)
+    tensors = load_file(str(out / "model.safetensors"))
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    group = next(iter(json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"].values()))
+    storage = {"num_bits", "type", "symmetric", "group_size", "strategy", "dynamic", "scale_dtype"}
+    ours = QuantizationScheme.model_validate(group).weights
+    assert ours.model_dump(include=storage) == scheme.weights.model_dump(include=storage)   # their preset's storage
+    compressor = BaseCompressor.load_from_registry(group["format"])
+    for name, w in quantized_weights(model).items():
+        state = {"weight": w.dequantize().float(), "weight_scale": w.scale.float().reshape(w.shape[0], -1)}
+        if "global_scale" in w.extras:   # compressed-tensors' scale is s (E4M3) and G divides it
+            state["weight_scale"] = state["weight_scale"] * w.extras["global_scale"]
+            state["weight_global_scale"] = w.extras["global_scale"]
+        theirs = compressor.compress(state, scheme)
+        mine = module_state(tensors, name)
+        assert theirs.keys() == mine.keys(), name
+        for key in mine:
+            assert theirs[key].dtype == mine[key].dtype, (name, key)
+            assert torch.equal(element_values(theirs[key], key, w), element_values(mine[key], key, w)), (name, key)
+
+
+def element_values(t: torch.Tensor, key: str, w) -> torch.Tensor:
+    """A stored tensor as comparable values: element codes decoded (compressed-tensors writes +0 where the
+    rounding gave -0, which lowbit keeps, as the OCP rule and torchao do: equal values, other bits), scales
+    as their bytes."""
+    from lowbit.io.compressed_tensors import unpack_fp4, unpack_fp6
+
+    if key == "weight_packed":
+        codes = unpack_fp6(t) if w.spec.format == "fp6_e2m3" else unpack_fp4(t)
+        return w.spec.number_format.decode(codes)
+    if key == "weight":
+        return t.float()
+    return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
 
 
 # Asymmetric pack-quantized files are left out: transformers 5.24 with compressed-tensors 0.20 builds the
@@ -84,6 +136,27 @@ def test_transformers_loads_our_export_and_computes_our_logits(base, tiny_tokeni
     theirs = dict(loaded.named_parameters())
     for name, w in quantized_weights(model).items():
         assert torch.equal(theirs[f"{name}.weight"].float(), w.dequantize().float()), name
+
+
+@pytest.mark.parametrize("method", ["rtn-mxfp4", "rtn-mxfp6_e2m3", "rtn-mxfp8_e4m3", "rtn-nvfp4"])
+def test_transformers_loads_our_microscaling_exports(base, tiny_tokenizer, tmp_path, method):
+    """transformers + compressed-tensors decompress NVFP4 and MX files to bfloat16 weights (so the model is
+    loaded in bf16): each equals our weight rounded to bf16 (MX: exactly ours), and the logits agree."""
+    model = quantised(base, method, tiny_tokenizer)
+    out = get_exporter("compressed-tensors").export(model, tmp_path / "ct", tokenizer=tiny_tokenizer, dtype="bf16")
+    loaded = t.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = loaded(ids).logits.float()
+    theirs = dict(loaded.named_parameters())
+    for name, w in quantized_weights(model).items():
+        ours = w.dequantize().float()
+        if method != "rtn-nvfp4":
+            assert torch.equal(ours.to(torch.bfloat16).float(), ours)   # MX values are exact in bf16
+        assert torch.equal(theirs[f"{name}.weight"].float(), ours.to(torch.bfloat16).float()), name
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert (logits - expected).abs().max() < 0.05 * expected.abs().max()   # bf16 activations throughout
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -117,3 +190,8 @@ def test_what_it_cannot_hold_is_refused(base, tiny_tokenizer, tmp_path):
     with pytest.raises(LowbitError, match="group index"):
         get_exporter("compressed-tensors").export(model, tmp_path / "x", tokenizer=tiny_tokenizer)
     assert not (tmp_path / "x").exists()
+    for method in ("rtn-mxfp6_e3m2", "rtn-mxfp8_e5m2"):   # no compressed-tensors format of their own
+        with pytest.raises(LowbitError, match="not MXFP6 E3M2 or MXFP8 E5M2"):
+            get_exporter("compressed-tensors").export(quantised(base, method, tiny_tokenizer), tmp_path / "y",
+                                                      tokenizer=tiny_tokenizer)
+        assert not (tmp_path / "y").exists()

@@ -15,8 +15,20 @@ A model folder whose config.json carries a `quantization_config` with quant_meth
     float-quantized  <m>.weight float8_e4m3fn [N, K], <m>.weight_scale [N, 1] or [1]; with FP8 input
                      activations (W8A8-FP8) input args of type float, per token (dynamic) or per tensor
                      with <m>.input_scale [1]
+    nvfp4-pack-quantized  NVFP4: <m>.weight_packed uint8 [N, K/2] (two E2M1 codes a byte, the even
+                     column in the low nibble), <m>.weight_scale float8_e4m3fn [N, K/16] (s), and
+                     <m>.weight_global_scale float32 [1] (G, a divisor: w = e2m1 * s / G); strategy
+                     "tensor_group", group 16
+    mxfp4-pack-quantized  MXFP4: weight_packed as NVFP4's, weight_scale uint8 [N, K/32] (E8M0 codes,
+                     2^(code - 127)); strategy "group", group 32
+    mxfp6-pack-quantized  MXFP6 E2M3: weight_packed uint8 [N, 3K/4] (four 6-bit codes in three bytes,
+                     little-endian), weight_scale as MXFP4's
+    mxfp8-quantized  MXFP8 E4M3: <m>.weight float8_e4m3fn [N, K], weight_scale as MXFP4's
 
-and w = (q - zero) * scale, q and zero in the *signed* range [-2^(b-1), 2^(b-1)). Scales are written as
+and w = (q - zero) * scale, q and zero in the *signed* range [-2^(b-1), 2^(b-1)). The MX element codes
+are the formats' bit patterns (OCP MX v1.0), as lowbit holds them; MXINT8 is an int8 group-32 grid with
+power-of-two scales, written pack-quantized. compressed-tensors 0.20 defines no MXFP6 E3M2, MXFP8 E5M2
+or MXINT8 format of its own. Scales are written as
 float32 so that compressed-tensors' decompression (which computes in the scale's dtype) gives exactly
 lowbit's values; loaders cast them to the model's dtype, losslessly for fp16/bf16 scales.
 """
@@ -30,7 +42,7 @@ import torch
 from torch import nn
 
 from lowbit._version import __version__
-from lowbit.core import QuantizedTensor, QuantSpec, pack_bits, unpack_bits
+from lowbit.core import QuantizedTensor, QuantSpec, mx, pack_bits, unpack_bits
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, register_exporter, register_importer
 from lowbit.io.hf_folder import DTYPES, finish_import, float_tensors, plain_model, read_tensors, write_hf_folder
@@ -40,7 +52,13 @@ from lowbit.weights import ActQuantWeight, FP8ActWeight
 
 QUANT_METHOD = "compressed-tensors"
 PACKED, INT, FLOAT = "pack-quantized", "int-quantized", "float-quantized"
+NVFP4, MXFP4, MXFP6, MXFP8 = "nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp6-pack-quantized", "mxfp8-quantized"
 FLOAT_FORMATS = {"fp8_e4m3": (torch.float8_e4m3fn, 8)}
+# (element format, block, scale rule) -> the compressed-tensors format of a microscaling weight
+BLOCK_FORMATS = {("fp4_e2m1", 16, mx.NV_SCALE): NVFP4, ("fp4_e2m1", 32, mx.MX_SCALE): MXFP4,
+                 ("fp6_e2m3", 32, mx.MX_SCALE): MXFP6, ("fp8_e4m3", 32, mx.MX_SCALE): MXFP8}
+BLOCK_SPECS = {f: k for k, f in BLOCK_FORMATS.items()}
+SCALE_DTYPES = {mx.NV_SCALE: "torch.float8_e4m3fn", mx.MX_SCALE: "torch.uint8"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -55,6 +73,8 @@ def weight_format(w) -> str | None:
     if not isinstance(w, QuantizedTensor) or w.g_idx is not None or w.spec.float_zero:
         return None
     spec = w.spec
+    if spec.scale_dtype in (mx.MX_SCALE, mx.NV_SCALE) and not spec.number_format.is_integer:
+        return BLOCK_FORMATS.get((spec.format, spec.group_size, spec.scale_dtype))
     if spec.granularity not in ("channel", "group", "tensor"):
         return None
     if spec.number_format.is_integer and 2 <= spec.bits <= 8:
@@ -72,13 +92,20 @@ def problem(w) -> str | None:
         return ("compressed-tensors no longer takes a group index (act-order with dynamic groups); use static "
                 "groups (the gptq default)")
     return ("compressed-tensors holds 2..8-bit integer grids per tensor/channel/group, FP8 E4M3 per tensor/"
-            "channel (with or without FP8 activations), and W8A8 int8")
+            "channel (with or without FP8 activations), W8A8 int8, NVFP4, MXFP4, MXFP6 E2M3, MXFP8 E4M3 and "
+            "MXINT8 (not MXFP6 E3M2 or MXFP8 E5M2)")
 
 
 # ---------------------------------------------------------------------------------------------------
 # QuantSpec <-> compressed-tensors QuantizationArgs
 
 def weight_args(spec: QuantSpec) -> dict:
+    if spec.scale_dtype in SCALE_DTYPES and not spec.number_format.is_integer:   # NVFP4 / MX floats
+        strategy = "tensor_group" if spec.scale_dtype == mx.NV_SCALE else "group"
+        return {"num_bits": spec.bits, "type": "float", "symmetric": True, "strategy": strategy,
+                "group_size": spec.group_size, "dynamic": False, "actorder": None, "observer": "minmax",
+                "block_structure": None, "scale_dtype": SCALE_DTYPES[spec.scale_dtype],
+                "zp_dtype": SCALE_DTYPES[spec.scale_dtype]}
     is_int = spec.number_format.is_integer
     args = {"num_bits": spec.bits if is_int else FLOAT_FORMATS[spec.format][1], "type": "int" if is_int else "float",
             "symmetric": spec.symmetric, "strategy": spec.granularity, "group_size": spec.group_size,
@@ -95,8 +122,14 @@ def input_args(w) -> dict | None:
             "group_size": None, "actorder": None, "observer": None if dynamic else "minmax", "block_structure": None}
 
 
-def spec_from_args(args: dict, scale: torch.Tensor) -> QuantSpec:
-    """The lowbit scheme a weights' QuantizationArgs describe (scale dtype: the narrowest that holds them)."""
+def spec_from_args(args: dict, scale: torch.Tensor, fmt: str | None = None) -> QuantSpec:
+    """The lowbit scheme a weights' QuantizationArgs describe (scale dtype: the narrowest that holds them);
+    `fmt`, the config group's format, names the microscaling ones."""
+    if fmt in BLOCK_SPECS:
+        element, block, rule = BLOCK_SPECS[fmt]
+        if args.get("group_size") != block:
+            raise LowbitError(f"{fmt} weights come in groups of {block}, this config says {args.get('group_size')}")
+        return QuantSpec(element, "group", block, True, rule)
     bits, sym, strategy = int(args.get("num_bits", 8)), bool(args.get("symmetric", True)), args.get("strategy")
     if args.get("type", "int") == "float":
         if bits != 8:
@@ -142,8 +175,51 @@ def _offset(spec: QuantSpec) -> int:
     return (1 << (spec.bits - 1)) if spec.number_format.signed else 0
 
 
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [R, C] (C even) -> uint8 [R, C/2], the even column in the low nibble."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def pack_fp6(codes: torch.Tensor) -> torch.Tensor:
+    """6-bit codes [R, C] (C a multiple of 4) -> uint8 [R, 3C/4]: four codes in a little-endian 24-bit word."""
+    c = codes.to(torch.int32).reshape(codes.shape[0], -1, 4)
+    word = c[..., 0] | c[..., 1] << 6 | c[..., 2] << 12 | c[..., 3] << 18
+    return (torch.stack([word, word >> 8, word >> 16], dim=-1) & 0xFF).to(torch.uint8).reshape(codes.shape[0], -1)
+
+
+def unpack_fp6(packed: torch.Tensor) -> torch.Tensor:
+    b = packed.to(torch.int32).reshape(packed.shape[0], -1, 3)
+    word = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16
+    return torch.stack([word >> k & 0x3F for k in (0, 6, 12, 18)], dim=-1).reshape(packed.shape[0], -1).to(torch.uint8)
+
+
+def block_tensors(name: str, q: QuantizedTensor, fmt: str) -> dict[str, torch.Tensor]:
+    """NVFP4 / MX weights: packed element codes, E4M3 or E8M0 block scales (and NVFP4's global scale)."""
+    rows = q.shape[0]
+    scale = q.scale.reshape(rows, -1)
+    out = {}
+    if fmt == NVFP4:
+        g = q.extras["global_scale"].float().reshape(1)
+        out[f"{name}.weight_scale"] = mx.nv_recover_block_scales(scale, g).contiguous()
+        out[f"{name}.weight_global_scale"] = g.clone()
+    else:
+        out[f"{name}.weight_scale"] = mx.mx_scale_codes(scale, q.spec.number_format).contiguous()
+    if fmt == MXFP8:
+        out[f"{name}.weight"] = q.codes.view(torch.float8_e4m3fn).contiguous()
+    else:
+        out[f"{name}.weight_packed"] = pack_fp6(q.codes) if fmt == MXFP6 else pack_fp4(q.codes)
+    return out
+
+
 def module_tensors(name: str, w) -> dict[str, torch.Tensor]:
     fmt = weight_format(w)
+    if fmt in BLOCK_SPECS:
+        return block_tensors(name, w, fmt)
     q = w.weight if isinstance(w, (ActQuantWeight, FP8ActWeight)) else w
     scale = q.scale.float().reshape(q.shape[0], -1) if q.spec.granularity != "tensor" else q.scale.reshape(1)
     out = {f"{name}.weight_scale": scale.contiguous()}
@@ -261,6 +337,10 @@ def quantized_from_tensors(tensors: dict, name: str, group: dict):
     fmt = group.get("format") or (PACKED if f"{name}.weight_packed" in tensors else None)
     if f"{name}.weight_g_idx" in tensors:
         raise LowbitError(f"{name}: act-order group indices (weight_g_idx) are not supported here")
+    if fmt in BLOCK_SPECS:
+        if inputs:
+            raise LowbitError(f"{name}: {fmt} with quantised activations is not supported here (weights only)")
+        return block_from_tensors(tensors, name, spec_from_args(args, None, fmt), fmt)
     scale = _get(tensors, f"{name}.weight_scale").float()
     spec = spec_from_args(args, scale)
     if fmt == PACKED:
@@ -284,6 +364,28 @@ def quantized_from_tensors(tensors: dict, name: str, group: dict):
         kind = FP8ActWeight if inputs.get("type") == "float" else ActQuantWeight
         return kind(q, "tensor" if static else "token", input_scale)
     return q
+
+
+def block_from_tensors(tensors: dict, name: str, spec: QuantSpec, fmt: str) -> QuantizedTensor:
+    """An NVFP4 / MX weight from its stored tensors: the effective scale s / G (NVFP4) or 2^(code - 127)."""
+    stored = _get(tensors, f"{name}.weight_scale")
+    if fmt == MXFP8:
+        codes = _get(tensors, f"{name}.weight").view(torch.uint8)
+    else:
+        packed = _get(tensors, f"{name}.weight_packed")
+        codes = unpack_fp6(packed) if fmt == MXFP6 else unpack_fp4(packed)
+    extras = {}
+    if fmt == NVFP4:
+        g = _get(tensors, f"{name}.weight_global_scale").float().reshape(1)
+        scale = stored.float() / g
+        extras["global_scale"] = g
+    else:
+        scale = mx.mx_scale_values(stored, spec.number_format)
+    rows, cols = codes.shape
+    if stored.shape != (rows, cols // spec.group_size):
+        raise LowbitError(f"{name}: weight_scale is {list(stored.shape)}, expected [{rows}, {cols // spec.group_size}]")
+    return QuantizedTensor(codes.contiguous(), scale.reshape(rows, -1), torch.zeros(rows, scale.numel() // rows), spec,
+                           extras=extras)
 
 
 def import_compressed_tensors(path):
