@@ -32,10 +32,15 @@ def _bits_in(allowed):
         or isinstance(w, ActQuantWeight) or _affine(w).spec.bits in allowed
 
 
+def _block_float(q) -> bool:
+    """An NVFP4 / MX float weight: its block is part of its format, with kernels of its own."""
+    return q is not None and q.spec.scale_dtype in ("mx", "nv") and not q.spec.number_format.is_integer
+
+
 def _groups_in(allowed):
     def holds(name, w):
         q = _affine(w)
-        if q is None or isinstance(w, ActQuantWeight):
+        if q is None or isinstance(w, ActQuantWeight) or _block_float(q):
             return True
         return (q.spec.group_size or -1) in allowed
     return holds
@@ -56,6 +61,12 @@ def _symmetric(name, w):
     return q is None or q.spec.symmetric
 
 
+def _vllm_block_float(name, w):
+    q = _affine(w)
+    return not _block_float(q) or (q.spec.format, q.spec.scale_dtype) in (
+        ("fp4_e2m1", "nv"), ("fp4_e2m1", "mx"), ("fp8_e4m3", "mx"))
+
+
 _MARLIN = "vllm/model_executor/layers/quantization/utils/marlin_utils.py"
 _WNA16 = "vllm/model_executor/layers/quantization/compressed_tensors/schemes/compressed_tensors_wNa16.py"
 VLLM_WNA16 = (
@@ -68,7 +79,10 @@ VLLM_WNA16 = (
 # Which formats each engine reads, and the rules of each (in the engine's order of preference).
 ENGINES: dict[str, dict[str, tuple[Rule, ...]]] = {
     "vllm": {
-        "compressed-tensors": VLLM_WNA16,
+        "compressed-tensors": VLLM_WNA16 + (Rule(
+            "block float weights NVFP4, MXFP4 or MXFP8 (no scheme reads MXFP6; GPU kernels)",
+            "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py "
+            "(_get_scheme_from_parts)", _vllm_block_float),),
         "gptq": VLLM_WNA16 + (Rule("symmetric grids (GPTQ Marlin has no zero points)", _MARLIN, _symmetric),),
         "awq": VLLM_WNA16,
     },
