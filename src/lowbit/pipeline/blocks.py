@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowbit.methods.stats import LayerStats
+from lowbit.methods.stats import LayerStats, StatsUpdate
+from lowbit.pipeline.distributed import Split
 
 
 class _StopForward(Exception):
@@ -146,21 +147,54 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
 
 
 def collect_stats(block: nn.Module, inputs: list[BlockInput], linears: dict[str, nn.Linear],
-                  keep_inputs: bool = False) -> dict[str, LayerStats]:
-    """LayerStats of each given Linear's input, from one pass of the block over `inputs`: real tokens only."""
+                  keep_inputs: bool = False, split: Split | None = None) -> dict[str, LayerStats]:
+    """LayerStats of each given Linear's input, from one pass of the block over `inputs`: real tokens only.
+    split: how the run's batches are shared among processes (`inputs` are then this rank's); None: one."""
+    return observe_linears(linears, inputs, lambda x: run_block(block, x), BlockInput.real, keep_inputs, split)
+
+
+def observe_linears(linears: dict[str, nn.Module], items: list, run, rows, keep_inputs: bool = False,
+                    split: Split | None = None) -> dict[str, LayerStats]:
+    """LayerStats of each Linear's inputs while run(item) runs each of this rank's batches; rows(item, x)
+    gives the real-token rows of an input x. Each batch's updates are added in the run's batch order,
+    wherever the batch ran (pipeline/distributed.py), so the statistics are the same bits in every rank
+    and in one process."""
+    split = split or Split(len(items))
     stats = {n: LayerStats(m.in_features, keep_inputs=keep_inputs) for n, m in linears.items()}
-    current: dict = {"x": None}
-    handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.update(current["x"].real(inp[0])))
+    current: dict = {}
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: current["sink"](n, rows(current["item"], inp[0])))
                for n, m in linears.items()]
     try:
         with torch.no_grad():
-            for x in inputs:
-                current["x"] = x
-                run_block(block, x)
+            for r, sources in split.rounds(split.batches):
+                if split.world == 1:   # added as the batch runs: no second copy of the statistics
+                    current["item"], current["sink"] = items[r], lambda n, x: stats[n].update(x)
+                    run(items[r])
+                    continue
+                updates: dict = {n: [] for n in linears}
+                if r < len(items):
+                    current["item"] = items[r]
+                    current["sink"] = lambda n, x: updates[n].append(StatsUpdate.of(x, keep_inputs))
+                    run(items[r])
+                for src in sources:
+                    _add_shared(stats, split, updates if src == split.rank else None, src)
     finally:
         for h in handles:
             h.remove()
     return stats
+
+
+def _add_shared(stats: dict[str, LayerStats], split: Split, updates: dict | None, src: int) -> None:
+    """Add rank src's updates of one batch ({name: [StatsUpdate per call]}) to every Linear's stats."""
+    sent = None
+    if updates is not None:
+        counts = torch.tensor([len(updates[n]) for n in stats])
+        sent = [counts] + [t for n in stats for u in updates[n] for t in u.tensors()]
+    got = split.share(sent, src)
+    counts, rest = got[0].tolist(), iter(got[1:])
+    for n, count in zip(stats, counts):
+        for _ in range(count):
+            stats[n].add(StatsUpdate.from_tensors(rest))
 
 
 def advance(block: nn.Module, inputs: list[BlockInput]) -> None:
