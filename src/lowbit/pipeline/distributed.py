@@ -22,6 +22,7 @@ import datetime
 import json
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
@@ -81,9 +82,8 @@ class Split:
         try:
             return _broadcast(tensors if self.rank == src else None, src, self.group, self.device)
         except RuntimeError as e:   # a peer died, or the timeout passed while it worked
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LowbitError(f"rank {self.rank}: lost contact with rank {src} ({first}); another process failed "
-                              f"or took longer than {timeout_minutes()} minutes (set {TIMEOUT_ENV})") from None
+            raise LowbitError(f"rank {self.rank}: lost contact with the other processes ({_reason(e)}): another "
+                              f"one failed, or took longer than {timeout_minutes():g} minutes ({TIMEOUT_ENV})") from None
 
     def share_json(self, obj, src: int):
         """A JSON value of rank `src` on every rank (floats exactly: json writes their shortest repr)."""
@@ -116,6 +116,13 @@ class Split:
         if self.world == 1:
             return report
         return LayerReport(**self.share_json(asdict(report) if self.rank == src else None, src))
+
+
+def _reason(e: Exception) -> str:
+    """The backend's first sentence, without its source location ("[.../pair.cc:553] Connection closed ...")."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". ")[0]
 
 
 def _header(tensors: list[torch.Tensor]) -> list[int]:
@@ -218,3 +225,18 @@ def current_split(batches: int, distributed: bool) -> Split:
     nccl = dist.get_backend() == "nccl"
     device = f"cuda:{torch.cuda.current_device()}" if nccl else "cpu"
     return Split(batches, dist.get_rank(), dist.get_world_size(), None, device)
+
+
+def rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def local_processes() -> int:
+    """Processes torchrun started on this machine (LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if launched() else 1
+    except ValueError:
+        return 1
