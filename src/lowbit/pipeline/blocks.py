@@ -161,22 +161,29 @@ def observe_linears(linears: dict[str, nn.Module], items: list, run, rows, keep_
     and in one process."""
     split = split or Split(len(items))
     stats = {n: LayerStats(m.in_features, keep_inputs=keep_inputs) for n, m in linears.items()}
-    current: dict = {}
-    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: current["sink"](n, rows(current["item"], inp[0])))
-               for n, m in linears.items()]
+    batch: dict = {}
+
+    def observe(n: str, x: torch.Tensor) -> None:
+        last = batch["last"]
+        # Linears called one after another on one tensor (q/k/v, gate/up) share one update: its x^T x is
+        # computed, and sent, once; the same op on the same values gives the same bits anyway
+        if last is None or last[0] is not x or last[1] != x._version:
+            last = batch["last"] = (x, x._version, StatsUpdate.of(rows(batch["item"], x), keep_inputs))
+        batch["sink"](n, last[2])
+
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: observe(n, inp[0])) for n, m in linears.items()]
     try:
         with torch.no_grad():
             for r, sources in split.rounds(split.batches):
-                if split.world == 1:   # added as the batch runs: no second copy of the statistics
-                    current["item"], current["sink"] = items[r], lambda n, x: stats[n].update(x)
-                    run(items[r])
-                    continue
                 updates: dict = {n: [] for n in linears}
+                # one process adds as the batch runs (no second copy of the statistics); ranks keep the
+                # batch's updates until its turn in the batch order
+                sink = (lambda n, u: stats[n].add(u)) if split.world == 1 else (lambda n, u: updates[n].append(u))
                 if r < len(items):
-                    current["item"] = items[r]
-                    current["sink"] = lambda n, x: updates[n].append(StatsUpdate.of(x, keep_inputs))
+                    batch.update(item=items[r], sink=sink, last=None)
                     run(items[r])
-                for src in sources:
+                    batch["last"] = None
+                for src in sources if split.world > 1 else ():
                     _add_shared(stats, split, updates if src == split.rank else None, src)
     finally:
         for h in handles:
@@ -185,16 +192,21 @@ def observe_linears(linears: dict[str, nn.Module], items: list, run, rows, keep_
 
 
 def _add_shared(stats: dict[str, LayerStats], split: Split, updates: dict | None, src: int) -> None:
-    """Add rank src's updates of one batch ({name: [StatsUpdate per call]}) to every Linear's stats."""
+    """Add rank src's updates of one batch ({name: [StatsUpdate per call]}, an update shared by several
+    Linears sent once) to every Linear's stats."""
     sent = None
     if updates is not None:
-        counts = torch.tensor([len(updates[n]) for n in stats])
-        sent = [counts] + [t for n in stats for u in updates[n] for t in u.tensors()]
+        unique = list({id(u): u for n in stats for u in updates[n]}.values())
+        index = {id(u): i for i, u in enumerate(unique)}
+        refs = [len(unique)] + [len(updates[n]) for n in stats] + [index[id(u)] for n in stats for u in updates[n]]
+        sent = [torch.tensor(refs, dtype=torch.int64)] + [t for u in unique for t in u.tensors()]
     got = split.share(sent, src)
-    counts, rest = got[0].tolist(), iter(got[1:])
-    for n, count in zip(stats, counts):
+    refs, tensors = got[0].tolist(), iter(got[1:])
+    received = [StatsUpdate.from_tensors(tensors) for _ in range(refs[0])]
+    which = iter(refs[1 + len(stats):])
+    for n, count in zip(stats, refs[1:1 + len(stats)]):
         for _ in range(count):
-            stats[n].add(StatsUpdate.from_tensors(rest))
+            stats[n].add(received[next(which)])
 
 
 def advance(block: nn.Module, inputs: list[BlockInput]) -> None:
