@@ -24,11 +24,13 @@ from tests.conftest import build_tiny_model
 ROOT = Path(__file__).resolve().parents[2]
 IDS = torch.randint(0, 512, (10, 32), generator=torch.Generator().manual_seed(0))
 WORLD = 2
-# (name, method, calibration rows, batch size): 5 batches over 2 ranks (uneven), 1 batch (a rank without
-# any), AWQ's scale search over the first 4 of 5 batches, and RTN with no calibration (only solves shared)
-CASES = [("rtn", "rtn-int4-g32", 10, 2), ("rtn-uncalibrated", "rtn-int4-g32", 0, 2),
-         ("gptq", "gptq-int4-g32", 10, 2), ("gptq-one-batch", "gptq-int4-g32", 1, 8),
-         ("awq", "awq-int4-g32", 10, 2), ("gptq-samples", "gptq-int4-g32", None, 3)]
+# (name, method, calibration rows, batch size, family): 5 batches over 2 ranks (uneven), 1 batch (a rank
+# without any), AWQ's scale search over the first 4 of 5 batches, RTN with no calibration (only the solves
+# shared), padded samples, and a family whose q/k/v carry biases
+CASES = [("rtn", "rtn-int4-g32", 10, 2, "llama"), ("rtn-uncalibrated", "rtn-int4-g32", 0, 2, "llama"),
+         ("gptq", "gptq-int4-g32", 10, 2, "llama"), ("gptq-one-batch", "gptq-int4-g32", 1, 8, "llama"),
+         ("awq", "awq-int4-g32", 10, 2, "llama"), ("gptq-samples", "gptq-int4-g32", None, 3, "llama"),
+         ("gptq-qwen2", "gptq-int4-g32", 10, 2, "qwen2")]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -92,15 +94,15 @@ def _worker(rank: int, store: str, src: Path, out: Path, samples) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    for name, method, n, batch_size in CASES:
-        model, _ = api.load_model(src)
+    for name, method, n, batch_size, family in CASES:
+        model, _ = api.load_model(src / family)
         api.quantize(model, method, calibration=_calibration(n, samples), batch_size=batch_size, progress=False,
                      distributed=True)
         if rank == 0:
             api.save(model, out / name)
     if rank == 1:
         os._exit(3)
-    model, _ = api.load_model(src)
+    model, _ = api.load_model(src / "llama")
     start = time.monotonic()
     try:
         api.quantize(model, "gptq-int4-g32", calibration=IDS, batch_size=2, progress=False, distributed=True)
@@ -139,7 +141,8 @@ def same_folders(a: Path, b: Path) -> None:
 def shared_runs(tmp_path_factory, tiny_tokenizer):
     """(source folder, folder of the two-process outputs, the padded calibration set)."""
     tmp = tmp_path_factory.mktemp("distributed")
-    build_tiny_model("llama").save_pretrained(tmp / "src")
+    for family in dict.fromkeys(case[-1] for case in CASES):
+        build_tiny_model(family).save_pretrained(tmp / "src" / family)
     texts = [" ".join(["the quick brown fox jumps over the lazy dog"] * k) for k in (1, 5, 2, 7, 3, 1, 4)]
     samples = api.calibration_for(build_tiny_model("llama"), "gptq-int4-g32", texts, tiny_tokenizer, n_samples=7,
                                   seq_len=64, calibration_mode="samples")
@@ -151,8 +154,8 @@ def shared_runs(tmp_path_factory, tiny_tokenizer):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_two_processes_write_the_bytes_of_one(shared_runs, tmp_path, one_thread, case):
     src, shared, samples = shared_runs
-    name, method, n, batch_size = case
-    model, _ = api.load_model(src)
+    name, method, n, batch_size, family = case
+    model, _ = api.load_model(src / family)
     api.quantize(model, method, calibration=_calibration(n, samples), batch_size=batch_size, progress=False)
     same_folders(api.save(model, tmp_path / name), shared / name)
 

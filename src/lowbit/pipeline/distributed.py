@@ -89,8 +89,8 @@ class Split:
         """A JSON value of rank `src` on every rank (floats exactly: json writes their shortest repr)."""
         if self.world == 1:
             return obj
-        data = json.dumps(obj).encode() if self.rank == src else b""
-        (t,) = self.share([torch.frombuffer(bytearray(data), dtype=torch.uint8)] if self.rank == src else None, src)
+        sent = [torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)] if self.rank == src else None
+        (t,) = self.share(sent, src)
         return json.loads(bytes(t.numpy()).decode())
 
     def share_module(self, module, src: int):
@@ -107,7 +107,8 @@ class Split:
         if self.rank == src:
             return module
         rebuilt = MODULES[layout["config"]["module"]].from_layer_config(layout["config"])
-        rebuilt.load_state_dict(dict(zip(layout["names"], tensors)), strict=True)
+        # assign: the owner's tensors as they are (dtype included), not copied into the empty module's
+        rebuilt.load_state_dict(dict(zip(layout["names"], tensors)), strict=True, assign=True)
         return rebuilt
 
     def share_report(self, report, src: int):
