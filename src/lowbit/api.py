@@ -76,7 +76,7 @@ def check_target(model, config, target: str) -> str:
 
 def quantize(model, config, calibration=None, tokenizer=None, n_samples: int = DEFAULT_SAMPLES,
              seq_len: int | None = None, seed: int = 0, batch_size: int = 8, progress: bool = True,
-             target: str | None = None, calibration_mode: str = "auto"):
+             target: str | None = None, calibration_mode: str = "auto", distributed: bool = False):
     """Quantise `model` in place with a method config, a Recipe or a short name ("rtn-int4-g128").
 
     calibration: token ids [n, L] (windows), a CalibrationSet, or texts / conversations / a path / None
@@ -86,11 +86,14 @@ def quantize(model, config, calibration=None, tokenizer=None, n_samples: int = D
     masked) or "auto" (samples for encoders and conversations, windows otherwise). The set used is
     described in `model.lowbit_calibration` (mode, samples, real tokens).
     target: "vllm", "llama.cpp" or "transformers": refuse, before any work, a recipe that engine cannot serve.
+    distributed: share the calibration batches and the solves among the ranks of the initialised
+    torch.distributed process group (run under torchrun; every rank makes the same call and ends with the
+    same model, equal bit for bit to one process's at equal CPU threads per process; save on rank 0).
     """
     if target is not None:
         check_target(model, config, target)
     calib = calibration_for(model, config, calibration, tokenizer, n_samples, seq_len, seed, calibration_mode)
-    return quantize_model(model, config, calib, batch_size=batch_size, progress=progress)
+    return quantize_model(model, config, calib, batch_size=batch_size, progress=progress, distributed=distributed)
 
 
 def calibration_for(model, config, calibration=None, tokenizer=None, n_samples: int = DEFAULT_SAMPLES,

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowbit.methods.stats import LayerStats
+from lowbit.methods.stats import LayerStats, StatsUpdate
+from lowbit.pipeline.distributed import Split
 
 
 class _StopForward(Exception):
@@ -146,21 +147,66 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
 
 
 def collect_stats(block: nn.Module, inputs: list[BlockInput], linears: dict[str, nn.Linear],
-                  keep_inputs: bool = False) -> dict[str, LayerStats]:
-    """LayerStats of each given Linear's input, from one pass of the block over `inputs`: real tokens only."""
+                  keep_inputs: bool = False, split: Split | None = None) -> dict[str, LayerStats]:
+    """LayerStats of each given Linear's input, from one pass of the block over `inputs`: real tokens only.
+    split: how the run's batches are shared among processes (`inputs` are then this rank's); None: one."""
+    return observe_linears(linears, inputs, lambda x: run_block(block, x), BlockInput.real, keep_inputs, split)
+
+
+def observe_linears(linears: dict[str, nn.Module], items: list, run, rows, keep_inputs: bool = False,
+                    split: Split | None = None) -> dict[str, LayerStats]:
+    """LayerStats of each Linear's inputs while run(item) runs each of this rank's batches; rows(item, x)
+    gives the real-token rows of an input x. Each batch's updates are added in the run's batch order,
+    wherever the batch ran (pipeline/distributed.py), so the statistics are the same bits in every rank
+    and in one process."""
+    split = split or Split(len(items))
     stats = {n: LayerStats(m.in_features, keep_inputs=keep_inputs) for n, m in linears.items()}
-    current: dict = {"x": None}
-    handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.update(current["x"].real(inp[0])))
-               for n, m in linears.items()]
+    batch: dict = {}
+
+    def observe(n: str, x: torch.Tensor) -> None:
+        last = batch["last"]
+        # Linears called one after another on one tensor (q/k/v, gate/up) share one update: its x^T x is
+        # computed, and sent, once; the same op on the same values gives the same bits anyway
+        if last is None or last[0] is not x or last[1] != x._version:
+            last = batch["last"] = (x, x._version, StatsUpdate.of(rows(batch["item"], x), keep_inputs))
+        batch["sink"](n, last[2])
+
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: observe(n, inp[0])) for n, m in linears.items()]
     try:
         with torch.no_grad():
-            for x in inputs:
-                current["x"] = x
-                run_block(block, x)
+            for r, sources in split.rounds(split.batches):
+                updates: dict = {n: [] for n in linears}
+                # one process adds as the batch runs (no second copy of the statistics); ranks keep the
+                # batch's updates until its turn in the batch order
+                sink = (lambda n, u: stats[n].add(u)) if split.world == 1 else (lambda n, u: updates[n].append(u))
+                if r < len(items):
+                    batch.update(item=items[r], sink=sink, last=None)
+                    run(items[r])
+                    batch["last"] = None
+                for src in sources if split.world > 1 else ():
+                    _add_shared(stats, split, updates if src == split.rank else None, src)
     finally:
         for h in handles:
             h.remove()
     return stats
+
+
+def _add_shared(stats: dict[str, LayerStats], split: Split, updates: dict | None, src: int) -> None:
+    """Add rank src's updates of one batch ({name: [StatsUpdate per call]}, an update shared by several
+    Linears sent once) to every Linear's stats."""
+    sent = None
+    if updates is not None:
+        unique = list({id(u): u for n in stats for u in updates[n]}.values())
+        index = {id(u): i for i, u in enumerate(unique)}
+        refs = [len(unique)] + [len(updates[n]) for n in stats] + [index[id(u)] for n in stats for u in updates[n]]
+        sent = [torch.tensor(refs, dtype=torch.int64)] + [t for u in unique for t in u.tensors()]
+    got = split.share(sent, src)
+    refs, tensors = got[0].tolist(), iter(got[1:])
+    received = [StatsUpdate.from_tensors(tensors) for _ in range(refs[0])]
+    which = iter(refs[1 + len(stats):])
+    for n, count in zip(stats, refs[1:1 + len(stats)]):
+        for _ in range(count):
+            stats[n].add(received[next(which)])
 
 
 def advance(block: nn.Module, inputs: list[BlockInput]) -> None:

@@ -31,11 +31,10 @@ def method_from_args(args):
 
 
 def _cmd_quantize(args) -> str:
-    from lowbit import api
+    from lowbit.io.atomic import check_output
     from lowbit.methods.recipe import DEFAULT_SKIP, Recipe
     from lowbit.pipeline.calibration import needs_calibration
-
-    from lowbit.io.atomic import check_output
+    from lowbit.pipeline.distributed import launched, process_group
 
     out = check_output(args.output, "output folder")  # before any work: a bad path costs seconds, not a run
     check_sizes(args)
@@ -51,10 +50,25 @@ def _cmd_quantize(args) -> str:
             raise LowbitError("--budget measures every layer with the whole model in memory; run it without --stream")
     recipe = Recipe(config, skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
     calibrate = needs_calibration(recipe) or args.calibration or args.samples or args.seq_len
+    if launched():
+        check_launch(args)
     if not args.ignore_memory:
         check_fits(args.model, recipe, calibrate, args)
     if args.stream:
         return _streamed(args, recipe, calibrate, out)
+    if launched():
+        with process_group():
+            return _in_memory(args, config, recipe, calibrate, out, distributed=True)
+    return _in_memory(args, config, recipe, calibrate, out)
+
+
+def _in_memory(args, config, recipe, calibrate, out, distributed: bool = False) -> str:
+    """Load the whole model, quantise it (its work shared among torchrun's ranks when `distributed`), and
+    save it from rank 0 (the other ranks hold the same model and write nothing)."""
+    from lowbit import api
+    from lowbit.pipeline.calibration import needs_calibration
+    from lowbit.pipeline.distributed import rank
+
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     plan_text = ""
     if args.budget:
@@ -63,11 +77,22 @@ def _cmd_quantize(args) -> str:
     # a calibration-free method reads no text and runs no forward pass unless asked (for the report)
     api.quantize(model, recipe, calibration=args.calibration, tokenizer=tokenizer if calibrate else None,
                  n_samples=args.samples or api.DEFAULT_SAMPLES, seq_len=args.seq_len, seed=args.seed,
-                 progress=not args.quiet, target=args.target, calibration_mode=args.calibration_mode)
+                 progress=not args.quiet and rank() == 0, target=args.target, calibration_mode=args.calibration_mode,
+                 distributed=distributed)
     if not any(hasattr(m, "layer_config") for m in model.modules()):
         raise LowbitError("nothing was quantised (every Linear was skipped or unsupported); nothing written")
+    if rank() != 0:
+        return ""
     api.save(model, out, tokenizer=tokenizer)
     return plan_text + _saved(model, "mixed-precision" if args.budget else config.short_name(), out)
+
+
+def check_launch(args) -> None:
+    """What a run under torchrun does not take, refused in one line before any work."""
+    if args.stream:
+        raise LowbitError("--stream runs in one process: drop torchrun, or drop --stream to share the work in memory")
+    if args.budget:
+        raise LowbitError("--budget's sensitivity pass is not shared among processes: run it without torchrun")
 
 
 def _budget_recipe(args, config, model, tokenizer):
@@ -120,17 +145,22 @@ def _planned(model, recipe, calibrate, args, probe: bool):
 
 def check_fits(model, recipe, calibrate, args) -> None:
     """Refuse, before any work, a run the plan says cannot fit in the memory available (a folder the
-    planner cannot read, such as a pre-quantised one, is left to the loader's own checks)."""
+    planner cannot read, such as a pre-quantised one, is left to the loader's own checks). Under torchrun
+    every process on this machine holds its own copy of the model."""
+    from lowbit.pipeline.distributed import local_processes
+
     try:
         plan = _planned(model, recipe, calibrate, args, probe=False)
     except LowbitError:
         return
-    if plan.fits(args.stream):
+    copies = local_processes()
+    need = (plan.streamed_peak_bytes if args.stream else plan.in_memory_peak_bytes) * copies
+    if plan.available_bytes is None or need <= plan.available_bytes:
         return
-    need = plan.streamed_peak_bytes if args.stream else plan.in_memory_peak_bytes
-    hint = "" if args.stream or not plan.fits(True) else (f"; --stream needs about "
-                                                          f"{plan.streamed_peak_bytes / 2 ** 30:,.2f} GiB")
-    raise LowbitError(f"this run needs about {need / 2 ** 30:,.2f} GiB of memory, {plan.available_bytes / 2 ** 30:,.2f} "
+    who = f" ({copies} processes with a copy of the model each)" if copies > 1 else ""
+    hint = "" if args.stream or copies > 1 or not plan.fits(True) else (f"; --stream needs about "
+                                                                         f"{plan.streamed_peak_bytes / 2 ** 30:,.2f} GiB")
+    raise LowbitError(f"this run needs about {need / 2 ** 30:,.2f} GiB of memory{who}, {plan.available_bytes / 2 ** 30:,.2f} "
                       f"GiB are available{hint} (`lowbit plan` for the details; --ignore-memory to run anyway)")
 
 

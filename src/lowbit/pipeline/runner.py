@@ -22,7 +22,8 @@ from lowbit.methods.stats import LayerStats
 from lowbit.nn import module_for
 from lowbit.pipeline.arch import Arch, block_list, describe, sequential_groups, shared_input_groups
 from lowbit.pipeline.blocks import (BlockInput, advance, as_batch, block_linears, capture_block_inputs,
-                                    collect_stats, real_rows, run_model)
+                                    collect_stats, observe_linears, real_rows, run_model)
+from lowbit.pipeline.distributed import Split, current_split
 from lowbit.pipeline.loading import conv1d_to_linear, set_module
 from lowbit.pipeline.report import LayerReport, layer_report
 from lowbit.pipeline.samples import CalibrationSet, check_context, check_token_ids
@@ -52,7 +53,7 @@ def _gqa(model: nn.Module) -> int:
 
 
 def _quantize_block(block, prefix: str, index: int, inputs: list[BlockInput], recipe: Recipe, arch: Arch,
-                    n_layers: int, n_gqa: int, after_layer=lambda: None) -> list[LayerReport]:
+                    n_layers: int, n_gqa: int, after_layer=lambda: None, split: Split | None = None) -> list[LayerReport]:
     linears = block_linears(block)
     plan = {n: recipe.config_for(f"{prefix}.{n}") for n in linears}
     todo = [n for n in linears if plan[n] is not None]
@@ -63,14 +64,30 @@ def _quantize_block(block, prefix: str, index: int, inputs: list[BlockInput], re
     keep = any("inputs" in plan[n].required_stats for n in todo)
     reports = []
     for group in groups:
-        stats = collect_stats(block, inputs, {n: linears[n] for n in group}, keep)
-        for n in group:
+        stats = collect_stats(block, inputs, {n: linears[n] for n in group}, keep, split)
+
+        def solve(n, stats=stats):
             info = LayerInfo(f"{prefix}.{n}", arch.roles.get(n), index, n_layers, n_gqa)
-            new, rep = quantize_linear(plan[n], info, linears[n], stats[n])
-            set_module(block, n, new)
-            reports.append(rep)
-            after_layer()
+            return quantize_linear(plan[n], info, linears[n], stats[n])
+        reports += solve_and_swap(block, group, solve, split, after_layer)
         del stats
+    return reports
+
+
+def solve_and_swap(root: nn.Module, names: list[str], solve, split: Split | None = None,
+                   after=lambda: None) -> list[LayerReport]:
+    """Quantise the Linears `names` of `root` (independent of each other: their statistics are gathered)
+    with solve(name) -> (module, report), Linear i on rank i % world, and swap every result into every
+    rank's copy in the order of `names`. Returns the reports in that order."""
+    split = split or Split(0)
+    reports = []
+    for r, sources in split.rounds(len(names)):
+        own = solve(names[r * split.world + split.rank]) if split.rank in sources else (None, None)
+        for src in sources:
+            new, report = own if src == split.rank else (None, None)
+            set_module(root, names[r * split.world + src], split.share_module(new, src))
+            reports.append(split.share_report(report, src))
+            after()
     return reports
 
 
@@ -78,32 +95,24 @@ def _linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
 
 
-def _quantize_outside_blocks(model, arch: Arch, blocks_path, recipe, batches, n_layers) -> list[LayerReport]:
-    """Linears outside the blocks (an output head a recipe asks for): stats from a full forward pass."""
+def _quantize_outside_blocks(model, arch: Arch, blocks_path, recipe, batches, n_layers,
+                             split: Split | None = None) -> list[LayerReport]:
+    """Linears outside the blocks (an output head a recipe asks for): stats from a full forward pass over
+    this rank's `batches`."""
     linears = {n: m for n, m in _linears(model).items()
                if not n.startswith(blocks_path + ".") and recipe.config_for(n) is not None}
     if not linears:
         return []
-    stats = {n: LayerStats(m.in_features) for n, m in linears.items()}
-    current: dict = {"mask": None}
-    handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.update(real_rows(inp[0], current["mask"])))
-               for n, m in linears.items()]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                mask = as_batch(batch)[1]
-                current["mask"] = None if mask is None else mask.bool()
-                run_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    reports = []
-    for n, m in linears.items():
+
+    def rows(batch, x):
+        mask = as_batch(batch)[1]
+        return real_rows(x, None if mask is None else mask.bool())
+    stats = observe_linears(linears, batches, lambda batch: run_model(model, batch), rows, split=split)
+
+    def solve(n):
         info = LayerInfo(n, arch.globals.get(n), None, n_layers, _gqa(model))
-        new, rep = quantize_linear(recipe.config_for(n), info, m, stats[n])
-        set_module(model, n, new)
-        reports.append(rep)
-    return reports
+        return quantize_linear(recipe.config_for(n), info, linears[n], stats[n])
+    return solve_and_swap(model, list(linears), solve, split)
 
 
 def _shape_problem(config, info: LayerInfo, module: nn.Linear) -> str | None:
@@ -224,10 +233,14 @@ class BlockStream:
 
 
 def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor | CalibrationSet | None,
-                   batch_size: int = 8, progress: bool = True, stream: BlockStream | None = None) -> nn.Module:
+                   batch_size: int = 8, progress: bool = True, stream: BlockStream | None = None,
+                   distributed: bool = False) -> nn.Module:
     """Quantise `model` in place, block by block, on calibration token ids [n_samples, seq_len] (windows)
     or a CalibrationSet (samples: padded batches with attention masks). stream: loads and saves blocks
-    (a model built without its block weights); Linears outside the blocks are then never quantised."""
+    (a model built without its block weights); Linears outside the blocks are then never quantised.
+    distributed: share the work among the ranks of the initialised torch.distributed process group
+    (pipeline/distributed.py): every rank passes the same arguments and ends with the same model, which
+    equals one process's bit for bit at equal threads per process."""
     recipe = as_recipe(config_or_recipe)
     model.eval()
     calibration = CalibrationSet.of(calibration)
@@ -238,23 +251,28 @@ def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor
     arch = describe(model)
     path, blocks = block_list(model, arch)
     batches = calibration.batches(batch_size) if calibration is not None else []
+    split = current_split(len(batches), distributed)
+    if stream is not None and split.world > 1:
+        raise LowbitError("a streamed run (--stream, quantize_folder) runs in one process; run it without torchrun, "
+                          "or drop --stream")
+    batches = split.mine(batches)   # this rank's; their activations never leave it
     walk = stream or BlockStream()
     walk.load(0, blocks[0])
     inputs = capture_block_inputs(model, blocks, batches)
     start, reports = walk.begin(blocks, inputs)
     n_gqa = _gqa(model)
     bar = tqdm(range(start, len(blocks)), desc="quantising blocks", unit="block", file=sys.stderr,
-               disable=not progress, initial=start, total=len(blocks))
+               disable=not progress or split.rank != 0, initial=start, total=len(blocks))
     for i in bar:
         block, prefix = blocks[i], f"{path}.{i}"
         walk.load(i, block)
-        scale_block(block, arch, inputs, recipe, prefix, i)
-        done = _quantize_block(block, prefix, i, inputs, recipe, arch, len(blocks), n_gqa, walk.layer_done)
+        scale_block(block, arch, inputs, recipe, prefix, i, split)
+        done = _quantize_block(block, prefix, i, inputs, recipe, arch, len(blocks), n_gqa, walk.layer_done, split)
         advance(block, inputs)
         walk.done(i, block, done, inputs)
         reports += done
     if stream is None:
-        reports += _quantize_outside_blocks(model, arch, path, recipe, batches, len(blocks))
+        reports += _quantize_outside_blocks(model, arch, path, recipe, batches, len(blocks), split)
     model.lowbit_recipe = recipe
     model.lowbit_report = reports
     model.lowbit_calibration = calibration.describe() if calibration is not None else "calibration: none"

@@ -20,6 +20,7 @@ from lowbit.pipeline.blocks import (
     collect_stats,
     run_block,
 )
+from lowbit.pipeline.distributed import Split
 from lowbit.pipeline.fold import InputSource, fold_scales, foldable_groups
 from lowbit.pipeline.loading import conv1d_to_linear
 from lowbit.pipeline.replay import Replay
@@ -38,23 +39,25 @@ def _scaling_plan(block: nn.Module, arch: Arch, recipe: Recipe, prefix: str):
 
 
 def _block_error(block, batches, targets, linears: list[nn.Linear], approx: list[torch.Tensor],
-                 replay: Replay) -> float:
+                 replay: Replay, split: Split) -> float:
     """Squared error of the block's outputs at real tokens against `targets` (their float64 rows) with the
-    Linears' weights set to `approx`. What precedes the Linears is replayed, not recomputed."""
+    Linears' weights set to `approx`, summed in the run's batch order over every rank's batches (this
+    rank's are `batches`). What precedes the Linears is replayed, not recomputed."""
     held = [m.weight.data for m in linears]
     try:
         for m, w in zip(linears, approx):
             m.weight.data = w
         with torch.no_grad():
             # real tokens only: a padded position's output is never used, so its error must not count
-            return sum(float((x.real(replay.run(i, x)).double() - t).pow(2).sum())
-                       for i, (x, t) in enumerate(zip(batches, targets)))
+            errors = [float((x.real(replay.run(i, x)).double() - t).pow(2).sum())
+                      for i, (x, t) in enumerate(zip(batches, targets))]
     finally:
         for m, w in zip(linears, held):
             m.weight.data = w
+    return sum(split.in_order(errors))
 
 
-def _context(block, linears, group, source: InputSource, stats, batches, targets, seed) -> ScaleContext:
+def _context(block, linears, group, source: InputSource, stats, batches, targets, seed, split) -> ScaleContext:
     mods = [linears[n] for n in group]
     error = None
     if targets is not None:
@@ -63,29 +66,32 @@ def _context(block, linears, group, source: InputSource, stats, batches, targets
         def error(approx, mods=mods):
             if not replay:
                 replay.append(Replay(block, mods[0], batches))
-            return _block_error(block, batches, targets, mods, approx, replay[0])
+            return _block_error(block, batches, targets, mods, approx, replay[0], split)
     return ScaleContext([m.weight.detach() for m in mods], stats, source.index, source.width, source.kind, error,
                         seed)
 
 
 @torch.no_grad()
 def scale_block(block: nn.Module, arch: Arch, inputs: list[BlockInput], recipe: Recipe, prefix: str,
-                block_index: int = 0) -> None:
-    """Search and fold the input scales of every group of the block whose config asks for them."""
+                block_index: int = 0, split: Split | None = None) -> None:
+    """Search and fold the input scales of every group of the block whose config asks for them. split:
+    how the run's batches are shared among processes (`inputs` are then this rank's); every rank makes the
+    same search on the same shared statistics and errors, and folds the same scales."""
+    split = split or Split(len(inputs))
     plan = _scaling_plan(block, arch, recipe, prefix)
     linears = block_linears(block)
     for config in dict.fromkeys(c for c, _, _ in plan):
         mine = [(g, s) for c, g, s in plan if c == config]
-        n = config.scale_search_batches
-        batches = list(inputs if n is None else inputs[:n])
-        if not batches:
+        part = split.head(config.scale_search_batches)   # the run's first batches
+        batches = list(inputs[:part.local])
+        if not part.batches:
             continue
-        stats = collect_stats(block, batches, {g[0]: linears[g[0]] for g, _ in mine}, config.keeps_inputs)
+        stats = collect_stats(block, batches, {g[0]: linears[g[0]] for g, _ in mine}, config.keeps_inputs, part)
         targets = [x.real(run_block(block, x)).double() for x in batches] if config.uses_block_error else None
         for group, source in mine:
             if stats[group[0]].n_tokens == 0:
                 continue
-            ctx = _context(block, linears, group, source, stats[group[0]], batches, targets, block_index)
+            ctx = _context(block, linears, group, source, stats[group[0]], batches, targets, block_index, part)
             s = config.input_scales(ctx)
             if s is not None:
                 fold_scales(source, [linears[n] for n in group], s)
