@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from lowbit.core import QuantizedTensor, QuantSpec, mx
 from lowbit.errors import LowbitError
 from lowbit.weights.int8 import _Int8Weight
