@@ -195,3 +195,50 @@ def test_what_it_cannot_hold_is_refused(base, tiny_tokenizer, tmp_path):
             get_exporter("compressed-tensors").export(quantised(base, method, tiny_tokenizer), tmp_path / "y",
                                                       tokenizer=tiny_tokenizer)
         assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("method,preset", [("rtn-nvfp4-a4", "NVFP4"), ("rtn-mxfp4-a4", "MXFP4"),
+                                           pytest.param("rtn-mxfp8_e4m3-a8", "MXFP8", marks=pytest.mark.slow)])
+def test_block_activation_exports_carry_the_presets_input_args_and_import_back(base, tiny_tokenizer, tmp_path,
+                                                                              method, preset):
+    """W4A4 / W8A8 block formats: compressed-tensors validates our config, whose weight and input args are
+    its preset's (observers aside), decompresses our weights to ours; NVFP4 stores G_x as input_global_scale
+    float32 [1]; the import gives back the same weights, G_x and logits, and refuses other activations."""
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+    from safetensors.torch import load_file
+
+    model = quantised(base, method, tiny_tokenizer)
+    out = get_exporter("compressed-tensors").export(model, tmp_path / "ct", tokenizer=tiny_tokenizer, dtype="fp32")
+    config = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    (group,) = config.config_groups.values()
+    skip = {"observer", "observer_kwargs"}
+    for part in ("weights", "input_activations"):
+        assert getattr(group, part).model_dump(exclude=skip) == PRESET_SCHEMES[preset][part].model_dump(exclude=skip)
+    tensors = load_file(str(out / "model.safetensors"))
+    ours = quantized_weights(model)
+    for name, w in ours.items():
+        state = module_state(tensors, name)
+        g = state.pop("input_global_scale", None)
+        if preset == "NVFP4":
+            assert g.dtype == torch.float32 and g.shape == (1,) and float(g) == w.input_global_scale > 0
+        else:
+            assert g is None
+        scheme = QuantizationScheme.model_validate(group.model_dump())
+        theirs = BaseCompressor.load_from_registry(group.format).decompress(state, scheme)["weight"].float()
+        expected = w.dequantize().float()
+        assert torch.equal(theirs, expected.to(torch.bfloat16).float() if preset == "NVFP4" else expected), name
+    back, _ = get_importer("compressed-tensors")(out)
+    theirs = quantized_weights(back)
+    assert ours.keys() == theirs.keys()
+    for name, w in ours.items():
+        assert type(theirs[name]) is type(w) and theirs[name].input_global_scale == w.input_global_scale
+        assert torch.equal(theirs[name].dequantize(), w.dequantize()), name
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+
+    raw = json.loads((out / "config.json").read_text())
+    raw["quantization_config"]["config_groups"]["group_0"]["input_activations"]["num_bits"] = 8
+    (out / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(LowbitError, match="same block format"):
+        get_importer("compressed-tensors")(out)

@@ -22,7 +22,9 @@ def llama(hidden=256, inter=512):
     ("gptq-int8", "vllm", "compressed-tensors"), ("w8a8", "vllm", "compressed-tensors"),
     ("q4_k_m", "llama.cpp", "gguf"), ("rtn-int4-g32", "llama.cpp", "gguf"), ("nf4", "transformers", "bnb"),
     ("rtn-int4-g128", "transformers", "compressed-tensors"), ("rtn-nvfp4", "vllm", "compressed-tensors"),
-    ("gptq-mxfp4", "vllm", "compressed-tensors"), ("rtn-mxfp8_e4m3", "vllm", "compressed-tensors")])
+    ("gptq-mxfp4", "vllm", "compressed-tensors"), ("rtn-mxfp8_e4m3", "vllm", "compressed-tensors"),
+    ("rtn-nvfp4-a4", "vllm", "compressed-tensors"), ("gptq-mxfp4-a4", "vllm", "compressed-tensors"),
+    ("rtn-mxfp8_e4m3-a8", "vllm", "compressed-tensors")])
 def test_what_an_engine_serves_passes(method, target, fmt):
     assert api.check_target(llama(), method, target) == fmt
 
@@ -34,7 +36,7 @@ def test_what_an_engine_serves_passes(method, target, fmt):
     ("rtn-int4-g128", "llama.cpp", "GGUF holds"),
     ("awq-uint4-g128", "transformers", "symmetric grids"),
     ("q4_k_m", "vllm", "compressed-tensors holds"),
-    ("rtn-mxfp6_e2m3", "vllm", "no scheme reads MXFP6")])
+    ("rtn-mxfp6_e2m3", "vllm", "no scheme reads MXFP6"), ("rtn-mxfp6_e2m3-a6", "vllm", "no scheme reads MXFP6")])
 def test_what_an_engine_cannot_serve_is_refused_with_the_rule(recipe, target, rule):
     with pytest.raises(LowbitError) as e:
         api.check_target(llama(), recipe, target)

@@ -17,7 +17,8 @@ NAMES = ["rtn-int4-g128", "rtn-int8", "rtn-int4-g32-asym", "rtn-int4-g128-mse", 
          "ggml-q4_k", "ggml-q6_k-imatrix-ref", "q4_k_m", "q3_k_s-imatrix", "q8_0-ref", "hqq-int4-g64", "hqq-int2-g16-it10",
          "spqr-int3-g16", "spqr-int3-g16-actorder", "bitnet", "bitnet-2bit", "quip", "quip-3bit", "quip-4bit-seed1", "aqlm", "aqlm-1x16", "aqlm-1x8-r2-steps10", "rtn-mxfp4", "gptq-mxfp4", "rtn-nvfp4", "gptq-nvfp4",
          "rtn-mxfp8_e4m3", "rtn-mxfp8_e5m2", "rtn-mxfp6_e2m3", "rtn-mxfp6_e3m2", "rtn-mxint8", "gptq-mxint8",
-         "rtn-fp8_e4m3-a8dyn", "rtn-fp8_e4m3-tensor-a8static", "rtn-fp8_e5m2-a8dyn", "qat-int3", "qat-nf4-g64"]
+         "rtn-fp8_e4m3-a8dyn", "rtn-fp8_e4m3-tensor-a8static", "rtn-fp8_e5m2-a8dyn", "qat-int3", "qat-nf4-g64",
+         "rtn-nvfp4-a4", "gptq-nvfp4-a4", "rtn-mxfp4-a4", "gptq-mxfp4-a4", "rtn-mxfp8_e4m3-a8", "rtn-mxfp6_e3m2-a6"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -8,7 +8,8 @@ import torch
 from lowbit.core.blocks import block_shape, check_tensor, to_blocks
 from lowbit.core.observers import get_observer
 from lowbit.core.packing import pack_bits, packed_nbytes
-from lowbit.core.qparams import decode_blocks, encode_blocks, global_scale, scale_and_zero
+from lowbit.core.qparams import decode_blocks, encode_blocks, scale_and_zero
+from lowbit.core.qparams import global_scale as tensor_scale
 from lowbit.core.spec import QuantSpec
 
 
@@ -78,12 +79,17 @@ class QuantizedTensor(StoredSize):
         return pack_bits(self.codes, self.spec.bits)
 
 
-def quantize(x: torch.Tensor, spec: QuantSpec, observer="minmax") -> QuantizedTensor:
-    """Quantise `x` under `spec`, with the block ranges chosen by `observer` (name or instance)."""
+def quantize(x: torch.Tensor, spec: QuantSpec, observer="minmax",
+             global_scale: torch.Tensor | None = None) -> QuantizedTensor:
+    """Quantise `x` under `spec`, with the block ranges chosen by `observer` (name or instance).
+    global_scale: NVFP4's tensor scale G (float32 [1]) when it is fixed in advance (a calibrated
+    activation scale); None computes it from x's own amax."""
     check_tensor(x)
     blocks = to_blocks(x.detach().float(), spec)
     lo, hi = get_observer(observer)(blocks, spec)
-    g = global_scale(torch.stack([lo, hi]), spec)
+    g = tensor_scale(torch.stack([lo, hi]), spec)
+    if g is not None and global_scale is not None:
+        g = global_scale.float().reshape(1)
     scale, zero = scale_and_zero(lo, hi, spec, g)
     codes = encode_blocks(blocks, scale, zero, spec).reshape(x.shape)
     extras = {} if g is None else {"global_scale": g}

@@ -25,6 +25,11 @@ A model folder whose config.json carries a `quantization_config` with quant_meth
                      little-endian), weight_scale as MXFP4's
     mxfp8-quantized  MXFP8 E4M3: <m>.weight float8_e4m3fn [N, K], weight_scale as MXFP4's
 
+With activations in the weight's block format (BlockActWeight: W4A4 NVFP4 / MXFP4, W8A8 MXFP8, W6A6
+MXFP6) the input args are the presets' (compressed_tensors.quantization.quant_scheme NVFP4, MXFP4, MXFP8):
+NVFP4 strategy "tensor_group", group 16, dynamic "local" (block scales on the fly) under the static
+<m>.input_global_scale float32 [1] (G_x, a divisor); MX strategy "group", group 32, dynamic True.
+
 and w = (q - zero) * scale, q and zero in the *signed* range [-2^(b-1), 2^(b-1)). The MX element codes
 are the formats' bit patterns (OCP MX v1.0), as lowbit holds them; MXINT8 is an int8 group-32 grid with
 power-of-two scales, written pack-quantized. compressed-tensors 0.20 defines no MXFP6 E3M2, MXFP8 E5M2
@@ -48,7 +53,7 @@ from lowbit.io import Exporter, register_exporter, register_importer
 from lowbit.io.hf_folder import DTYPES, finish_import, float_tensors, plain_model, read_tensors, write_hf_folder
 from lowbit.nn import module_for
 from lowbit.pipeline.loading import set_module
-from lowbit.weights import ActQuantWeight, FP8ActWeight
+from lowbit.weights import ActQuantWeight, BlockActWeight, FP8ActWeight
 
 QUANT_METHOD = "compressed-tensors"
 PACKED, INT, FLOAT = "pack-quantized", "int-quantized", "float-quantized"
@@ -70,6 +75,8 @@ def weight_format(w) -> str | None:
         return INT
     if isinstance(w, FP8ActWeight):
         return FLOAT if w.weight.spec.format in FLOAT_FORMATS else None
+    if isinstance(w, BlockActWeight):
+        return weight_format(w.weight)
     if not isinstance(w, QuantizedTensor) or w.g_idx is not None or w.spec.float_zero:
         return None
     spec = w.spec
@@ -114,12 +121,22 @@ def weight_args(spec: QuantSpec) -> dict:
 
 
 def input_args(w) -> dict | None:
+    if isinstance(w, BlockActWeight):
+        return block_input_args(w.weight.spec)
     if not isinstance(w, (ActQuantWeight, FP8ActWeight)):
         return None
     dynamic = w.activation == "token"
     kind = "float" if isinstance(w, FP8ActWeight) else "int"
     return {"num_bits": 8, "type": kind, "symmetric": True, "strategy": w.activation, "dynamic": dynamic,
             "group_size": None, "actorder": None, "observer": None if dynamic else "minmax", "block_structure": None}
+
+
+def block_input_args(spec: QuantSpec) -> dict:
+    """Input args of activations in the weight's block format, as compressed-tensors' NVFP4 / MXFP4 / MXFP8
+    presets write them: the weights' args, computed on the fly ("local" under a static tensor scale for
+    NVFP4, whose observer "static_minmax" calibrates G_x)."""
+    nv = spec.scale_dtype == mx.NV_SCALE
+    return {**weight_args(spec), "dynamic": "local" if nv else True, "observer": "static_minmax" if nv else None}
 
 
 def spec_from_args(args: dict, scale: torch.Tensor, fmt: str | None = None) -> QuantSpec:
@@ -218,6 +235,11 @@ def block_tensors(name: str, q: QuantizedTensor, fmt: str) -> dict[str, torch.Te
 
 def module_tensors(name: str, w) -> dict[str, torch.Tensor]:
     fmt = weight_format(w)
+    if isinstance(w, BlockActWeight):
+        out = block_tensors(name, w.weight, fmt)
+        if w.input_global_scale is not None:
+            out[f"{name}.input_global_scale"] = torch.tensor([float(w.input_global_scale)], dtype=torch.float32)
+        return out
     if fmt in BLOCK_SPECS:
         return block_tensors(name, w, fmt)
     q = w.weight if isinstance(w, (ActQuantWeight, FP8ActWeight)) else w
@@ -246,7 +268,7 @@ def module_tensors(name: str, w) -> dict[str, torch.Tensor]:
 # quantization_config
 
 def _scheme(w) -> dict:
-    q = w.weight if isinstance(w, (ActQuantWeight, FP8ActWeight)) else w
+    q = w.weight if isinstance(w, (ActQuantWeight, FP8ActWeight, BlockActWeight)) else w
     return {"weights": weight_args(q.spec), "input_activations": input_args(w), "output_activations": None,
             "format": weight_format(w)}
 
@@ -338,9 +360,8 @@ def quantized_from_tensors(tensors: dict, name: str, group: dict):
     if f"{name}.weight_g_idx" in tensors:
         raise LowbitError(f"{name}: act-order group indices (weight_g_idx) are not supported here")
     if fmt in BLOCK_SPECS:
-        if inputs:
-            raise LowbitError(f"{name}: {fmt} with quantised activations is not supported here (weights only)")
-        return block_from_tensors(tensors, name, spec_from_args(args, None, fmt), fmt)
+        q = block_from_tensors(tensors, name, spec_from_args(args, None, fmt), fmt)
+        return block_act_from_tensors(tensors, name, q, inputs) if inputs else q
     scale = _get(tensors, f"{name}.weight_scale").float()
     spec = spec_from_args(args, scale)
     if fmt == PACKED:
@@ -386,6 +407,20 @@ def block_from_tensors(tensors: dict, name: str, spec: QuantSpec, fmt: str) -> Q
         raise LowbitError(f"{name}: weight_scale is {list(stored.shape)}, expected [{rows}, {cols // spec.group_size}]")
     return QuantizedTensor(codes.contiguous(), scale.reshape(rows, -1), torch.zeros(rows, scale.numel() // rows), spec,
                            extras=extras)
+
+
+def block_act_from_tensors(tensors: dict, name: str, q: QuantizedTensor, inputs: dict) -> BlockActWeight:
+    """A block-format weight whose input args quantise activations to its own element format and block
+    (the presets' W4A4 / W8A8); any other activation scheme on a block weight is refused in one line."""
+    spec = q.spec
+    want = block_input_args(spec)
+    keys = ("num_bits", "type", "strategy", "group_size", "symmetric")
+    if any(inputs.get(k) != want[k] for k in keys) or not inputs.get("dynamic"):
+        got = ", ".join(f"{k}={inputs.get(k)!r}" for k in (*keys, "dynamic"))
+        raise LowbitError(f"{name}: activations on a {spec.format} g{spec.group_size} block weight must use the "
+                          f"same block format, dynamically; this config has {got}")
+    g = _get(tensors, f"{name}.input_global_scale") if spec.scale_dtype == mx.NV_SCALE else None
+    return BlockActWeight(q, None if g is None else float(g.float().reshape(-1)[0]))
 
 
 def import_compressed_tensors(path):

@@ -13,7 +13,7 @@ from typing import Callable
 
 from lowbit.errors import LowbitError
 from lowbit.io import EXPORTERS, load_format_modules
-from lowbit.weights import ActQuantWeight, QuantizedTensor
+from lowbit.weights import ActQuantWeight, BlockActWeight, QuantizedTensor
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,8 @@ class Rule:
 
 
 def _affine(w):
+    if isinstance(w, BlockActWeight):       # activations in the weight's own block format: the weight decides
+        return w.weight
     return w.weight if isinstance(w, ActQuantWeight) else w if isinstance(w, QuantizedTensor) else None
 
 
@@ -80,7 +82,8 @@ VLLM_WNA16 = (
 ENGINES: dict[str, dict[str, tuple[Rule, ...]]] = {
     "vllm": {
         "compressed-tensors": VLLM_WNA16 + (Rule(
-            "block float weights NVFP4, MXFP4 or MXFP8 (no scheme reads MXFP6; GPU kernels)",
+            "block float weights NVFP4, MXFP4 or MXFP8, weight-only or with activations in the same block "
+            "format (CompressedTensorsW4A4Fp4 / W4A16Fp4, W4A4Mxfp4, W8A8Mxfp8; no scheme reads MXFP6; GPU kernels)",
             "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py "
             "(_get_scheme_from_parts)", _vllm_block_float),),
         "gptq": VLLM_WNA16 + (Rule("symmetric grids (GPTQ Marlin has no zero points)", _MARLIN, _symmetric),),

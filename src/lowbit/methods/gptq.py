@@ -32,6 +32,7 @@ from lowbit.errors import LowbitError
 from lowbit.methods.base import SchemeMethod, register_method
 from lowbit.weights import placeholders
 from lowbit.methods.clipping import block_range, hessian_clip_params
+from lowbit.methods.rtn import BLOCK_ACT_WORDS, block_activations, check_act_bits, planned_block_activations
 
 SUB_BLOCK = 16              # columns per rank-1 sub-block inside a lazy-update block
 DAMP_RETRIES = 6            # each retry multiplies the dampening by 10
@@ -60,7 +61,7 @@ class GPTQ(SchemeMethod):
     sequential = True
     words = {"actorder": {"act_order": True}, "noactorder": {"act_order": False}, "static": {"static_groups": True},
              "dynamic": {"static_groups": False}, "mse": {"mse": True}, "clip": {"clip": True}, "noclip": {"clip": False},
-             "damp": "damp"}
+             "damp": "damp", **BLOCK_ACT_WORDS}
     # Act-order with static groups (llm-compressor's default) whose ranges are clipped for the least
     # output error: the best measured on real weights (all-MiniLM-L6-v2, benchmarks/real_weights.py:
     # mean cosine at int4 g128 0.9850 against 0.9831 min-max, 0.9852 mse; at int3 0.9384, 0.9162,
@@ -72,25 +73,31 @@ class GPTQ(SchemeMethod):
     mse: bool = False
     full_grid: bool = True
     clip: bool = True
+    # Block-format activations (a4 / a6 / a8 on MX and NVFP4 schemes; methods/rtn.py). NVFP4's G_x needs
+    # max|x|, which the stats that carry the Hessian always carry too (LayerStats keeps both).
+    act_bits: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        check_act_bits(self)
         if not (isinstance(self.damp, (int, float)) and 0 <= self.damp and math.isfinite(self.damp)):
             raise LowbitError(f"damp must be a finite number >= 0, got {self.damp!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise LowbitError(f"block_size must be a positive integer, got {self.block_size!r}")
 
-    def quantize_weight(self, weight, stats=None) -> QuantizedTensor:
+    def quantize_weight(self, weight, stats=None):
         if stats is None or stats.n_tokens == 0:
-            qt = round_to_nearest(weight, self)
-            qt.extras.setdefault("warnings", []).append(
+            q = round_to_nearest(weight, self)
+            q.extras.setdefault("warnings", []).append(
                 "gptq: no calibration tokens reached this layer; rounded to nearest (RTN) instead")
-            return qt
-        return gptq_quantize(weight, stats.hessian(), self)
+        else:
+            q = gptq_quantize(weight, stats.hessian(), self)
+        return q if self.act_bits is None else block_activations(self, q, stats)
 
     def planned_weight(self, shape, layer):
         group_index = self.act_order and not self.static_groups and self.scheme.granularity == "group"
-        return placeholders.affine(shape, self.scheme, g_idx=group_index)
+        q = placeholders.affine(shape, self.scheme, g_idx=group_index)
+        return q if self.act_bits is None else planned_block_activations(self, q)
 
 
 # ---------------------------------------------------------------------------------------------------
