@@ -318,6 +318,8 @@ def load_gguf(path, dequantize: bool = False, progress: bool = False):
     config = llama_config_from_gguf(meta, table["token_embd.weight"][0][0], "output.weight" not in table, table)
     _check_tensors(table, config)
     model = _build_llama(config, table, dequantize, progress)
+    if isinstance(meta.get("general.name"), str) and meta["general.name"]:
+        model.lowbit_source_name = meta["general.name"]   # kept when the model is saved and exported again
     return model, gguf_tokenizer(meta)
 
 

@@ -25,6 +25,17 @@ def writing_folder(out):
     return atomic_output(out, folder=True)
 
 
+def source_name(model: nn.Module) -> str:
+    """The name of the model a quantised model came from: the folder it was first loaded from (kept
+    through a native save and load, and a GGUF's general.name), else "lowbit-model". Exports name the
+    model by it, so the file does not depend on where an intermediate folder was saved."""
+    kept = getattr(model, "lowbit_source_name", None)
+    if kept:
+        return kept
+    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return Path(path).name or "lowbit-model"
+
+
 def float_tensors(model: nn.Module, skip: set[str] | dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every state-dict tensor outside the modules named in `skip` (the quantised ones), floating-point
     ones cast to `dtype` when given; storage shared by tied weights is written once (loaders re-tie)."""
