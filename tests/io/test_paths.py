@@ -3,16 +3,19 @@ of recipes, three paths from the same Hugging Face folder write the same file:
 
     (a) api: load_model, quantize, export from memory;
     (b) api: the same model saved natively, loaded back with lowbit.load, exported;
-    (c) cli: `lowbit quantize FOLDER ... -o Q` then `lowbit export Q --format F`.
+    (c) cli: `lowbit quantize FOLDER ... -o Q` then `lowbit export Q --format F`;
+    (d) for a GGUF file type: `lowbit export FOLDER --format gguf --type T`, rounding the float model
+        itself, equals quantising with the file type's method first.
 
 Every format lowbit writes is deterministic, so the comparison is bytes; before it, the files are parsed
 (GGUF with gguf-py's reader, safetensors headers and tensors, JSON) so that a failure names the key or
 tensor that moved. The native folders of (a) and (c) are compared the same way. The cases cover what such
 paths lose: tied embeddings, GGUF types chosen by layer index and by the GQA ratio, skipped layers, a
 scaled RoPE, fp16 sources, GPT-2's Conv1D layers. Before the fixes, GGUF's general.name was the folder
-the model was last loaded from (b and c differed from a), `--skip A --skip B` kept only B, and GPT-2's
+the model was last loaded from (b and c differed from a), `--skip A --skip B` kept only B, GPT-2's
 float Conv1D layers were written to Hugging Face folders in lowbit's [out, in] layout (transformers read
-c_proj transposed, or failed on the shape).
+c_proj transposed, or failed on the shape), and calibrating by samples (an encoder) left truncation at
+the calibration length in the saved tokenizer.json (a reloaded folder's tokenizer_config then differed).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import transformers as t
 from lowbit import api
 from lowbit.cli import main
 from lowbit.methods.recipe import DEFAULT_SKIP, Recipe
-from tests.conftest import fp16_llama_folder, tiny_config
+from tests.conftest import ENCODERS, fp16_llama_folder, tiny_config
 
 SAMPLES, SEQ_LEN = 4, 32
 
@@ -41,6 +44,7 @@ class Case:
     skip: tuple[str, ...] = ()
     config: tuple = ()          # (attribute, value) set on the family's tiny config
     fp16: bool = False          # the bundled-tokenizer fp16 Llama folder instead
+    gguf_type: str | None = None  # also (d): `lowbit export FOLDER --format gguf --type T` from the float folder
 
 
 # A Llama whose rows are a multiple of 256, so Q4_K_M chooses per tensor: attn_v and ffn_down get Q6_K on
@@ -53,7 +57,7 @@ LLAMA3_ROPE = (("rope_parameters", {"rope_type": "llama3", "rope_theta": 500000.
 HF_FORMATS = ("gptq", "awq", "compressed-tensors")
 
 CASES = {
-    "q4_k_m-tied-gqa4": Case("llama", "q4_k_m", ("gguf",), config=GQA4_TIED),
+    "q4_k_m-tied-gqa4": Case("llama", "q4_k_m", ("gguf",), config=GQA4_TIED, gguf_type="Q4_K_M"),
     "gptq-skip": Case("llama", "gptq-int4-g32", ("gguf",) + HF_FORMATS, skip=("*.mlp.down_proj", "model.layers.1.*")),
     "nf4": Case("llama", "nf4", ("bnb",)),
 }
@@ -61,12 +65,14 @@ SLOW_CASES = {
     "rtn-int4-g32": Case("llama", "rtn-int4-g32", ("gguf",) + HF_FORMATS),
     "rtn-int8-g32-llama3-rope": Case("llama", "rtn-int8-g32", ("gguf", "gptq"), config=LLAMA3_ROPE),
     "rtn-int4-g32-fp16-source": Case("llama", "rtn-int4-g32", ("gguf",) + HF_FORMATS, fp16=True),
-    "q3_k_s-gqa4": Case("llama", "q3_k_s", ("gguf",), config=GQA4_TIED[:-1]),
+    "q3_k_s-gqa4": Case("llama", "q3_k_s", ("gguf",), config=GQA4_TIED[:-1], gguf_type="Q3_K_S"),
     "qwen2-tied": Case("qwen2", "rtn-int4-g32", HF_FORMATS, config=(("tie_word_embeddings", True),)),
     "gemma-tied-nf4": Case("gemma", "nf4", ("bnb",)),
     "gpt2-conv1d": Case("gpt2", "gptq-int4-g32", ("gptq", "awq"), skip=("*.mlp.c_proj", "*.attn.c_proj")),
     "phi3-fused": Case("phi3", "rtn-int4-g32", HF_FORMATS),
     "opt-w8a8": Case("opt", "w8a8", ("compressed-tensors",)),
+    "bert-encoder": Case("bert", "rtn-int4-g32", HF_FORMATS),
+    "qwen2_moe-experts-skipped": Case("qwen2_moe", "rtn-int4-g32", HF_FORMATS, skip=("*.mlp.experts",)),
 }
 
 
@@ -138,7 +144,7 @@ def source_folder(case: Case, path: Path, tokenizer) -> Path:
     for key, value in case.config:
         setattr(config, key, value)
     torch.manual_seed(0)
-    t.AutoModelForCausalLM.from_config(config).eval().save_pretrained(path)
+    (t.AutoModel if case.family in ENCODERS else t.AutoModelForCausalLM).from_config(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -155,7 +161,7 @@ def out_name(fmt: str) -> str:
 def write_three_ways(case: Case, root: Path, tokenizer) -> Path:
     """root/{a,b,c}/<format> for every format of the case, and root/{a,c}/native."""
     src = source_folder(case, root / "src", tokenizer)
-    for p in "abc":
+    for p in "abcd":
         (root / p).mkdir()
     model, tok = api.load_model(src)
     recipe = Recipe(case.method, skip=DEFAULT_SKIP + case.skip)
@@ -169,16 +175,18 @@ def write_three_ways(case: Case, root: Path, tokenizer) -> Path:
         api.export(model, root / "a" / out_name(fmt), format=fmt, tokenizer=tok)
         api.export(reloaded, root / "b" / out_name(fmt), format=fmt, tokenizer=reloaded_tok)
         cli("export", root / "c" / "native", "--format", fmt, "--quiet", "-o", root / "c" / out_name(fmt))
+    if case.gguf_type:
+        cli("export", src, "--format", "gguf", "--type", case.gguf_type, "--quiet", "-o", root / "d" / out_name("gguf"))
     return root
 
 
 def check_paths(case: Case, root: Path) -> None:
     for name in ("native",) + tuple(out_name(f) for f in case.formats):
         a = root / "a" / name
-        for other in ("b", "c"):
+        for other in ("b", "c", "d"):
             b = root / other / name
             if not b.exists():
-                continue        # (b) has no native folder of its own: it is (a)'s
+                continue        # (b) has no native folder of its own (it is (a)'s), (d) only a GGUF file
             assert differences(a, b) == [], f"{name}: path ({other}) differs from (a)"
             assert same_bytes(a, b), f"{name}: path ({other}) parses the same but is not the same bytes"
 
