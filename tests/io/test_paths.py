@@ -231,17 +231,22 @@ def test_the_cases_exercise_what_they_claim(written):
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"))
 
 
-def test_a_gguf_names_the_source_model_after_any_number_of_hops(written, tiny_tokenizer, tmp_path):
-    """GGUF's general.name is the folder the model came from, through native folders and a GGUF import."""
-    from gguf import GGUFReader
-
+def test_a_gguf_imported_saved_and_exported_again_keeps_its_metadata(written, tiny_tokenizer, tmp_path):
+    """GGUF -> lowbit.load -> native folder -> load -> GGUF: general.name stays the source model's, the
+    file type stays Q4_K_M (it became Q4_K_S, the most common block type) and the padding token id is
+    kept (the reader looked for tokenizer.ggml.pad_token_id; gguf-py writes padding_token_id). Every
+    held block is copied. token_embd, which lowbit holds in float, is rounded again by the file type's
+    rules and may differ (still open: a GGUF import does not keep the embedding's blocks)."""
     root = written("q4_k_m-tied-gqa4", CASES["q4_k_m-tied-gqa4"])
-    model, tok = api.load(root / "c" / "gguf.gguf")
+    first = root / "c" / "gguf.gguf"
+    model, tok = api.load(first)
     api.save(model, tmp_path / "again", tokenizer=tok)
     again, tok = api.load(tmp_path / "again")
     api.export(again, tmp_path / "again.gguf", format="gguf", tokenizer=tok)
-    for path in (root / "c" / "gguf.gguf", tmp_path / "again.gguf"):
-        assert GGUFReader(path).fields["general.name"].contents() == "src"
+    assert differences(first, tmp_path / "again.gguf") in ([], ["tensor token_embd.weight"])
+    from gguf import GGUFReader
+
+    assert GGUFReader(first).fields["general.name"].contents() == "src"
 
 
 def gpt2_with_float_conv1d(method: str):
