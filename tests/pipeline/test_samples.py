@@ -157,3 +157,22 @@ def test_calibration_longer_than_the_context_is_one_line_naming_both(arch, how, 
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
     # at the context length itself it runs
     api.quantize(model, "rtn-int4-g32", calibration=torch.ones(1, 32, dtype=torch.long), progress=False)
+
+
+def test_calibration_leaves_the_tokenizer_as_it_was(tiny_tokenizer, tmp_path):
+    """Samples mode truncates each document; the fast tokenizer kept that truncation on its backend, so
+    the tokenizer.json saved with the quantised model cut every input at the calibration length (32)."""
+    from lowbit.eval.embeddings import embed
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    backend = tok.backend_tokenizer
+    assert backend.truncation is None and backend.padding is None
+    calibration_samples(tok, DOCS, n_samples=5, seq_len=8)
+    embed(build_tiny_model("bert"), tok, DOCS[:2], max_length=8)
+    assert backend.truncation is None and backend.padding is None
+    backend.enable_truncation(100)      # a tokenizer that truncates on its own keeps its own setting
+    calibration_samples(tok, DOCS, n_samples=5, seq_len=8)
+    assert backend.truncation["max_length"] == 100 and backend.padding is None
+    backend.no_truncation()
+    tok.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["truncation"] is None

@@ -20,10 +20,13 @@ import torch
 def embed(model, tokenizer, sentences: list[str], batch_size: int = 32, max_length: int = 256) -> torch.Tensor:
     """L2-normalised mean-pooled embeddings, float32 [n, hidden]: each sentence with the tokenizer's
     special tokens (CLS ... SEP), padded positions excluded from the mean."""
+    from lowbit.pipeline.samples import tokenizer_state_kept
+
     out = []
     for start in range(0, len(sentences), batch_size):
-        enc = tokenizer(sentences[start:start + batch_size], padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
+        with tokenizer_state_kept(tokenizer):   # the caller may save the tokenizer afterwards
+            enc = tokenizer(sentences[start:start + batch_size], padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt")
         hidden = model(**enc).last_hidden_state.float()
         mask = enc["attention_mask"].unsqueeze(-1).float()
         mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

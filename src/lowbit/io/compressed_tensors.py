@@ -302,6 +302,13 @@ class CompressedTensorsExporter(Exporter):
     def write(self, model, weights, out, tokenizer=None, dtype: str | None = "bf16", **_options) -> Path:
         if not weights:
             raise LowbitError("nothing to export in compressed-tensors: the model holds no quantised Linear")
+        conv1d = [n for n in weights if getattr(model.get_submodule(n), "hf_conv1d", False)]
+        if conv1d:
+            # transformers builds these as Conv1D, which compressed-tensors never quantises: the model would
+            # load with them randomly initialised (transformers 5.24, compressed-tensors 0.20; tests/io/test_paths.py)
+            raise LowbitError(f"compressed-tensors: {conv1d[0]} and {len(conv1d) - 1} more are Conv1D layers in "
+                              f"transformers' {model.config.model_type}, which compressed-tensors does not quantise; "
+                              "export gptq, awq or bnb")
         float_dtype = DTYPES.get(dtype) if dtype else None
         tensors = float_tensors(model, weights, float_dtype)
         for name, w in weights.items():

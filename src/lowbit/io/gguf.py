@@ -27,6 +27,7 @@ from lowbit.errors import LowbitError
 from lowbit.io import Exporter, quantized_weights, register_exporter
 from lowbit.io.atomic import atomic_output
 from lowbit.io.gguf_rope import rope_for_export
+from lowbit.io.hf_folder import source_name
 from lowbit.kernels.ggml_search import searches
 from lowbit.methods.ggml_mix import FILE_TYPES, file_type, tensor_type
 from lowbit.pipeline.arch import Arch, block_list, describe
@@ -317,8 +318,7 @@ class GGUFExporter(Exporter):
         out = Path(out)
         with atomic_output(out, folder=False) as tmp:
             writer = GGUFWriter(str(tmp), "llama")
-            source_name = Path(getattr(model.config, "_name_or_path", "") or "lowbit-model").name
-            _write_hparams(writer, model.config, ftype, name or source_name)
+            _write_hparams(writer, model.config, ftype, name or source_name(model))
             _write_tokenizer(writer, tokenizer, model.config.vocab_size, tokenizer_pre)
             with torch.no_grad():
                 tensors = gguf_tensors(model, ftype, weights, imatrix, search, held)

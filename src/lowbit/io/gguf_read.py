@@ -297,8 +297,9 @@ def _gguf_tokenizer(meta: dict):
     else:
         return None
     roles = {}
-    for role in ("bos", "eos", "pad", "unk"):
-        tid = meta.get(f"tokenizer.ggml.{role}_token_id")
+    # the keys as gguf-py's GGUFWriter writes them (add_pad_token_id: padding_token_id ...)
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
+        tid = meta.get(f"tokenizer.ggml.{key}_token_id")
         if tokens and tid is not None and 0 <= tid < len(tokens):
             roles[f"{role}_token"] = tokens[tid]
     return PreTrainedTokenizerFast(tokenizer_object=backend, **roles)
@@ -318,7 +319,22 @@ def load_gguf(path, dequantize: bool = False, progress: bool = False):
     config = llama_config_from_gguf(meta, table["token_embd.weight"][0][0], "output.weight" not in table, table)
     _check_tensors(table, config)
     model = _build_llama(config, table, dequantize, progress)
+    if isinstance(meta.get("general.name"), str) and meta["general.name"]:
+        model.lowbit_source_name = meta["general.name"]   # kept when the model is saved and exported again
+    recipe = _file_type_recipe(meta.get("general.file_type"))
+    if recipe is not None:
+        model.lowbit_recipe = recipe    # exported again, the file keeps its file type (Q4_K_M, not Q4_K_S)
     return model, gguf_tokenizer(meta)
+
+
+def _file_type_recipe(code):
+    """The recipe of the llama.cpp file type `code` (general.file_type) names, when lowbit has its method."""
+    from lowbit.methods import METHODS
+    from lowbit.methods.ggml_mix import FILE_TYPES
+    from lowbit.methods.recipe import Recipe
+
+    name = next((k for k, v in FILE_TYPES.items() if v.file_type == code), None)
+    return Recipe(name) if name in METHODS else None
 
 
 def _norm(name: str, table: dict) -> nn.Parameter:

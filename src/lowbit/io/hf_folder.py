@@ -25,6 +25,17 @@ def writing_folder(out):
     return atomic_output(out, folder=True)
 
 
+def source_name(model: nn.Module) -> str:
+    """The name of the model a quantised model came from: the folder it was first loaded from (kept
+    through a native save and load, and a GGUF's general.name), else "lowbit-model". Exports name the
+    model by it, so the file does not depend on where an intermediate folder was saved."""
+    kept = getattr(model, "lowbit_source_name", None)
+    if kept:
+        return kept
+    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return Path(path).name or "lowbit-model"
+
+
 def float_tensors(model: nn.Module, skip: set[str] | dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every state-dict tensor outside the modules named in `skip` (the quantised ones), floating-point
     ones cast to `dtype` when given; storage shared by tied weights is written once (loaders re-tie)."""
@@ -39,6 +50,18 @@ def float_tensors(model: nn.Module, skip: set[str] | dict, dtype: torch.dtype | 
         seen.add(where)
         t = t.detach()
         out[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous().clone()
+    return out
+
+
+def conv1d_layout(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with the weights of float Linears that were transformers Conv1D (GPT-2's c_attn, c_proj,
+    c_fc: `conv1d_to_linear` marks them) transposed: a Hugging Face folder stores them [in, out] as its
+    model class reads them, lowbit holds them [out, in]. Its own inverse: import calls it too."""
+    out = dict(tensors)
+    for name, m in model.named_modules():
+        key = f"{name}.weight"
+        if getattr(m, "hf_conv1d", False) and type(m) is nn.Linear and key in out:
+            out[key] = out[key].T.contiguous()
     return out
 
 
@@ -144,7 +167,8 @@ def write_hf_folder(out, model: nn.Module, tensors: dict[str, torch.Tensor], tok
         write_metadata(tmp, model, model_config(model, quantization_config, dtype), tokenizer)
         for name, content in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2))
-        save_file(dict(sorted(tensors.items())), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(dict(sorted(conv1d_layout(model, tensors).items())), str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
     return out
 
 
@@ -172,15 +196,17 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def plain_model(path: Path) -> nn.Module:
     """The model a quantised folder's config.json describes, built in float32 without its quantization
-    config (lowbit swaps its own modules in)."""
-    from lowbit.pipeline.loading import read_config
+    config (lowbit swaps its own modules in), with Conv1D layers as the Linears lowbit holds."""
+    from lowbit.pipeline.loading import conv1d_to_linear, read_config
 
     if not (Path(path) / "config.json").is_file():
         raise LowbitError(f"not a model folder: {path} (no config.json)")
     config = read_config(Path(path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    return empty_model(config, path).float()
+    model = empty_model(config, path).float()
+    conv1d_to_linear(model)
+    return model
 
 
 def finish_import(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path):
@@ -189,7 +215,7 @@ def finish_import(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path
     from lowbit.pipeline.checkpoint import check_finite
     from lowbit.pipeline.loading import load_tokenizer
 
-    float_state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    float_state = conv1d_layout(model, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
     missing, unexpected = model.load_state_dict(float_state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not _inside_quantized(model, k)]

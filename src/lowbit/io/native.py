@@ -15,7 +15,7 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.io.hf_folder import float_tensors, model_config, write_metadata, writing_folder
+from lowbit.io.hf_folder import float_tensors, model_config, source_name, write_metadata, writing_folder
 from lowbit.methods.recipe import Recipe
 from lowbit.nn import MODULES
 from lowbit.pipeline.checkpoint import check_against_disk, check_finite, meta_model, read_header, stored_dtype
@@ -52,7 +52,7 @@ def write_files(tmp: Path, model: nn.Module, modules: dict, report, tokenizer=No
     write_metadata(tmp, model, _saved_config(model), tokenizer)
     recipe = getattr(model, "lowbit_recipe", None)
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_class": type(model).__name__,
-            "recipe": recipe.to_dict() if recipe is not None else None, "modules": modules}
+            "source": source_name(model), "recipe": recipe.to_dict() if recipe is not None else None, "modules": modules}
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
     if report is not None:
         (tmp / "quant_report.json").write_text(report_to_json(report))
@@ -136,6 +136,8 @@ def load(path):
     _check_keys(model, missing, unexpected, weights)
     check_finite(model, path)
     model.lowbit_source_dtype = stored_dtype(headers)
+    if isinstance(meta.get("source"), str) and meta["source"]:
+        model.lowbit_source_name = meta["source"]   # the model it came from, not this folder
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if meta.get("recipe"):

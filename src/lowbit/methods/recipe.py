@@ -9,7 +9,10 @@ from lowbit.methods.base import MethodConfig, method_from_dict, parse_method
 
 # Kept in full precision unless a recipe says otherwise: the output head is small next to the blocks
 # and its errors land directly on the logits. (Embeddings are not Linears and are never quantised here.)
-DEFAULT_SKIP = ("lm_head", "*.lm_head", "embed_out", "output")
+# Mixture-of-experts router gates too: tiny, they choose the experts, and serving engines build them
+# unquantised (vLLM's qwen2_moe.py: gate with quant_config=None, shared_expert_gate a plain Linear), so a
+# quantised one makes a checkpoint they cannot load; a [1, H] gate fills no packed GPTQ/AWQ word either.
+DEFAULT_SKIP = ("lm_head", "*.lm_head", "embed_out", "output", "*.mlp.gate", "*.shared_expert_gate")
 
 
 @dataclass

@@ -189,7 +189,9 @@ def add_method_flags(p) -> None:
     p.add_argument("--group-size", type=int, help="elements per scale group; 0 = per output channel")
     p.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
     p.add_argument("--observer", choices=["minmax", "mse", "percentile"], help="how ranges are chosen (RTN)")
-    p.add_argument("--skip", nargs="*", help="extra Linear name patterns to keep in full precision")
+    # extend, not store: `--skip A --skip B` keeps both (a repeated flag silently dropped A before)
+    p.add_argument("--skip", nargs="*", action="extend",
+                   help="extra Linear name patterns to keep in full precision (repeatable)")
 
 
 def add_calibration_mode(p) -> None:

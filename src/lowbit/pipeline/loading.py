@@ -118,6 +118,7 @@ def conv1d_to_linear(model: nn.Module) -> int:
         lin.weight.data = m.weight.data.T.contiguous()
         if m.bias is not None:
             lin.bias.data = m.bias.data.clone()
+        lin.hf_conv1d = True   # the model's own checkpoints store this weight transposed (io/hf_folder.py)
         set_module(model, name, lin)
     return len(swaps)
 
@@ -130,4 +131,6 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
             raise AttributeError(child)
     except (AttributeError, IndexError, TypeError):
         raise LowbitError(f"the model has no module {name!r}") from None
+    if getattr(getattr(parent, child), "hf_conv1d", False):
+        module.hf_conv1d = True     # a quantised module in a Conv1D's place: exporters need to know
     setattr(parent, child, module)

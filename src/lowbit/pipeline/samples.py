@@ -15,6 +15,7 @@ otherwise.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +157,30 @@ def _render(tokenizer, conversation: list) -> str:
     return tokenizer.apply_chat_template(conversation, tokenize=False)
 
 
+@contextmanager
+def tokenizer_state_kept(tokenizer):
+    """Run a block that calls `tokenizer` with truncation or padding, and leave the tokenizer as it was.
+    A fast tokenizer sets those on its backend for such a call and keeps them: saved afterwards, its
+    tokenizer.json cut every input at the calibration length for any consumer reading that file (the
+    `tokenizers` library, a GGUF's embedded tokenizer), and a folder saved after a reload differed."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        yield tokenizer
+        return
+    truncation, padding = backend.truncation, backend.padding
+    try:
+        yield tokenizer
+    finally:
+        if truncation is None:
+            backend.no_truncation()
+        else:
+            backend.enable_truncation(**truncation)
+        if padding is None:
+            backend.no_padding()
+        else:
+            backend.enable_padding(**padding)
+
+
 def encode_sample(tokenizer, doc, seq_len: int) -> torch.Tensor:
     """One document as the model sees it, at most seq_len tokens: int64 [length]. A string gets the
     tokenizer's special tokens; a conversation is rendered by the chat template, which writes its own."""
@@ -179,7 +204,8 @@ def calibration_samples(tokenizer, source=None, n_samples: int = 128, seq_len: i
         raise LowbitError("the calibration data holds no documents")
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(docs), generator=gen)[:n_samples].tolist()
-    seqs = [encode_sample(tokenizer, docs[i], seq_len) for i in chosen]
+    with tokenizer_state_kept(tokenizer):
+        seqs = [encode_sample(tokenizer, docs[i], seq_len) for i in chosen]
     seqs = sorted((s for s in seqs if s.numel()), key=lambda s: -s.numel())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return CalibrationSet(seqs, "samples", int(pad))
