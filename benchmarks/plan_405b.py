@@ -13,10 +13,11 @@ time probe is left out: it would run the method on the real 16384 x 53248 shapes
   forward   every Linear's matmuls, 2 T in out flops per pass (T calibration tokens), and attention's 4 T L d, for
             the passes the block walk makes (one per sequential group of Linears to gather its statistics, one
             to move the activations on), at this machine's measured float32 GEMM rate
-  stats     X^T X in float64 for every Linear, 2 T in^2 flops, at the measured float64 rate
-  solve     GPTQ on each Linear: probed at the real input width with 512 and 2048 output rows (time is
-            affine in the rows: T0(in) + rows * s(in)), at widths 8192 and 16384; for the 53248-wide down_proj
-            T0 and s are extrapolated with the exponents those two widths give
+  stats     X^T X in float64 once per distinct input (q/k/v share one, gate/up one; o and down their own),
+            2 T in^2 flops, at the measured float64 rate
+  solve     GPTQ on each Linear: probed at the real input width 16384 with 512 and 2048 output rows (time is
+            affine in the rows: T0(in) + rows * s(in)); for the 53248-wide down_proj T0 is scaled as in^3 (the
+            Cholesky factorisation and inverse) and s as in^2 (each row's lazy-batch updates), GPTQ's costs
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def solve_seconds(method: str, rows: int, width: int) -> float:
     return _seconds(lambda: parse_method(method).quantize_weight(weight, stats))
 
 
-def solve_model(method: str, widths=(8192, 16384), rows=(512, 2048)) -> dict:
+def solve_model(method: str, widths=(16384,), rows=(512, 2048)) -> dict:
     """{width: (T0, s)} from probes: solve time = T0(width) + rows * s(width)."""
     fit = {}
     for w in widths:
@@ -111,18 +112,12 @@ def solve_model(method: str, widths=(8192, 16384), rows=(512, 2048)) -> dict:
 
 
 def extrapolate(fit: dict, width: int) -> tuple[float, float]:
-    """(T0, s) at `width` from the two probed widths, each term a power law through them."""
-    import math
-
-    (w0, (a0, s0)), (w1, (a1, s1)) = sorted(fit.items())
+    """(T0, s) at `width` from the widest probe: T0 grows as width^3, s as width^2 (GPTQ's costs)."""
     if width in fit:
         return fit[width]
-
-    def power(y0, y1):
-        if y0 <= 0 or y1 <= 0:
-            return y1
-        return y1 * (width / w1) ** (math.log(y1 / y0) / math.log(w1 / w0))
-    return power(a0, a1), power(s0, s1)
+    w1 = max(fit)
+    t0, s = fit[w1]
+    return t0 * (width / w1) ** 3, s * (width / w1) ** 2
 
 
 def block_time(c: dict, tokens: int, seq_len: int, fp32: float, fp64: float, fit: dict) -> dict:
@@ -138,7 +133,7 @@ def block_time(c: dict, tokens: int, seq_len: int, fp32: float, fp64: float, fit
         t0, s = extrapolate(fit, width)
         solve[name] = t0 + out * s
     return {"forward": passes * per_pass / fp32,
-            "stats": sum(2 * tokens * n * n for _, n in linears.values()) / fp64,
+            "stats": sum(2 * tokens * n * n for n in (h, h, h, i)) / fp64,   # q/k/v, o, gate/up, down
             "solve": sum(solve.values()), "solve_by_linear": solve}
 
 
