@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.core import QuantizedTensor, QuantSpec, mx
+from lowbit.core import QuantizedTensor, QuantSpec, mx, pack_bits, unpack_bits
 from lowbit.errors import LowbitError
 from lowbit.weights import BlockActWeight
 
@@ -17,27 +17,36 @@ BLOCK_FORMATS = {("fp4_e2m1", 16, mx.NV_SCALE): NVFP4, ("fp4_e2m1", 32, mx.MX_SC
 BLOCK_SPECS = {f: k for k, f in BLOCK_FORMATS.items()}
 SCALE_DTYPES = {mx.NV_SCALE: "torch.float8_e4m3fn", mx.MX_SCALE: "torch.uint8"}
 
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """b-bit codes [R, C] -> uint8 [R, C*b/8]: each row a little-endian bit stream (core packing), as
+    compressed-tensors' FP4 (low nibble first) and FP6 (four codes in a 24-bit word) layouts both are; the
+    block sizes (16, 32) keep every row byte-aligned."""
+    rows = codes.shape[0]
+    return pack_bits(codes, bits).reshape(rows, -1)
+
+
+def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    rows, nbytes = packed.shape
+    return unpack_bits(packed.contiguous(), bits, rows * nbytes * 8 // bits).reshape(rows, -1)
+
+
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
     """4-bit codes [R, C] (C even) -> uint8 [R, C/2], the even column in the low nibble."""
-    c = codes.to(torch.uint8)
-    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+    return _pack_rows(codes, 4)
 
 
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    return _unpack_rows(packed, 4)
 
 
 def pack_fp6(codes: torch.Tensor) -> torch.Tensor:
     """6-bit codes [R, C] (C a multiple of 4) -> uint8 [R, 3C/4]: four codes in a little-endian 24-bit word."""
-    c = codes.to(torch.int32).reshape(codes.shape[0], -1, 4)
-    word = c[..., 0] | c[..., 1] << 6 | c[..., 2] << 12 | c[..., 3] << 18
-    return (torch.stack([word, word >> 8, word >> 16], dim=-1) & 0xFF).to(torch.uint8).reshape(codes.shape[0], -1)
+    return _pack_rows(codes, 6)
 
 
 def unpack_fp6(packed: torch.Tensor) -> torch.Tensor:
-    b = packed.to(torch.int32).reshape(packed.shape[0], -1, 3)
-    word = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16
-    return torch.stack([word >> k & 0x3F for k in (0, 6, 12, 18)], dim=-1).reshape(packed.shape[0], -1).to(torch.uint8)
+    return _unpack_rows(packed, 6)
 
 
 def block_tensors(name: str, q: QuantizedTensor, fmt: str) -> dict[str, torch.Tensor]:
