@@ -9,6 +9,9 @@
 
 namespace {
 
+// How far ahead of the codes being multiplied their stream is fetched (DRAM latency x bandwidth per core).
+const int64_t PREFETCH_BYTES = 8192;
+
 struct Bytes8 {
     const uint8_t* data;
     int64_t k, block, blocks, vecs, row_bytes, block_bytes, head;  // head: bytes before a block's codes
@@ -44,8 +47,19 @@ struct Bytes8 {
     }
 };
 
-// y[i, r] for activation rows [0, MX) of xp.
-template <int MX, bool RB>
+// One vector of codes (v-th of the block at q) times MX activation rows, into accumulator a.
+template <int MX, bool RB, int A>
+static inline void step(const Bytes8& L, const uint8_t* q, const float* xb, int64_t xstride, int64_t v, V::F S, V::F Z,
+                        V::F (&acc)[MX][A], int a) {
+    V::F w = L.levels(q + v * V::W);
+    if (RB) w = V::round_bf16(L.q8 ? V::mul(S, w) : V::mul(V::sub(w, Z), S));
+    #pragma GCC unroll 16
+    for (int i = 0; i < MX; ++i) acc[i][a] = V::fma(w, V::load(xb + i * xstride + v * V::W), acc[i][a]);
+}
+
+// y[i, r] for activation rows [0, MX) of xp. A row walks its codes once, so a single activation row would
+// wait on one chain of multiply-adds: A independent accumulators keep the FMA units busy.
+template <int MX, bool RB, int A = (MX == 1 ? 4 : MX == 2 ? 2 : 1)>
 static void byte_row(const Bytes8& L, const float* xp, int64_t xstride, float* y, int64_t ldy, int64_t r,
                      float* scratch) {
     const uint8_t* row = L.data + r * L.row_bytes;
@@ -58,19 +72,26 @@ static void byte_row(const Bytes8& L, const float* xp, int64_t xstride, float* y
     for (int64_t b = 0; b < L.blocks; ++b) {
         const uint8_t* q = row + b * L.block_bytes + L.head;
         float sb = L.q8 ? h16(row + b * L.block_bytes) : s[b], zb = L.q8 ? 0.f : z[b];
-        V::F S = V::set1(sb), Z = V::set1(zb), acc[MX];
+        V::F S = V::set1(sb), Z = V::set1(zb), acc[MX][A];
         #pragma GCC unroll 16
-        for (int i = 0; i < MX; ++i) acc[i] = V::zero();
-        for (int64_t v = 0; v < L.vecs; ++v) {
-            V::F w = L.levels(q + v * V::W);
-            if (RB) w = V::round_bf16(L.q8 ? V::mul(S, w) : V::mul(V::sub(w, Z), S));
-            #pragma GCC unroll 16
-            for (int i = 0; i < MX; ++i)
-                acc[i] = V::fma(w, V::load(xp + i * xstride + b * L.block + v * V::W), acc[i]);
+        for (int i = 0; i < MX; ++i)
+            #pragma GCC unroll 4
+            for (int a = 0; a < A; ++a) acc[i][a] = V::zero();
+        const float* xb = xp + b * L.block;
+        int64_t v = 0;
+        for (; v + A <= L.vecs; v += A) {
+            __builtin_prefetch(q + v * V::W + PREFETCH_BYTES, 0, 2);   // rows follow each other: one stream
+            #pragma GCC unroll 4
+            for (int a = 0; a < A; ++a) step<MX, RB>(L, q, xb, xstride, v + a, S, Z, acc, a);
         }
+        for (; v < L.vecs; ++v) step<MX, RB>(L, q, xb, xstride, v, S, Z, acc, 0);
+        #pragma GCC unroll 16
+        for (int i = 0; i < MX; ++i)
+            #pragma GCC unroll 4
+            for (int a = 1; a < A; ++a) acc[i][0] = V::add(acc[i][0], acc[i][a]);
         #pragma GCC unroll 16
         for (int i = 0; i < MX; ++i) {
-            tot[i] = RB ? V::add(tot[i], acc[i]) : V::fma(S, acc[i], tot[i]);
+            tot[i] = RB ? V::add(tot[i], acc[i][0]) : V::fma(S, acc[i][0], tot[i]);
             if (!RB && L.offset) off[i] += (zb * sb) * xp[i * xstride + L.k + b];
         }
     }

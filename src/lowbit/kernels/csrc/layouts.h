@@ -16,7 +16,7 @@ namespace {
 
 struct Stream4 {  // QuantLinear's 4-bit stream (low nibble first) or bitsandbytes' (high nibble first)
     static constexpr int P = 1, R = 4;
-    static constexpr bool SUB_FIRST = true, HIGH2 = false;
+    static constexpr bool SUB_FIRST = true, HIGH2 = false, SUPER_SUMS = false;
     enum Mode { WHOLE, SPLIT, LANES };   // a chunk within one group / holding whole groups / anything else
     const lb_affine& w;
     int64_t chunks, groups, per_chunk;
@@ -30,8 +30,13 @@ struct Stream4 {  // QuantLinear's 4-bit stream (low nibble first) or bitsandbyt
         else if ((8 * V::W) % w.group == 0) { mode = SPLIT; per_chunk = 8 * V::W / w.group; }
         else mode = LANES;
     }
+    static constexpr bool TABLES = true;
+    // Each chunk's lanes [0, W/2) share one scale and zero, and so do lanes [W/2, W).
+    bool two_scales() const { return mode == WHOLE || (mode == SPLIT && per_chunk <= 2); }
     static int64_t scratch(const lb_affine& w) { return 2 * (w.k / w.group) + V::W; }
     int64_t column(int64_t c, int i, int k) const { return c * 8 * V::W + 8 * i + (k ^ (w.hi_first ? 1 : 0)); }
+    int64_t row_bytes() const { return w.k / 2; }
+    const uint8_t* row_ptr(int64_t r) const { return w.codes + r * (w.k / 2); }
     void start(Row& row, int64_t r, float* scratch) const {
         row.codes = w.codes + r * (w.k / 2);
         row.s = scratch;
@@ -57,6 +62,14 @@ struct Stream4 {  // QuantLinear's 4-bit stream (low nibble first) or bitsandbyt
         S[0] = lane_values(row.s, row, c);
         O[0] = offset ? lane_values(row.z, row, c) : V::zero();
     }
+    // With two_scales(): the scale and zero of lanes [0, W/2) and of [W/2, W), read as scalars (instead of
+    // lanes()); chunks in order, as lanes().
+    void half_scales(Row& row, int64_t c, float* s, float* z) const {
+        int64_t ga = mode == WHOLE ? row.g : c * per_chunk, gb = mode == WHOLE ? row.g : ga + per_chunk / 2;
+        if (mode == WHOLE && (row.used += 8 * V::W) == w.group) { row.used = 0; ++row.g; }
+        s[0] = row.s[ga], s[1] = row.s[gb];
+        z[0] = offset ? row.z[ga] : 0.f, z[1] = offset ? row.z[gb] : 0.f;
+    }
     void tail(int64_t r, int64_t c0, float* out, int round) const { decode_affine(w, r, c0, w.k, out, round); }
 };
 
@@ -64,7 +77,7 @@ struct Stream4 {  // QuantLinear's 4-bit stream (low nibble first) or bitsandbyt
 template <int STRIDE, int QS, bool MIN>
 struct Legacy4 {
     static constexpr int P = 1, R = 4;
-    static constexpr bool SUB_FIRST = false, HIGH2 = false;
+    static constexpr bool SUB_FIRST = false, HIGH2 = false, TABLES = false, SUPER_SUMS = false;
     const lb_ggml& w;
     int64_t chunks;
     bool offset = MIN;
@@ -75,6 +88,8 @@ struct Legacy4 {
     int64_t column(int64_t c, int i, int k) const {
         return c * 8 * V::W + 32 * (i / 4) + 16 * (k % 2) + 4 * (i % 4) + k / 2;
     }
+    int64_t row_bytes() const { return w.row_bytes; }
+    const uint8_t* row_ptr(int64_t r) const { return w.data + r * w.row_bytes; }
     void start(Row& row, int64_t r, float*) const { row.blocks = w.data + r * w.row_bytes; }
     V::I load(const Row& row, int64_t c) const { return V::pieces16(row.blocks + c * (V::W / 4) * STRIDE + QS, STRIDE); }
     void lanes(Row& row, int64_t c, V::F* S, V::F* O) const {
@@ -89,18 +104,28 @@ typedef Legacy4<20, 4, true> Q4_1L;
 
 struct K4 {  // Q4_K: super-blocks of 256 (8 sub-blocks of 32, 6-bit scales and mins), 8W codes a chunk
     static constexpr int P = 2, R = 2;
-    static constexpr bool SUB_FIRST = false, HIGH2 = false;
+    static constexpr bool SUB_FIRST = false, HIGH2 = false, TABLES = false;
     static constexpr int PER_SUPER = 128 / (4 * V::W);    // chunks per super-block
+    // AVX-512: the mins' part of a super-block is one multiply-add of `all` (lanes 8..15: dmin * m) with the
+    // activation sums of its 8 sub-blocks (prepared in lanes 8..15 of the super-block's first chunk), not a
+    // multiply and subtract per chunk and phase.
+    static constexpr bool SUPER_SUMS = V::W == 16;
+    int64_t super_sum_at(int64_t c, int i, int k8) const {   // index into the sums of the prepared row
+        return (c - c % PER_SUPER) * P * V::W + 8 + (column(c, i, k8) % 256) / 32;
+    }
     const lb_ggml& w;
     int64_t chunks;
     bool offset = true;
     struct Row { const uint8_t* blocks; float* sm; V::F all; };  // d*sc[0..7] then dmin*m[0..7]
+    V::F super_mins(const Row& row) const { return row.all; }
 
     explicit K4(const lb_ggml& w_) : w(w_), chunks(w_.k / (8 * V::W)) {}
     static int64_t scratch(const lb_ggml&) { return 16; }
     int64_t column(int64_t c, int i, int k) const {
         return c * 8 * V::W + 64 * (i / 8) + 32 * (k % 2) + 4 * (i % 8) + k / 2;
     }
+    int64_t row_bytes() const { return w.row_bytes; }
+    const uint8_t* row_ptr(int64_t r) const { return w.data + r * w.row_bytes; }
     void start(Row& row, int64_t r, float* scratch) const { row.blocks = w.data + r * w.row_bytes; row.sm = scratch; }
     V::I load(const Row& row, int64_t c) const {
         return V::loadi(row.blocks + (c / PER_SUPER) * 144 + 16 + (c % PER_SUPER) * 4 * V::W);
@@ -159,7 +184,7 @@ struct K4 {  // Q4_K: super-blocks of 256 (8 sub-blocks of 32, 6-bit scales and 
 // AVX-512: a chunk is a half (lanes 0..7 region 0, 8..15 region 1); 8 lanes: a chunk is one region.
 struct K6 {
     static constexpr int P = 2, R = 2;
-    static constexpr bool SUB_FIRST = false, HIGH2 = true;
+    static constexpr bool SUB_FIRST = false, HIGH2 = true, TABLES = false, SUPER_SUMS = false;
     static constexpr int PER_SUPER = 16 / V::W * 2;       // chunks per super-block: 2 (W 16) or 4 (W 8)
     const lb_ggml& w;
     int64_t chunks;
@@ -174,6 +199,8 @@ struct K6 {
         int quarter = region(c, i) + 2 * (k % 2), l = 4 * (i % 8) + k / 2;
         return (c / PER_SUPER) * 256 + 128 * half(c) + 32 * quarter + l;
     }
+    int64_t row_bytes() const { return w.row_bytes; }
+    const uint8_t* row_ptr(int64_t r) const { return w.data + r * w.row_bytes; }
     void start(Row& row, int64_t r, float* scratch) const { row.blocks = w.data + r * w.row_bytes; row.ds = scratch; }
     const uint8_t* block(const Row& row, int64_t c) const { return row.blocks + (c / PER_SUPER) * 210; }
     V::I load(const Row& row, int64_t c) const {

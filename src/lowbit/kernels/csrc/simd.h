@@ -122,6 +122,20 @@ struct V {
     }
     // 32 bytes into both 256-bit halves (two lane groups reading the same 8 dwords)
     static inline I twice32(const void* p) { return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)p)); }
+    // Two 16-entry tables: lanes [0, W/2) look their code up in a, lanes [W/2, W) in b (one vpermt2ps).
+    struct Tab2 { F a, b; };
+    template <class Fn> static inline Lut map(Lut t, Fn f) { return f(t); }
+    static inline Tab2 tab2(Lut a, Lut b) { return Tab2{a, b}; }
+    // The codes of a lane's even (odd) nibbles as lookup2 indices, one per byte: byte j holds nibble 2j (2j + 1)
+    // in bits 0..3 and the table choice in bit 4, so each following nibble is 8 bits further (srl8).
+    static inline I even_idx(I v) {
+        const __m512i hi = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0x10101010, 0x10101010, 0x10101010, 0x10101010,
+                                             0x10101010, 0x10101010, 0x10101010, 0x10101010);
+        return _mm512_ternarylogic_epi32(v, _mm512_set1_epi32(0x0F0F0F0F), hi, 0xEA);   // (v & 0x0F..) | hi
+    }
+    static inline I odd_idx(I v) { return even_idx(_mm512_srli_epi32(v, 4)); }
+    static inline I srl8(I a) { return _mm512_srli_epi32(a, 8); }
+    static inline F lookup2(I idx, const Tab2& t) { return _mm512_permutex2var_ps(t.a, idx, t.b); }
     static inline F round_bf16(F a) {
         __m512i u = _mm512_castps_si512(a);
         __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -186,6 +200,13 @@ struct V {
         return _mm256_set_m128(_mm_set1_ps(_cvtsh_ss(b)), _mm_set1_ps(_cvtsh_ss(a)));
     }
     static inline F pair(float a, float b) { return _mm256_set_m128(_mm_set1_ps(b), _mm_set1_ps(a)); }
+    struct Tab2 { Lut a, b; };
+    template <class Fn> static inline Lut map(Lut t, Fn f) { return Lut{f(t.lo), f(t.hi)}; }
+    static inline Tab2 tab2(Lut a, Lut b) { return Tab2{a, b}; }
+    static inline I even_idx(I v) { return v; }   // lookup reads bits 0..3 only
+    static inline I odd_idx(I v) { return srl4(v); }
+    static inline I srl8(I a) { return _mm256_srli_epi32(a, 8); }
+    static inline F lookup2(I idx, const Tab2& t) { return _mm256_blend_ps(lookup(idx, t.a), lookup(idx, t.b), 0xF0); }
     static inline F round_bf16(F a) {
         __m256i u = _mm256_castps_si256(a);
         __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -259,6 +280,25 @@ struct V {
     }
     static inline F pair(float a, float b) { F r; for (int i = 0; i < W; ++i) r.v[i] = i < W / 2 ? a : b; return r; }
     static inline F round_bf16(F a) { for (int i = 0; i < W; ++i) a.v[i] = ::round_bf16(a.v[i]); return a; }
+    struct Tab2 { Lut a, b; };
+    template <class Fn> static inline Lut map(Lut t, Fn f) {
+        F lo = load(t.t), hi = load(t.t + 8);
+        lo = f(lo);
+        hi = f(hi);
+        store(t.t, lo);
+        store(t.t + 8, hi);
+        return t;
+    }
+    static inline Tab2 tab2(const Lut& a, const Lut& b) { return Tab2{a, b}; }
+    static inline I even_idx(I v) { return v; }
+    static inline I odd_idx(I v) { return srl4(v); }
+    static inline I srl8(I a) { for (int i = 0; i < W; ++i) a.v[i] >>= 8; return a; }
+    static inline F lookup2(I idx, const Tab2& t) {
+        F r;
+        for (int i = 0; i < W; ++i) r.v[i] = (i < W / 2 ? t.a : t.b).t[idx.v[i] & 15];
+        return r;
+    }
+
 };
 #endif
 
