@@ -9,6 +9,12 @@ that of a full run. Modules called again after the group starts, and the childre
 are not replayed. Architecture-agnostic: nothing but the order in which modules finish is used.
 Replayed tensors are handed out as recorded; if the block ever writes into one (its version counter
 moves), the replay is dropped and that batch is run in full again.
+
+When the group's first Linear is the last thing its enclosing module does (its output *is*, by identity,
+the module's output, as o_proj's is the attention's and down_proj's the MLP's), that module is replayed
+too: it becomes the Linear applied to its recorded input, put back into the recorded output. Its input
+comes from before the group, so this is again exactly the remaining operations on the same values, and
+the attention (rotary embedding, softmax) is not recomputed for every candidate of o_proj's search.
 """
 from __future__ import annotations
 
@@ -49,16 +55,21 @@ class Replay:
                 state["calls"].setdefault(module, []).append(out)
 
         handles = [first.register_forward_pre_hook(starts)] + [m.register_forward_hook(finished) for m in names]
+        ancestors = [m for m in names if names.get(first, "").startswith(names[m] + ".")]
+        tail = _TailRecorder(first, ancestors)
+        handles += tail.hooks()
         per_batch = []
         try:
             with torch.no_grad():
                 for x in batches:
                     state["started"], state["calls"] = False, {}
+                    tail.next_batch()
                     run_block(self.block, x)
                     per_batch.append(state["calls"])
         finally:
             for h in handles:
                 h.remove()
+        self.tail = tail.result(len(batches))
         early = [m for m in per_batch[0] if m not in state["late"]] if per_batch else []
         kept = {names[m] for m in early}
         for m in early:   # the outermost replayed module stands for its children
@@ -67,7 +78,17 @@ class Replay:
         self._versions = self._current_versions()
 
     def _current_versions(self) -> list[int]:
-        return [t._version for per_batch in self.outputs.values() for calls in per_batch for t in _tensors(calls)]
+        tail = [] if self.tail is None else [t for r in self.tail[2] for t in _tensors(list(r[0]) + list(r[1].values()))]
+        return [t._version for per_batch in self.outputs.values() for calls in per_batch for t in _tensors(calls)] + [
+            t._version for t in tail]
+
+    def _tail_forward(self):
+        parent, first, records = self.tail
+
+        def forward(*args, **kwargs):
+            f_args, f_kwargs, out, old = records[self.batch]
+            return _substitute(out, old, first(*f_args, **f_kwargs))
+        return forward
 
     def _replayed(self, module: nn.Module):
         def forward(*args, **kwargs):
@@ -80,12 +101,69 @@ class Replay:
         self.batch, self._calls = batch, {}
         for m in self.outputs:
             m.forward = self._replayed(m)   # an instance attribute: nn.Module.__call__ calls it
+        if self.tail is not None:
+            self.tail[0].forward = self._tail_forward()
         try:
             out = run_block(self.block, x)
         finally:
             for m in self.outputs:
                 del m.forward
+            if self.tail is not None:
+                del self.tail[0].forward
         if self._current_versions() != self._versions:   # the block wrote into a replayed output
-            self.outputs, self._versions = {}, []
+            self.outputs, self.tail, self._versions = {}, None, []
             out = run_block(self.block, x)
         return out
+
+
+def _substitute(out, old, new):
+    """`out` with the object `old` (by identity) replaced by `new`, tuples and lists rebuilt."""
+    if out is old:
+        return new
+    if isinstance(out, (tuple, list)):
+        return type(out)(_substitute(o, old, new) for o in out)
+    return out
+
+
+class _TailRecorder:
+    """Finds the outermost module enclosing `first` whose output holds first's output tensor itself (first
+    called once in it, nothing written into that tensor or first's inputs afterwards), with, per batch,
+    first's inputs and the module's output."""
+
+    def __init__(self, first: nn.Module, ancestors: list[nn.Module]):
+        self.first, self.ancestors = first, ancestors
+        self.ok = {m: True for m in ancestors}
+        self.batches: list[dict] = []
+
+    def hooks(self) -> list:
+        hs = [self.first.register_forward_hook(self._first_done, with_kwargs=True)]
+        return hs + [m.register_forward_hook(self._done(m)) for m in self.ancestors]
+
+    def next_batch(self) -> None:
+        self.batches.append({"calls": 0, "outs": {}})
+
+    def _first_done(self, module, args, kwargs, out):
+        b = self.batches[-1]
+        b["calls"] += 1
+        b["first"] = (args, kwargs, out, [t._version for t in _tensors(list(args) + list(kwargs.values()) + [out])])
+
+    def _done(self, parent):
+        def hook(module, args, out):
+            b = self.batches[-1]
+            # first's output must be the module's only tensor: anything else may have been computed from it
+            if b["calls"] != 1 or [t is b["first"][2] for t in _tensors(out)] != [True]:
+                self.ok[parent] = False
+                return
+            f_args, f_kwargs, f_out, versions = b["first"]
+            now = [t._version for t in _tensors(list(f_args) + list(f_kwargs.values()) + [f_out])]
+            self.ok[parent] = self.ok[parent] and now == versions
+            b["outs"][parent] = out
+        return hook
+
+    def result(self, n: int):
+        """(parent, first, [(args, kwargs, parent output, first output)] per batch), or None."""
+        for parent in self.ancestors:   # named_modules order: outermost first
+            if self.ok[parent] and n and all(parent in b["outs"] for b in self.batches):
+                return parent, self.first, [(b["first"][0], b["first"][1], b["outs"][parent], b["first"][2])
+                                            for b in self.batches]
+        return None
