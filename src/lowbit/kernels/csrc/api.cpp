@@ -13,8 +13,9 @@
 
 namespace {
 
-// Below this many weights a product runs on the calling thread: waking the pool costs more than it saves.
-const int64_t PARALLEL_MIN_WEIGHTS = 1 << 18;
+// Below this many weights a product runs on the calling thread: waking the pool costs more than it saves
+// (torch keeps its OpenMP threads warm, so from about 64K weights, a 256x256 layer, two threads win).
+const int64_t PARALLEL_MIN_WEIGHTS = 1 << 16;
 
 int supported(int isa) {
     __builtin_cpu_init();
