@@ -1,10 +1,17 @@
 """Shared fixtures: a tiny tokenizer and tiny random-initialised models of several architectures."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from lowbit.data import bundled_text
+
+# Without a GPU the Triton kernel's tests run it in Triton's interpreter, which Triton reads once, when it is
+# first imported, and torch.compile (in other tests) imports it: so the switch is set before anything runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_VOCAB = 512
 

@@ -124,7 +124,9 @@ class QuantLinear(FastPath, nn.Module):
         w = self.dequantized_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
-    def build_plan(self) -> Plan | None:
+    GPU_PLANS = True
+
+    def build_plan(self, make=affine_plan) -> Plan | None:
         """The packed buffers as the fused kernels read them (see lowbit.kernels.fused.affine_plan)."""
         spec, n, k = self.spec, self.out_features, self.in_features
         fmt = spec.number_format
@@ -145,7 +147,7 @@ class QuantLinear(FastPath, nn.Module):
             codes, columns = self._act_order_codes()
             if codes is None:
                 return None
-        plan = affine_plan(codes, spec.bits, n, k, group, levels, scales, zeros, float(fmt.qmin) if fmt.is_integer
+        plan = make(codes, spec.bits, n, k, group, levels, scales, zeros, float(fmt.qmin) if fmt.is_integer
                            else 0.0, (1 if fmt.signed else 2) if spec.bits == 8 and fmt.is_integer else 0)
         if plan is not None:
             plan.columns = columns

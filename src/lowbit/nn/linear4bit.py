@@ -82,13 +82,15 @@ class Linear4bit(FastPath, nn.Module):
         y = self.fast_forward(x, self.compute_dtype)
         return self.python_forward(x) if y is None else y
 
-    def build_plan(self) -> Plan | None:
+    GPU_PLANS = True
+
+    def build_plan(self, make=affine_plan) -> Plan | None:
         """The bnb blocks as the fused kernels read them: 4-bit codes (high nibble first) of the format's
         16 levels, one absmax per block; rows must hold whole blocks."""
         if self.in_features % self.block_size:
             return None
         dq = (dynamic_map(), self.nested_absmax, self.nested_offset) if self.double_quant else None
-        return affine_plan(self.qweight, 4, self.out_features, self.in_features, self.block_size,
+        return make(self.qweight, 4, self.out_features, self.in_features, self.block_size,
                            code_table(self.quant_type), self.absmax, hi_first=True, bnb_double_quant=dq)
 
     def python_forward(self, x: torch.Tensor) -> torch.Tensor:
