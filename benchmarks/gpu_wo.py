@@ -47,17 +47,18 @@ def rows_for(out_f: int, in_f: int, rows: int, args) -> list[dict]:
     w = torch.randn(out_f, in_f) * 0.02
     x = torch.randn(rows, in_f, device="cuda", dtype=torch.float16)
     fp16 = w.half().cuda()
-    mods = {"int4-g128": QuantLinear.from_quantized(quantize(w, QuantSpec("int4", "group", 128))).cuda(),
-            "nf4": Linear4bit.from_quantized(quantize_4bit(w, 64, "nf4", False), None, torch.float16).cuda()}
+    mods = {"int4-g128": QuantLinear.from_quantized(quantize(w, QuantSpec("int4", "group", 128))),
+            "nf4": Linear4bit.from_quantized(quantize_4bit(w, 64, "nf4", False), None, torch.float16)}
     base = timed(lambda: torch.nn.functional.linear(x, fp16), args.iters, args.repeats)
     out = [{"shape": f"{out_f}x{in_f}", "rows": rows, "kernel": "torch fp16", "seconds": base,
             "gbps": fp16.numel() * 2 / base / 1e9, "x_fp16": 1.0, "max_rel_err": 0.0}]
     with torch.no_grad():
         for name, m in mods.items():
+            ref = m.python_forward(x.cpu()).to(x.device)   # the reference path, on the CPU
+            m = m.cuda()
             y = m(x)
             if m._gpu_plan is False:
                 raise SystemExit(f"lowbit: the Triton kernel did not take {name} (see lowbit.kernels.triton_wo)")
-            ref = m.python_forward(x)
             t = timed(lambda m=m: m(x), args.iters, args.repeats)
             out.append({"shape": f"{out_f}x{in_f}", "rows": rows, "kernel": f"lowbit {name} (triton)", "seconds": t,
                         "gbps": stored_bytes(m) / t / 1e9, "x_fp16": base / t,

@@ -50,12 +50,15 @@ def isa(request):
 
 
 def assert_accumulation_close(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, magnitude: torch.Tensor,
-                              bf16_output: bool = False) -> None:
-    """y and ref [..., n] from x [..., k]; magnitude [n, k] bounds each weight's terms (|W| + |offset|)."""
+                              bf16_output: bool = False, fp16_output: bool = False) -> None:
+    """y and ref [..., n] from x [..., k]; magnitude [n, k] bounds each weight's terms (|W| + |offset|).
+    fp16_output: float16 compute, whose output roundings add up to three half-ulps, 3 * 2^-11 |y|."""
     k = x.shape[-1]
     bound = 4 * (k + 2) * U32 * (x.float().abs() @ magnitude.float().T) + 2 * U32 * ref.float().abs()
     if bf16_output:
         bound = bound + 2.0 ** -6 * ref.float().abs()
+    if fp16_output:
+        bound = bound + 3 * 2.0 ** -11 * ref.float().abs()
     err = (y.float() - ref.float()).abs()
     worst = (err - bound).max()
     assert torch.isfinite(y).all() and worst <= 0, f"error exceeds the bound by {worst.item():.3g}"

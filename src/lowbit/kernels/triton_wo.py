@@ -17,6 +17,7 @@ return None from `gpu_affine_plan`, and the module keeps its Python path.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -42,8 +43,9 @@ def _kernel():
     def wo4(x_ptr, c_ptr, lut_ptr, s_ptr, z_ptr, y_ptr, M, N, K, GROUPS, G,
             HAS_Z: tl.constexpr, HI_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # int64 offsets: rows x k and rows x n pass 2^31 on large layers (a 128K vocabulary head)
+        rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         half = tl.arange(0, BLOCK_K // 2)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -97,9 +99,10 @@ class GPUPlan:
         block_n = 64
         grid = ((m + block_m - 1) // block_m, (self.n + block_n - 1) // block_n)
         zeros = self.zeros if self.zeros is not None else self.scales
-        _kernel()[grid](x2, self.codes, self.lut, self.scales, zeros, y, m, self.n, self.k, self.k // self.group,
-                        self.group, HAS_Z=self.zeros is not None, HI_FIRST=self.hi_first, BLOCK_M=block_m,
-                        BLOCK_N=block_n, BLOCK_K=self.block_k)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():   # launch on x's GPU, not the current one
+            _kernel()[grid](x2, self.codes, self.lut, self.scales, zeros, y, m, self.n, self.k, self.k // self.group,
+                            self.group, HAS_Z=self.zeros is not None, HI_FIRST=self.hi_first, BLOCK_M=block_m,
+                            BLOCK_N=block_n, BLOCK_K=self.block_k, num_warps=4, num_stages=2)
         if bias is not None:   # the bias in compute_dtype, added before the product is rounded (once), as addmm does
             y += bias.to(compute).float()
         return y.to(compute).to(x.dtype).reshape(*x.shape[:-1], self.n)
@@ -124,8 +127,8 @@ def gpu_affine_plan(codes: torch.Tensor, bits: int, n: int, k: int, group: int, 
     groups = k // group
     if bnb_double_quant is not None:
         from lowbit.weights.bnb4 import double_dequantize
-        _, nested, offset = bnb_double_quant
-        s = double_dequantize(scales, nested, offset)
+        _, nested, offset = bnb_double_quant   # decoded on the CPU (its code table lives there), once
+        s = double_dequantize(scales.cpu(), nested.cpu(), offset.cpu()).to(scales.device)
     else:
         s = scales.float()
     s = s.reshape(n, groups).contiguous()

@@ -14,7 +14,8 @@
 namespace {
 
 // Below this many weights a product runs on the calling thread: waking the pool costs more than it saves
-// (torch keeps its OpenMP threads warm, so from about 64K weights, a 256x256 layer, two threads win).
+// (torch keeps its OpenMP threads warm, so from about 64K weights, a 256x256 layer, two threads win); more
+// threads only as the product grows, so that no thread gets a sliver of a small layer.
 const int64_t PARALLEL_MIN_WEIGHTS = 1 << 16;
 
 int supported(int isa) {
@@ -61,9 +62,9 @@ float round_bf16(float x) {  // nearest bfloat16, ties to even (finite values), 
     return x;
 }
 
-int threads_for(int64_t weights) {
-    int t = omp_get_max_threads();
-    return weights < PARALLEL_MIN_WEIGHTS || t < 1 ? 1 : t;
+int threads_for(int64_t weights) {   // one thread per PARALLEL_MIN_WEIGHTS weights, at most the pool's
+    int64_t t = omp_get_max_threads(), by_size = weights / PARALLEL_MIN_WEIGHTS;
+    return (int)(t < 1 || by_size < 1 ? 1 : by_size < t ? by_size : t);
 }
 
 }  // namespace

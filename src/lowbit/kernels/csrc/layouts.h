@@ -30,7 +30,8 @@ struct Stream4 {  // QuantLinear's 4-bit stream (low nibble first) or bitsandbyt
         else if ((8 * V::W) % w.group == 0) { mode = SPLIT; per_chunk = 8 * V::W / w.group; }
         else mode = LANES;
     }
-    static constexpr bool TABLES = true;
+    // AVX-512 only: with 8 lanes two tables a row take a blend and twice the registers (16 ymm)
+    static constexpr bool TABLES = V::W == 16;
     // Each chunk's lanes [0, W/2) share one scale and zero, and so do lanes [W/2, W).
     bool two_scales() const { return mode == WHOLE || (mode == SPLIT && per_chunk <= 2); }
     static int64_t scratch(const lb_affine& w) { return 2 * (w.k / w.group) + V::W; }
