@@ -82,3 +82,52 @@ def test_a_parent_returning_more_than_the_linear_is_run_in_full(one_thread):
         block.inner.b.weight.data += 0.1
         for i, x in enumerate(inputs):
             assert torch.equal(replay.run(i, x), run_block(block, x))
+
+
+class _Keeps(nn.Module):
+    """A parent that returns its last Linear's output and keeps a statistic of it the block reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        self.norm = y.norm()
+        return y
+
+
+class _DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.b(x)
+        return y, {"aux": y.abs().sum(-1)}
+
+
+class _Reads(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        if isinstance(self.inner, _Keeps):
+            return (out * self.inner.norm,)
+        y, extra = out
+        return (y * extra["aux"][..., None],)
+
+
+@pytest.mark.parametrize("inner", [_Keeps, _DictOut], ids=["keeps-state", "dict-output"])
+def test_a_parent_doing_more_than_its_last_linear_is_run_in_full(inner, one_thread):
+    torch.manual_seed(0)
+    block = _Reads(inner())
+    inputs = [BlockInput(torch.randn(2, 4, 8), (), {}) for _ in range(3)]
+    replay = Replay(block, block.inner.b, inputs)
+    assert replay.tail is None
+    with torch.no_grad():
+        block.inner.b.weight.data += 0.1
+        for i, x in enumerate(inputs):
+            assert torch.equal(replay.run(i, x), run_block(block, x))

@@ -11,10 +11,13 @@ Replayed tensors are handed out as recorded; if the block ever writes into one (
 moves), the replay is dropped and that batch is run in full again.
 
 When the group's first Linear is the last thing its enclosing module does (its output *is*, by identity,
-the module's output, as o_proj's is the attention's and down_proj's the MLP's), that module is replayed
-too: it becomes the Linear applied to its recorded input, put back into the recorded output. Its input
-comes from before the group, so this is again exactly the remaining operations on the same values, and
-the attention (rotary embedding, softmax) is not recomputed for every candidate of o_proj's search.
+the module's output, and the module returns nothing else but Nones, as o_proj's is the attention's and
+down_proj's the MLP's), that module is replayed too: it becomes the Linear applied to its recorded input,
+put back into the recorded output. Its input comes from before the group, so this is again exactly the
+remaining operations on the same values, and the attention (rotary embedding, softmax) is not recomputed
+for every candidate of o_proj's search. What the module might do after the Linear besides returning its
+output (keep state that the block reads later) would be skipped: so the tail is kept only when replaying
+with it reproduces every recorded batch's block output bit for bit.
 """
 from __future__ import annotations
 
@@ -58,24 +61,34 @@ class Replay:
         ancestors = [m for m in names if names.get(first, "").startswith(names[m] + ".")]
         tail = _TailRecorder(first, ancestors)
         handles += tail.hooks()
-        per_batch = []
+        per_batch, full = [], []
         try:
             with torch.no_grad():
                 for x in batches:
                     state["started"], state["calls"] = False, {}
                     tail.next_batch()
-                    run_block(self.block, x)
+                    full.append(run_block(self.block, x))
                     per_batch.append(state["calls"])
         finally:
             for h in handles:
                 h.remove()
         self.tail = tail.result(len(batches))
         early = [m for m in per_batch[0] if m not in state["late"]] if per_batch else []
-        kept = {names[m] for m in early}
+        kept = {names[m] for m in early} | ({names[self.tail[0]]} if self.tail else set())
         for m in early:   # the outermost replayed module stands for its children
             if not any(names[m].startswith(p + ".") for p in kept):
                 self.outputs[m] = [calls[m] for calls in per_batch]
         self._versions = self._current_versions()
+        if self.tail is not None and not self._tail_checks(batches, full):
+            self.tail = None
+            self._versions = self._current_versions()
+
+    def _tail_checks(self, batches: list[BlockInput], full: list[torch.Tensor]) -> bool:
+        """Whether replaying with the tail gives every batch's recorded output bit for bit (weights as
+        recorded): a parent that does more after its last Linear than return it (keeps state the block
+        reads later, say) is caught here and run in full instead."""
+        with torch.no_grad():
+            return all(torch.equal(self.run(i, x), y) for i, (x, y) in enumerate(zip(batches, full)))
 
     def _current_versions(self) -> list[int]:
         tail = [] if self.tail is None else [t for r in self.tail[2] for t in _tensors(list(r[0]) + list(r[1].values()))]
@@ -83,7 +96,7 @@ class Replay:
             t._version for t in tail]
 
     def _tail_forward(self):
-        parent, first, records = self.tail
+        _, first, records = self.tail
 
         def forward(*args, **kwargs):
             f_args, f_kwargs, out, old = records[self.batch]
@@ -121,8 +134,20 @@ def _substitute(out, old, new):
     if out is old:
         return new
     if isinstance(out, (tuple, list)):
-        return type(out)(_substitute(o, old, new) for o in out)
+        items = [_substitute(o, old, new) for o in out]
+        return type(out)._make(items) if hasattr(type(out), "_make") else type(out)(items)   # namedtuples
     return out
+
+
+def _only_holds(out, tensor: torch.Tensor) -> bool:
+    """Whether `out` is `tensor` itself, or tuples / lists of it once and Nones: nothing else the parent
+    computed (possibly from the tensor) that a replay would hand out stale."""
+    def leaves(o):
+        if isinstance(o, (tuple, list)):
+            return [x for i in o for x in leaves(i)]
+        return [] if o is None else [o]
+    found = leaves(out)
+    return len(found) == 1 and found[0] is tensor
 
 
 class _TailRecorder:
@@ -150,8 +175,8 @@ class _TailRecorder:
     def _done(self, parent):
         def hook(module, args, out):
             b = self.batches[-1]
-            # first's output must be the module's only tensor: anything else may have been computed from it
-            if b["calls"] != 1 or [t is b["first"][2] for t in _tensors(out)] != [True]:
+            # first's output must be all the module returns: anything else may have been computed from it
+            if b["calls"] != 1 or not _only_holds(out, b["first"][2]):
                 self.ok[parent] = False
                 return
             f_args, f_kwargs, f_out, versions = b["first"]
