@@ -1,11 +1,15 @@
 """The advisor: its table for 7B/13B/70B classes at 8/24/48/80 GB, sizes that are the calculators', sizes
-against llama.cpp's published file sizes, and its refusals."""
+against llama.cpp's published file sizes, the runtime reserve, the budgeted mixes that spend headroom, and
+its refusals."""
 import json
+import math
 
 import pytest
 
-from lowbit.advisor import BALANCED_SHARE, PRESET_SHAPES, RESERVE_BYTES, TARGETS, VLLM_UTILISATION, advise, parse_bytes
-from lowbit.calc import GB, GIB, kv_cache_memory, model_size
+from lowbit.advisor import (BALANCED_SHARE, PRESET_SHAPES, RESERVE_FLOOR, TARGETS, VLLM_UTILISATION, advise,
+                            parse_bytes, runtime_reserve)
+from lowbit.advisor_mix import MIX_MIN_GAIN, MIX_PLANS, NO_MIX, candidates, gguf_file_types
+from lowbit.calc import GB, GIB, kv_cache_memory, mix_size, model_size
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 
@@ -19,7 +23,8 @@ def test_every_pick_fits_and_its_size_is_the_calculators(target, quality):
         shape = PRESET_SHAPES[cls]
         for gb in BUDGETS:
             a = advise(cls, f"{gb}GB", target, quality)
-            usable = gb * GB * (VLLM_UTILISATION if target == "vllm" else 1) - RESERVE_BYTES
+            assert a.reserve_bytes == runtime_reserve(shape, target, 4096, 1)
+            usable = gb * GB * (VLLM_UTILISATION if target == "vllm" else 1) - a.reserve_bytes
             for o in a.options:
                 assert o.weight_bytes == model_size(shape, o.method).bytes
                 if target != "finetune":
@@ -101,6 +106,10 @@ def test_cli_prints_the_pick_and_json(capsys):
     assert main(["advise", "70b", "--memory", "48GB", "--target", "transformers", "--kv-cache", "int4", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["kv_cache"] == "int4" and data["pick"]["method"] == "nf4"
+    assert data["mix"]["total_bytes"] <= 48 * GB - data["reserve_bytes"] and "--budget" in data["mix_command"]
+    assert main(["advise", "70b", "--memory", "48GB"]) == 0           # the mix beside the pick, with its command
+    out = capsys.readouterr().out
+    assert advise("70b", "48GB").mix_command in out and "budgeted mix at" in out
 
 
 def test_measure_picks_from_measured_perplexity(monkeypatch, tmp_path):
@@ -142,3 +151,156 @@ def test_the_readme_table_is_what_the_advisor_says():
             a = advise(cls, f"{gb}GB", target)
             said = "will not fit" if a.pick is None else f"{a.pick.method or 'fp16'} ({a.pick.total_bytes / 1e9:.1f} GB)"
             assert cell.strip() == said, (cls, gb, target)
+
+
+@pytest.mark.parametrize("cls", ["7b", "70b"])
+@pytest.mark.parametrize("context,batch", [(4096, 1), (32768, 4)])
+def test_the_reserve_is_the_engines_closed_form_with_a_floor(cls, context, batch):
+    s = PRESET_SHAPES[cls]
+    h, i, v, tokens = s.hidden, s.intermediate, s.vocab, context * batch
+    u = min(512, tokens)     # llama.cpp's ubatch
+    llama_cpp = max(4 * u * (3 * i + 4 * h) + 2 * u * tokens, 4 * u * (v + 2 * h)) + 4 * v * batch
+    transformers = tokens * ((4 * h + 3 * i + 2 * s.head_dim) * 2 + 16)
+    assert runtime_reserve(s, "llama.cpp", context, batch) == max(RESERVE_FLOOR, llama_cpp)
+    assert runtime_reserve(s, "transformers", context, batch) == max(RESERVE_FLOOR, transformers)
+    assert runtime_reserve(s, "vllm", context, batch) == runtime_reserve(s, "finetune", context, batch) == RESERVE_FLOOR
+    if context == 32768:     # a long prefill outgrows the floor (llama.cpp's buffers, flash attention on, barely grow)
+        assert runtime_reserve(s, "transformers", context, batch) > 10 * RESERVE_FLOOR
+
+
+def mix_bytes(shape, bits, target) -> int:
+    return mix_size(shape, bits, gguf_file_types(MIX_PLANS[target])).bytes
+
+
+def assert_no_mix_is_right(a, shape, target, usable):
+    """Why the advisor offers no mix, checked against the sizes."""
+    p = a.pick
+    if p is None or p.method is None:
+        assert a.mix_reason == ("nothing fits" if p is None else "the fp16 model fits")
+        return
+    if target not in MIX_PLANS:
+        assert a.mix_reason == NO_MIX[target]
+        return
+    larger = a.options[: a.options.index(p)]
+    if any(o.fits for o in larger):
+        assert a.mix_reason.startswith("a more precise uniform option fits")
+        return
+    room, plan = usable - p.other_bytes, MIX_PLANS[target]
+    hundredth = lambda x: math.ceil(round(100 * x, 6)) / 100      # noqa: E731  (the next budget the command can say)
+    if "largest candidate" in a.mix_reason:
+        top = max(8 * model_size(shape, c).linear_bytes / shape.linear_params for c in candidates(plan))
+        assert mix_bytes(shape, top, target) <= room               # every Linear at the top candidate fits
+    elif "the headroom buys" in a.mix_reason:
+        assert mix_bytes(shape, hundredth(p.linear_bits + MIX_MIN_GAIN), target) > room
+    else:
+        assert "below the smallest mix measured" in a.mix_reason
+        assert mix_bytes(shape, plan.min_bits, target) > room
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("quality", ["max", "balanced"])
+def test_a_mix_spends_the_headroom_and_its_size_is_the_calculators(target, quality):
+    offered = 0
+    for cls in CLASSES:
+        shape = PRESET_SHAPES[cls]
+        for gb in BUDGETS:
+            a = advise(cls, f"{gb}GB", target, quality)
+            usable = gb * GB * (VLLM_UTILISATION if target == "vllm" else 1) - a.reserve_bytes
+            if a.mix is None:
+                assert a.mix_command is None
+                assert_no_mix_is_right(a, shape, target, usable)
+                continue
+            offered += 1
+            p, bits = a.pick, a.mix.linear_bits
+            i = a.options.index(p)
+            assert i > 0 and not any(o.fits for o in a.options[:i])      # the most precise uniform option that fits
+            larger = a.options[i - 1]
+            assert a.mix.weight_bytes == mix_bytes(shape, bits, target)
+            assert mix_size(shape, bits).linear_bytes == int(bits * shape.linear_params // 8)   # --budget <bits>bpw
+            assert p.weight_bytes < a.mix.weight_bytes < larger.weight_bytes
+            assert a.mix.total_bytes == a.mix.weight_bytes + p.other_bytes <= usable and a.mix.fits
+            assert mix_bytes(shape, bits + 0.01, target) > usable - p.other_bytes   # the budget is the room
+            assert bits >= max(p.linear_bits + MIX_MIN_GAIN, MIX_PLANS[target].min_bits)
+            assert f"--budget {bits:.2f}bpw" in a.mix_command
+            assert ("--format gguf" in a.mix_command) == (target == "llama.cpp")
+            assert "Spend the headroom" in " ".join(a.reasons)
+    assert (offered > 0) == (target in MIX_PLANS)
+
+
+def test_the_readme_mix_table_is_what_the_advisor_says():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    said = set(re.findall(r"^\| (\d+b) @ (\d+) GB on (\S+) \(([a-z, ]+)\) \| (.*) \| (.*) \| (.*) \|$", text, flags=re.M))
+    derived = set()
+    for cls in CLASSES:
+        for gb in BUDGETS:
+            for target in TARGETS:
+                cells = {}
+                for quality in ("balanced", "max"):
+                    a = advise(cls, f"{gb}GB", target, quality)
+                    if a.mix:
+                        larger = a.options[a.options.index(a.pick) - 1]
+                        key = (f"{a.pick.method} ({a.pick.total_bytes / 1e9:.1f} GB)",
+                               f"{a.mix.linear_bits:.2f} bpw ({a.mix.total_bytes / 1e9:.1f} GB)",
+                               f"{larger.method or 'fp16'} ({larger.total_bytes / 1e9:.1f} GB)")
+                        cells.setdefault(key, []).append(quality)
+                derived |= {(cls, str(gb), target, ", ".join(q), *key) for key, q in cells.items()}
+    assert said == derived and len(said) >= 3
+
+
+def test_the_measurements_quoted_are_the_readmes():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Mixed precision under a budget"):text.index("## KV-cache quantisation")]
+    for plan in MIX_PLANS.values():
+        for row, bits, kl in plan.evidence:
+            pattern = rf"^\| (\*\*)?{re.escape(row)}(\*\*)? \| {re.escape(bits)} \| [0-9.]+ \| {re.escape(kl)} \|"
+            assert re.search(pattern, section, flags=re.M), row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["llama.cpp", "transformers"])
+def test_the_mix_command_stays_within_the_advised_size(target, tmp_path, one_thread):
+    """The advised command run on a small model: what it writes is no larger than the advisor said."""
+    import torch
+    import transformers as t
+    from gguf import GGUFReader
+
+    from lowbit import api
+    from lowbit.advisor import options, resolve_shape
+    from lowbit.eval.memory import model_memory
+    from tests.conftest import fp16_llama_folder
+
+    folder = fp16_llama_folder(tmp_path / "hf")       # its tokenizer; a wider model with few embeddings
+    torch.manual_seed(0)
+    config = t.LlamaConfig(hidden_size=256, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=512, vocab_size=4096)
+    t.LlamaForCausalLM(config).to(torch.float16).save_pretrained(folder)
+    shape = resolve_shape(str(folder))
+    opts = {o.method: o for o in options(shape, 1e12, target, 512, 1)}
+    # between the pick and the next larger option, which must not fit (GGUF's embedding and head, sized at
+    # their largest type, take a bigger share of this small model: the room must reach nearly Q6_K)
+    below, above, share = {"llama.cpp": ("q5_k_m", "q6_k", 0.999), "transformers": ("nf4", "llm-int8", 0.5)}[target]
+    room = opts[below].total_bytes + share * (opts[above].total_bytes - opts[below].total_bytes)
+    memory = runtime_reserve(shape, target, 512, 1) + room
+    a = advise(str(folder), memory, target, "max", context=512)
+    assert a.pick.method == below and a.mix is not None, a.mix_reason
+    quantize = a.mix_command.split(" && ")[0].split()[1:-2]
+    out = tmp_path / "out"
+    assert main(quantize + ["--samples", "4", "--seq-len", "64", "--quiet", "-o", str(out)]) == 0
+    budget = int(a.mix.linear_bits * shape.linear_params // 8)
+    if target == "llama.cpp":
+        assert main(["export", str(out), "--format", "gguf", "--out", str(tmp_path / "mix.gguf")]) == 0
+        tensors = GGUFReader(str(tmp_path / "mix.gguf")).tensors
+        linears = sum(int(x.n_bytes) for x in tensors if x.name.startswith("blk.") and "norm" not in x.name)
+        assert linears <= budget and sum(int(x.n_bytes) for x in tensors) <= a.mix.weight_bytes
+        assert linears > a.pick.linear_bits * shape.linear_params / 8         # it spent the headroom
+    else:
+        model, _ = api.load_model(out)
+        mem = model_memory(model)
+        assert a.pick.linear_bits * shape.linear_params / 8 < mem.quantized_linear_bytes <= budget
+        assert mem.quantized_linear_bytes + mem.other_bytes_at(2) <= a.mix.weight_bytes

@@ -2,12 +2,16 @@
 
 From the model's shape alone (a config.json, or a class such as "7b"), lowbit's calculators give the size
 of every candidate exactly (lowbit.calc.model_size: the weights each method plans, the same count `lowbit
-eval` reports) plus the KV cache at the context and batch asked for, plus a runtime reserve. Then:
+eval` reports) plus the KV cache at the context and batch asked for, plus what the engine needs beside them
+(runtime_reserve: llama.cpp's compute buffers, transformers' prefill activations, from the shape). Then:
 
   quality "max"       the highest-precision candidate that fits;
   quality "balanced"  the target's usual choice (the seeds' table: llama.cpp -> Q4_K_M, vLLM -> GPTQ/AWQ int4,
                       transformers -> NF4, fine-tuning -> NF4 + QLoRA), or a more precise option when that
                       still leaves 40% of the memory free; the best smaller one when the usual does not fit.
+When the pick is the most precise uniform option that fits and leaves real headroom, the advisor also
+offers to spend it: a budgeted mix (`lowbit quantize --budget`, one scheme per Linear chosen by measured
+sensitivity) sized to the memory left, where the target can load one (spend_headroom).
 With --measure, the candidates that fit are quantised and evaluated on the user's model (`lowbit compare`)
 and the pick comes from measured perplexity. A model that fits under no candidate is said to, with what
 it would need.
@@ -18,11 +22,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowbit.calc import (GB, PRESET_SHAPES, ModelShape, kv_cache_memory, model_size, parse_size,
-                         quantized_kv_cache_memory)
+from lowbit.advisor_mix import MIX_PLANS, Mix, evidence_text, mix_command, spend_headroom
+from lowbit.calc import (GB, PRESET_SHAPES, ModelShape, kv_cache_memory, llamacpp_compute_buffer, model_size,
+                         parse_size, quantized_kv_cache_memory, transformers_prefill_activations)
 from lowbit.errors import LowbitError
 
-RESERVE_BYTES = 0.5 * GB        # runtime buffers, CUDA context / llama.cpp compute buffers (a round figure)
+# The least runtime reserve: what no formula here counts (a GPU's CUDA context and library workspaces, the
+# engine's own process). A round figure, the reserve this advisor used for everything before.
+RESERVE_FLOOR = 0.5 * GB
 VLLM_UTILISATION = 0.9          # vLLM's default gpu_memory_utilization: it never plans for the last 10%
 BALANCED_SHARE = 0.6            # balanced goes above the usual choice only when that leaves 40% free
 LORA_RANK = 16
@@ -66,7 +73,7 @@ COMMANDS = {
     "vllm": "lowbit quantize {model} --method {method} --out OUT --target vllm && lowbit export OUT --format "
             "compressed-tensors --out OUT-ct --verify",
     "transformers": "lowbit quantize {model} --method {method} --out OUT",
-    "finetune": "lowbit finetune {model} --method {method} ...",
+    "finetune": "lowbit finetune {model} --quant {method} -o OUT",
 }
 
 
@@ -80,6 +87,7 @@ class Option:
     other_bytes: float          # KV cache (inference) or adapters, optimizer and activations (fine-tuning)
     total_bytes: float
     fits: bool
+    linear_bits: float = 0.0    # bits per weight of the quantised Linears alone (16 at fp16)
     perplexity: float | None = None
 
 
@@ -95,8 +103,12 @@ class Advice:
     kv_cache: str
     pick: Option | None
     options: list[Option]
+    reserve_bytes: float = RESERVE_FLOOR
     reasons: list[str] = field(default_factory=list)
     command: str | None = None
+    mix: Option | None = None           # the budgeted mix that spends the headroom, when there is one
+    mix_command: str | None = None
+    mix_reason: str = ""                # why the mix, or why none
 
 
 def resolve_shape(model: str) -> ModelShape:
@@ -143,8 +155,24 @@ def _finetune_extra(shape: ModelShape, context: int, batch: int, kv_cache=None) 
     return lora * LORA_BYTES_PER_PARAM + checkpoints + one_layer + logits
 
 
-def usable_memory(memory: float, target: str) -> float:
-    return memory * (VLLM_UTILISATION if target == "vllm" else 1.0) - RESERVE_BYTES
+def runtime_reserve(shape: ModelShape, target: str, context: int, batch: int) -> float:
+    """Bytes the engine needs beside weights and KV cache, never less than RESERVE_FLOOR: llama.cpp its
+    compute and output buffers (calc.llamacpp_compute_buffer), transformers the prompt's prefill
+    activations (calc.transformers_prefill_activations), both at context x batch tokens. vLLM measures its
+    own activation peak in a profiling run and takes it from the KV-cache share, and fine-tuning counts its
+    activations in its own extra: those two get the floor."""
+    if target == "llama.cpp":
+        estimate = llamacpp_compute_buffer(shape, context * batch, batch)
+    elif target == "transformers":
+        estimate = transformers_prefill_activations(shape, context * batch)
+    else:
+        estimate = 0
+    return max(RESERVE_FLOOR, float(estimate))
+
+
+def usable_memory(memory: float, target: str, reserve: float = RESERVE_FLOOR) -> float:
+    """What weights and KV cache may take: vLLM plans for 90% of the memory; the reserve comes off."""
+    return memory * (VLLM_UTILISATION if target == "vllm" else 1.0) - reserve
 
 
 def options(shape: ModelShape, memory: float, target: str, context: int, batch: int,
@@ -152,7 +180,7 @@ def options(shape: ModelShape, memory: float, target: str, context: int, batch: 
     """Every candidate of `target`, highest precision first, with its exact size and whether it fits."""
     if target not in TARGETS:
         raise LowbitError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
-    usable = usable_memory(memory, target)
+    usable = usable_memory(memory, target, runtime_reserve(shape, target, context, batch))
     extra = (_finetune_extra if target == "finetune" else _inference_extra)(shape, context, batch, kv_cache)
     out = []
     for method, label, _ in TARGETS[target]:
@@ -163,7 +191,7 @@ def options(shape: ModelShape, memory: float, target: str, context: int, batch: 
         total = size.bytes + extra
         linear_bits = 8 * size.linear_bytes / shape.linear_params   # quality follows the quantised matrices
         out.append(Option(label, method, _quality(linear_bits), size.bits_per_weight, size.bytes,
-                          extra, total, total <= usable))
+                          extra, total, total <= usable, linear_bits))
     return out
 
 
@@ -199,19 +227,41 @@ def advise(model: str, memory, target: str = "llama.cpp", quality: str = "balanc
         raise LowbitError(f"--kv-cache plans for lowbit's quantised KV cache, which runs in transformers; "
                           f"{target} keeps its own cache (plan with the default fp16)")
     opts = options(shape, memory, target, context, batch, kv_cache)
-    pick = choose(opts, target, quality, usable_memory(memory, target))
-    advice = Advice(str(model), shape.params, memory, target, quality, context, batch, kv_cache or "fp16", pick, opts)
-    advice.reasons = explain(advice, shape)
-    advice.command = command(advice)
-    return advice
+    reserve = runtime_reserve(shape, target, context, batch)
+    pick = choose(opts, target, quality, usable_memory(memory, target, reserve))
+    advice = Advice(str(model), shape.params, memory, target, quality, context, batch, kv_cache or "fp16", pick, opts,
+                    reserve)
+    return conclude(advice, shape)
+
+
+def conclude(a: Advice, shape: ModelShape) -> Advice:
+    """Fill in what follows from the pick: the mix that spends its headroom, the reasons, the commands."""
+    room = usable_memory(a.memory_bytes, a.target, a.reserve_bytes) - (a.pick.other_bytes if a.pick else 0)
+    mix, a.mix_reason = spend_headroom(shape, a.options, a.pick, a.target, room)
+    a.mix = None if mix is None else _mix_option(mix, a.pick, room)
+    a.mix_command = None if mix is None else mix_command(mix, _model_arg(a), a.target)
+    a.reasons = explain(a, shape)
+    a.command = command(a)
+    return a
+
+
+def _mix_option(mix: Mix, pick: Option, room: float) -> Option:
+    """The mix as an option beside the pick: its size is an upper bound (the knapsack stays within it)."""
+    size = mix.size
+    return Option(f"budgeted mix at {mix.bits:.2f} bits per weight ({mix.plan.family})",
+                  f"{mix.plan.method} --budget {mix.bits:.2f}bpw", _quality(mix.bits), size.bits_per_weight,
+                  size.bytes, pick.other_bytes, size.bytes + pick.other_bytes, size.bytes <= room, mix.bits)
 
 
 def command(a: Advice) -> str | None:
     """The commands that carry out the pick (MODEL stands for a class name: there are no weights to quantise)."""
     if a.pick is None or a.pick.method is None:
         return None
-    model = "MODEL" if a.model.lower() in PRESET_SHAPES else a.model
-    return COMMANDS[a.target].format(model=model, method=a.pick.method)
+    return COMMANDS[a.target].format(model=_model_arg(a), method=a.pick.method)
+
+
+def _model_arg(a: Advice) -> str:
+    return "MODEL" if a.model.lower() in PRESET_SHAPES else a.model
 
 
 WHY_TARGET = {
@@ -219,6 +269,12 @@ WHY_TARGET = {
     "vllm": "vLLM serves GPTQ/AWQ int4 and FP8 checkpoints with fused kernels; it plans for 90% of GPU memory",
     "transformers": "transformers loads bitsandbytes, GPTQ and HQQ weights directly; NF4 needs no calibration",
     "finetune": "fine-tuning a quantised base: QLoRA trains LoRA adapters over a frozen NF4 model",
+}
+RESERVE_WHAT = {
+    "llama.cpp": "llama.cpp's compute buffers at this context",
+    "transformers": "the prompt's prefill activations",
+    "vllm": "the runtime (vLLM takes its activations from the KV-cache share)",
+    "finetune": "the runtime",
 }
 
 
@@ -234,14 +290,16 @@ def explain(a: Advice, shape: ModelShape) -> list[str]:
     if a.pick is None:
         smallest = min(a.options, key=lambda o: o.total_bytes)
         out.append(f"It will not fit: the smallest option, {smallest.label}, needs {gb_text(smallest.total_bytes)} "
-                   f"({gb_text(smallest.weight_bytes)} weights + {gb_text(smallest.other_bytes)} {extra}) plus the runtime "
-                   f"reserve, against {gb_text(a.memory_bytes)}. A larger budget, a shorter context, offloading layers "
+                   f"({gb_text(smallest.weight_bytes)} weights + {gb_text(smallest.other_bytes)} {extra}) plus "
+                   f"{gb_text(a.reserve_bytes)} for {RESERVE_WHAT[a.target]}, against {gb_text(a.memory_bytes)}. A larger budget, a shorter context, offloading layers "
                    f"to CPU memory, or a smaller model would.")
         return out
     p = a.pick
+    floor = " (the floor)" if a.reserve_bytes == RESERVE_FLOOR else ""
     out.append(f"{p.label} at {p.bits_per_weight:.2f} bits per weight ({p.quality}): {gb_text(p.weight_bytes)} of weights "
                f"+ {gb_text(p.other_bytes)} {extra} at {a.context} tokens x batch {a.batch} = {gb_text(p.total_bytes)} "
-               f"of {gb_text(a.memory_bytes)}.")
+               f"of {gb_text(a.memory_bytes)}, with {gb_text(a.reserve_bytes)} more kept for {RESERVE_WHAT[a.target]}"
+               f"{floor}.")
     better = [o for o in a.options[: a.options.index(p)] if o.fits]
     if a.quality == "balanced" and better:
         out.append(f"{better[0].label} would also fit ({gb_text(better[0].total_bytes)}); it is the pick for "
@@ -252,8 +310,13 @@ def explain(a: Advice, shape: ModelShape) -> list[str]:
     if p.bits_per_weight < 3.5:
         out.append("Below 4 bits scalar methods lose much quality; 2-bit codebook methods (lowbit's quip and aqlm) "
                    "keep more, and a smaller model at 4 bits is often better than a large one at 2.")
+    if a.mix is not None:
+        out.append(f"Spend the headroom: {a.mix_reason}. A budgeted mix at {a.mix.linear_bits:.2f} bits per weight over "
+                   f"the Linears (one scheme per Linear by measured sensitivity, `lowbit quantize --budget`) takes at "
+                   f"most {gb_text(a.mix.weight_bytes)}, {gb_text(a.mix.total_bytes)} with the {extra}. "
+                   + evidence_text(MIX_PLANS[a.target]))
+    elif p.method is not None:
+        out.append(f"No budgeted mix: {a.mix_reason}.")
     if p.perplexity is not None:
         out.append(f"Measured on this model: perplexity {p.perplexity:.3f}.")
     return out
-
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from lowbit.advisor import explain, gb_text
+from lowbit.advisor import gb_text
 from lowbit.calc import GB
 from lowbit.errors import LowbitError
 
@@ -16,16 +16,20 @@ def render(a) -> str:
     lines += [f"- {r}" for r in a.reasons]
     if a.command:
         lines += ["", f"  {a.command}"]
+    if a.mix_command:
+        lines += ["", "  spend the headroom instead (a budgeted mix; its size is an upper bound):", f"  {a.mix_command}"]
+    shown = a.options + ([a.mix] if a.mix else [])
+    measured = any(o.perplexity is not None for o in a.options)
     rows = [[o.label, o.method or "-", o.bits_per_weight, o.quality, o.weight_bytes / GB, o.other_bytes / GB,
-             o.total_bytes / GB, "yes" if o.fits else "no"] + ([o.perplexity] if o.perplexity is not None else [])
-            for o in a.options]
+             o.total_bytes / GB, "yes" if o.fits else "no"] + ([o.perplexity or "-"] if measured else [])
+            for o in shown]
     headers = ["option", "lowbit method", "bits/weight", "quality", "weights GB", "KV/extra GB", "total GB", "fits"]
-    if any(o.perplexity is not None for o in a.options):
+    if measured:
         headers.append("perplexity")
     lines += ["", format_table(headers, rows),
               "", "sizes: lowbit.calc.model_size (exact stored bytes of every planned weight) + the KV cache "
-                  "(lowbit.calc.kv_cache_memory) or fine-tuning state; fits = total <= budget - 0.5 GB reserve "
-                  "(vLLM: 90% of the budget)"]
+                  f"(lowbit.calc.kv_cache_memory) or fine-tuning state; fits = total <= budget - {gb_text(a.reserve_bytes)} "
+                  "runtime reserve (vLLM: 90% of the budget)"]
     return "\n".join(lines)
 
 
@@ -54,13 +58,11 @@ def measure(a, model: str, samples: int = 16, max_eval_tokens: int = 4096):
 
 
 def _cmd_advise(args) -> str:
-    from lowbit.advisor import advise, command, resolve_shape
+    from lowbit.advisor import advise, conclude, resolve_shape
 
     a = advise(args.model, args.memory, args.target, args.quality, args.context, args.batch, args.kv_cache)
     if args.measure:
-        a = measure(a, args.model, args.samples)
-        a.reasons = explain(a, resolve_shape(args.model))
-        a.command = command(a)
+        a = conclude(measure(a, args.model, args.samples), resolve_shape(args.model))
     if args.json:
         return json.dumps(asdict(a), indent=2)
     return render(a)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 from lowbit.errors import LowbitError
 
-from lowbit.units import GB, GIB, parse_size  # noqa: F401  (re-exported: calc is where users look)
+from lowbit.units import GB, GIB, budget_linear_bytes, parse_size  # noqa: F401  (re-exported: calc is where users look)
 
 # Storage bits per element of the plain precisions.
 PRECISION_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8, "int8": 8, "fp6": 6, "int4": 4,
@@ -245,3 +245,61 @@ def _gguf_other_bytes(shape: ModelShape, ftype: str) -> int:
     head = 0 if shape.tied_embeddings else row_nbytes(
         role_type(ftype, "output", None, shape.layers, shape.hidden, gqa), shape.hidden) * shape.vocab
     return embd + head + 4 * shape.norm_params
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Budgeted mixes (`lowbit quantize --budget`): their size, known before the knapsack runs.
+
+def mix_size(shape: ModelShape, bits_per_weight: float, gguf_file_types: tuple[str, ...] = ()) -> ModelSize:
+    """Upper bound of the bytes of `shape` quantised as a budgeted mix at `bits_per_weight` over its
+    Linears: the knapsack never exceeds the budget. The rest of the model is fp16 as lowbit keeps it, or,
+    given the GGUF file types the writer may infer for the mix (io/gguf.infer_file_type: that of the most
+    common block type), the largest embedding, head and norms those types give."""
+    linear = budget_linear_bytes(bits_per_weight, shape.linear_params)
+    if gguf_file_types:
+        other = max(_gguf_other_bytes(shape, ftype) for ftype in gguf_file_types)
+    else:
+        other = 2 * (shape.embedding_params + shape.norm_params)
+    total = linear + other
+    return ModelSize(f"mix {bits_per_weight}bpw", linear, other, total, 8 * total / shape.params, total / GB)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What an engine holds beside the weights and the KV cache while it runs.
+
+LLAMACPP_UBATCH = 512       # llama.cpp's default n_ubatch (llama_context_default_params)
+
+
+def llamacpp_compute_buffer(shape: ModelShape, n_ctx: int, n_seq: int = 1, n_ubatch: int = LLAMACPP_UBATCH) -> int:
+    """Bytes llama.cpp reserves beside weights and KV cache, every layer on one device, flash attention
+    on (the default `-fa auto` where the backend has it, CPU and CUDA): its compute buffer, the larger of
+
+        feed-forward stage   4 u (3 intermediate + 4 hidden) + 2 u n_ctx    (fp32 activations, fp16 KQ mask)
+        output stage         4 u (n_vocab + 2 hidden)                       (fp32 logits of the whole ubatch)
+
+    with u = min(n_ubatch, n_ctx), plus its output buffer, 4 n_vocab n_seq (the logits handed back).
+    n_ctx counts the tokens of every sequence (context x batch). Source: the buffer sizes llama.cpp
+    itself reports ("compute buffer size", "output buffer size"; llama-cpp-python 0.3.36, CPU), measured
+    on ten Llama shapes at 2K to 16K tokens: never below them, equal where the logits dominate, at most a
+    third above where the feed-forward does (ggml's allocator reuses buffers in ways no closed form follows;
+    tests/test_runtime_reserve.py). The logits term is the worst-case graph's n_ubatch x n_vocab fp32
+    logits that ik_llama.cpp PR #1560 describes (github.com/ikawrakow/ik_llama.cpp/pull/1560). With `-fa off`
+    the fp32 attention scores,
+    4 u n_ctx n_head bytes, come on top."""
+    u = min(n_ubatch, n_ctx)
+    feed_forward = 4 * u * (3 * shape.intermediate + 4 * shape.hidden) + 2 * u * n_ctx
+    output = 4 * u * (shape.vocab + 2 * shape.hidden)
+    return max(feed_forward, output) + 4 * shape.vocab * n_seq
+
+
+def transformers_prefill_activations(shape: ModelShape, tokens: int, bytes_per_element: int = 2) -> int:
+    """Peak bytes of activations while transformers runs a Llama-style decoder over `tokens` positions at
+    once (the prompt's prefill, SDPA attention, the logits of the last position only, as `generate` asks),
+    beyond weights and KV cache. The peak is at the gated MLP of a layer past the first, where live are
+    per token (4 hidden + 3 intermediate + 2 head_dim) elements: the input embeddings and the layer's
+    input (still referenced by LlamaModel.forward), the residual and the normed input, act(gate), up and
+    their product, the rotary cos and sin; plus the int64 token ids and attention mask, 16 bytes.
+    Source: transformers' modeling_llama.py (LlamaModel, LlamaDecoderLayer and LlamaMLP forward), equal to
+    the allocator's peak in torch's profiler on two shapes (tests/test_runtime_reserve.py)."""
+    per_token = (4 * shape.hidden + 3 * shape.intermediate + 2 * shape.head_dim) * bytes_per_element + 16
+    return tokens * per_token

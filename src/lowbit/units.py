@@ -17,3 +17,9 @@ def parse_size(text, bare_unit: float) -> float | None:
     if not m or (m.group(2) and m.group(2) not in SIZE_UNITS):
         return None
     return float(m.group(1)) * (SIZE_UNITS[m.group(2)] if m.group(2) else bare_unit)
+
+
+def budget_linear_bytes(bits_per_weight: float, numel: int) -> int:
+    """Bytes `--budget <bits>bpw` gives `numel` quantised Linear weights (codes, scales and zeros counted):
+    bits x numel / 8, rounded down. pipeline/budget.py sizes its knapsack with this, the advisor its mixes."""
+    return int(bits_per_weight * numel // 8)

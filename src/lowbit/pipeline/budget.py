@@ -26,7 +26,7 @@ from lowbit.pipeline.sensitivity import (
     rank_correlation,
     sensitivity,
 )
-from lowbit.units import parse_size
+from lowbit.units import budget_linear_bytes, parse_size
 
 
 @dataclass
@@ -58,7 +58,7 @@ def linear_budget(text: str, model: nn.Module, numel: int) -> int:
     """Bytes the quantised Linears (numel weights in all) may take under the budget `text`."""
     kind, value = parse_budget(text)
     if kind == "bpw":
-        return int(value * numel // 8)
+        return budget_linear_bytes(value, numel)
     rest = 2 * (sum(p.numel() for p in model.parameters()) - numel)      # every other weight at fp16
     if value <= rest:
         raise LowbitError(f"a budget of {text} leaves nothing for the quantised layers: the rest of the model "
