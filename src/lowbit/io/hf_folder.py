@@ -175,22 +175,27 @@ def write_hf_folder(out, model: nn.Module, tensors: dict[str, torch.Tensor], tok
 # ---------------------------------------------------------------------------------------------------
 # Reading a folder back
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every .safetensors file in `path` (a truncated or corrupt file is a one-line error)."""
+def read_tensors(path: Path, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of every .safetensors file in `path` (a truncated or corrupt file is a one-line error);
+    progress: a bar over the tensors read, on stderr."""
     from safetensors import safe_open
 
+    from lowbit.io.progress import tensor_bar
     from lowbit.pipeline.checkpoint import read_header, weight_headers
 
     weight_headers(path)  # pickles refused, no .safetensors named
     files = sorted(Path(path).glob("*.safetensors"))
+    headers = {f: read_header(f) for f in files}  # validated by hand before safetensors allocates anything
     tensors = {}
-    for f in files:
-        read_header(f)  # validated by hand before safetensors allocates anything
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
-        except Exception as e:  # safetensors raises its own types for truncated or corrupt files
-            raise LowbitError(f"cannot read {f}: {str(e).splitlines()[0]}") from e
+    with tensor_bar(sum(map(len, headers.values())), "reading tensors", progress) as bar:
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    for k in fh.keys():
+                        tensors[k] = fh.get_tensor(k)
+                        bar.update()
+            except Exception as e:  # safetensors raises its own types for truncated or corrupt files
+                raise LowbitError(f"cannot read {f}: {str(e).splitlines()[0]}") from e
     return tensors
 
 
