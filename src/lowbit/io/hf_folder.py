@@ -145,6 +145,19 @@ def model_config(model: nn.Module, quantization_config: dict | None, dtype: torc
     return config
 
 
+def read_generation_config(model: nn.Module, path) -> None:
+    """Give a model built from its config alone the folder's generation_config.json (sampling settings that
+    transformers' generate and vLLM read), so that a save or export writes the folder's own, not defaults."""
+    from transformers import GenerationConfig
+
+    if not (Path(path) / "generation_config.json").is_file() or not hasattr(model, "generation_config"):
+        return
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:   # values transformers refuses (the JSON was checked on loading)
+        raise LowbitError(f"cannot read {Path(path) / 'generation_config.json'}: {str(e).splitlines()[0]}") from e
+
+
 def write_metadata(tmp: Path, model: nn.Module, config, tokenizer=None) -> None:
     """config.json, generation_config.json (when the model has one) and the tokenizer files."""
     config.save_pretrained(tmp)
@@ -229,6 +242,7 @@ def finish_import(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     check_finite(model, path)
+    read_generation_config(model, path)
     return model.eval(), load_tokenizer(Path(path))
 
 
