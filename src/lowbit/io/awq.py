@@ -183,11 +183,13 @@ def import_awq(path, progress: bool = False):
     tensors = read_tensors(path, progress)
     model = plain_model(path)
     names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
-    for name in consumed(tensors, names, "unpacking AWQ", progress):
-        q = quantized_from_awq(tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.qzeros"),
-                               tensors.pop(f"{name}.scales"), group_size)
-        bias = tensors.pop(f"{name}.bias", None)
-        set_module(model, name, QuantLinear.from_quantized(q, None if bias is None else bias.float()))
+    with consumed(tensors, "unpacking AWQ", progress) as tick:
+        for name in names:
+            q = quantized_from_awq(tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.qzeros"),
+                                   tensors.pop(f"{name}.scales"), group_size)
+            bias = tensors.pop(f"{name}.bias", None)
+            set_module(model, name, QuantLinear.from_quantized(q, None if bias is None else bias.float()))
+            tick()
     return finish_import(model, tensors, path)
 
 

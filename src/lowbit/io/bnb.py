@@ -170,17 +170,23 @@ def import_bnb(path, progress: bool = False):
     compute_dtype = DTYPES_BY_NAME.get(qc.get("bnb_4bit_compute_dtype") or "float32", torch.float32)
     tensors = read_tensors(path, progress)
     model = plain_model(path)
-    groups = _group_by_module(tensors)
-    for name in consumed(tensors, list(groups), "unpacking bnb", progress):
-        own = groups[name]
-        qs_key = next(k for k in own if k.startswith("quant_state."))
-        fields = json.loads(bytes(own.pop(qs_key).tolist()).decode("utf-8"))
-        q = quantized_from_bnb(own, fields, f"{path.name}: {name}")
-        bias = tensors.pop(f"{name}.bias", None)
-        set_module(model, name, Linear4bit.from_quantized(q, bias, compute_dtype))
-        for k in [k for k in tensors if k.startswith(f"{name}.weight")]:
-            del tensors[k]
+    with consumed(tensors, "unpacking bnb", progress) as tick:
+        for name, own in _group_by_module(tensors).items():
+            set_module(model, name, _linear4bit(tensors, name, own, f"{path.name}: {name}", compute_dtype))
+            tick()
     return finish_import(model, tensors, path)
+
+
+def _linear4bit(tensors: dict, name: str, own: dict, where: str, compute_dtype: torch.dtype) -> Linear4bit:
+    """The Linear4bit stored under `name` (`own`: its weight tensors by suffix), its tensors and bias taken out
+    of `tensors`."""
+    qs_key = next(k for k in own if k.startswith("quant_state."))
+    fields = json.loads(bytes(own.pop(qs_key).tolist()).decode("utf-8"))
+    q = quantized_from_bnb(own, fields, where)
+    bias = tensors.pop(f"{name}.bias", None)
+    for k in [k for k in tensors if k.startswith(f"{name}.weight")]:
+        del tensors[k]
+    return Linear4bit.from_quantized(q, bias, compute_dtype)
 
 
 register_importer("bnb", import_bnb)

@@ -350,11 +350,12 @@ def import_compressed_tensors(path, progress: bool = False):
     model = plain_model(path)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     stored = [n for n, m in linears.items() if scheme_of(qc, n, m) is not None and f"{n}.weight_scale" in tensors]
-    for name in consumed(tensors, stored, "unpacking compressed-tensors", progress):
-        module = linears[name]
-        w = quantized_from_tensors(tensors, name, scheme_of(qc, name, module))
-        bias = tensors.pop(f"{name}.bias", None)
-        set_module(model, name, module_for(w, None if bias is None else bias.float()))
+    with consumed(tensors, "unpacking compressed-tensors", progress) as tick:
+        for name in stored:
+            w = quantized_from_tensors(tensors, name, scheme_of(qc, name, linears[name]))
+            bias = tensors.pop(f"{name}.bias", None)
+            set_module(model, name, module_for(w, None if bias is None else bias.float()))
+            tick()
     return finish_import(model, tensors, path)
 
 

@@ -332,11 +332,13 @@ def read_gptq(path, progress: bool = False) -> tuple[dict[str, QuantizedTensor],
     with_g_idx = set(own.get("g_idx", []))
     qts = {}
     names = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
-    for name in consumed(tensors, names, "unpacking GPTQ", progress):
-        n_in = tensors[f"{name}.g_idx"].shape[0] if f"{name}.g_idx" in tensors else 0
-        qts[name] = quantized_from_gptq(tensors, name, _spec_of(qc, n_in), n_in, fmt, dtype, name in with_g_idx)
-        for suffix in ("qweight", "qzeros", "scales", "g_idx"):
-            tensors.pop(f"{name}.{suffix}", None)
+    with consumed(tensors, "unpacking GPTQ", progress) as tick:
+        for name in names:
+            n_in = tensors[f"{name}.g_idx"].shape[0] if f"{name}.g_idx" in tensors else 0
+            qts[name] = quantized_from_gptq(tensors, name, _spec_of(qc, n_in), n_in, fmt, dtype, name in with_g_idx)
+            for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+                tensors.pop(f"{name}.{suffix}", None)
+            tick()
     if not qts:
         raise LowbitError(f"{path} holds no GPTQ-packed Linear (no .qweight tensors)")
     return qts, tensors, qc

@@ -8,7 +8,8 @@ the tensor, and a finished bar's `n/total` is the number of tensors written or r
 from __future__ import annotations
 
 import sys
-from typing import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -16,18 +17,6 @@ from tqdm.auto import tqdm
 def tensor_bar(total: int, what: str, progress: bool) -> tqdm:
     """A bar over `total` tensors labelled `what` ("GPTQ tensors"), silent unless `progress`."""
     return tqdm(total=total, desc=what, unit="tensor", file=sys.stderr, disable=not progress)
-
-
-def tensors_of_each(items: Iterable, count: Callable[[object], int], total: int, what: str,
-                    progress: bool, rest: int = 0) -> Iterator:
-    """Yield each of `items` while a bar over `total` tensors advances by count(item) once the caller is
-    done with it (a block of a GGUF file and its tensors, say), and by `rest`, the tensors read outside
-    the items (embedding, norm, head), at the end."""
-    with tensor_bar(total, what, progress) as bar:
-        for item in items:
-            yield item
-            bar.update(count(item))
-        bar.update(rest)
 
 
 def packed_tensors(tensors: dict, weights: dict, pack: Callable[[str, object], dict], what: str,
@@ -51,13 +40,18 @@ def packed_tensors(tensors: dict, weights: dict, pack: Callable[[str, object], d
     return out
 
 
-def consumed(tensors: dict, names: Iterable[str], what: str, progress: bool) -> Iterator[str]:
-    """Yield each quantised module's name to an importer that takes (pops) its tensors out of `tensors`;
-    a bar over every tensor read advances by those taken, and by the float rest at the end (loaded as they
-    are, into the model around the modules)."""
+@contextmanager
+def consumed(tensors: dict, what: str, progress: bool) -> Iterator[Callable[[], None]]:
+    """A bar over every tensor an importer read into `tensors`; the `tick()` it yields advances the bar by the
+    tensors taken (popped) out of `tensors` since the last tick (one quantised module's), and leaving the
+    block advances it by the float rest, loaded as they are into the model around the modules. An error
+    inside the block closes the bar before the error is printed."""
     with tensor_bar(len(tensors), what, progress) as bar:
-        for name in names:
-            before = len(tensors)
-            yield name
-            bar.update(before - len(tensors))
+        left = [len(tensors)]
+
+        def tick() -> None:
+            bar.update(left[0] - len(tensors))
+            left[0] = len(tensors)
+
+        yield tick
         bar.update(len(tensors))
