@@ -40,3 +40,17 @@ def test_console_entry_point_without_traceback():
     p = subprocess.run([sys.executable, "-m", "lowbit", "calc", "memory", "--params", "-1"],
                        capture_output=True, text=True)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "positive" in p.stderr
+
+
+def test_threads_sets_torch_threads_before_the_work(tmp_path, capsys, monkeypatch):
+    """--threads N is honoured (issue 14: torch's default on a busy 2-core machine cost 25x the CPU time)."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")   # --threads sets it for child processes: restored after the test
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["export", "--format", "nope", "--threads", "1", "-o", str(tmp_path / "x")]) == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -9,10 +9,15 @@ from lowbit.cli import main
 from tests.conftest import fp16_llama_folder
 
 
+# sampling settings a model folder ships; loaders (transformers' generate, vLLM) read them from the folder
+GENERATION = {"do_sample": True, "temperature": 0.3, "top_p": 0.85, "max_new_tokens": 77}
+
+
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     root = tmp_path_factory.mktemp("first-hour")
     fp16_llama_folder(root / "hf")
+    (root / "hf" / "generation_config.json").write_text(json.dumps(GENERATION))
     assert main(["quantize", str(root / "hf"), "--method", "rtn-int4-g32", "--quiet", "-o", str(root / "q")]) == 0
     return root
 
@@ -26,6 +31,17 @@ def test_eval_reads_the_folders_lowbit_exports(quantized, tmp_path, capsys, fmt)
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert json.loads(captured.out)["quantized_linears"] > 0
+
+
+def test_generation_config_travels_with_the_model(quantized, tmp_path):
+    """quantize (in memory or streamed) keeps the folder's sampling settings; export and import carry them on."""
+    assert main(["export", str(quantized / "q"), "--format", "gptq", "--quiet", "-o", str(tmp_path / "gptq")]) == 0
+    assert main(["import", str(tmp_path / "gptq"), "--format", "gptq", "--quiet", "-o", str(tmp_path / "back")]) == 0
+    assert main(["quantize", str(quantized / "hf"), "--method", "rtn-int4-g32", "--stream", "--quiet",
+                 "-o", str(tmp_path / "streamed")]) == 0
+    for folder in (quantized / "q", tmp_path / "gptq", tmp_path / "back", tmp_path / "streamed"):
+        kept = json.loads((folder / "generation_config.json").read_text())
+        assert {k: kept.get(k) for k in GENERATION} == GENERATION, folder
 
 
 def test_every_option_has_help_text():

@@ -379,6 +379,20 @@ def _(base, tmp):
     return native_eval(base, tmp, lie)
 
 
+@case("generation_config.json a JSON list, eval")
+def _(base, tmp):
+    m = copy_of(base, "hf", tmp)
+    (m / "generation_config.json").write_text("[1, 2]")
+    return ["eval", str(m), "--no-speed", "--max-eval-tokens", "64"]
+
+
+@case("native generation_config.json not JSON, export")
+def _(base, tmp):
+    m = copy_of(base, "native", tmp)
+    (m / "generation_config.json").write_bytes(b"\xff{")
+    return ["export", str(m), "--format", "gptq", "-o", str(tmp / "out")]
+
+
 @case("native weights truncated")
 def _(base, tmp):
     def cut(m):

@@ -1,5 +1,6 @@
 """`lowbit export` / `lowbit import` through the registry, checked against the files' own readers."""
 import json
+import re
 
 import pytest
 import torch
@@ -29,6 +30,39 @@ def test_gptq_export_then_import_is_bit_identical(tmp_path, tiny_model_dir, caps
     wa = {n: m.dequantized_weight() for n, m in a.named_modules() if hasattr(m, "dequantized_weight")}
     wb = {n: m.dequantized_weight() for n, m in b.named_modules() if hasattr(m, "dequantized_weight")}
     assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def bar_count(err: str, what: str) -> tuple[int, int] | None:
+    """(n, total) of the last state tqdm drew of the bar labelled `what` on stderr, or None."""
+    states = re.findall(rf"{re.escape(what)}: +\d+%\|[^|]*\| (\d+)/(\d+) ", err)
+    return tuple(map(int, states[-1])) if states else None
+
+
+def stored_tensors(folder) -> int:
+    """How many tensors a folder's model.safetensors holds, by safetensors' own reader."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return len(list(f.keys()))
+
+
+@pytest.mark.parametrize("fmt,method,label", [("gptq", "rtn-int4-g32", "GPTQ"), ("awq", "rtn-uint4-g32", "AWQ"),
+                                              ("bnb", "nf4", "bnb"), ("compressed-tensors", "rtn-int4-g32",
+                                                                      "compressed-tensors")])
+def test_export_and_import_count_every_tensor_on_stderr(tmp_path, tiny_model_dir, capsys, one_thread, fmt, method,
+                                                        label):
+    """Each bar's final n/total is the number of tensors safetensors finds in the exported file."""
+    what = f"{label} tensors"
+    assert run(capsys, "quantize", tiny_model_dir("llama"), "--method", method, "--quiet", "-o", tmp_path / "q")[0] == 0
+    rc, out, err = run(capsys, "export", tmp_path / "q", "--format", fmt, "-o", tmp_path / "x")
+    assert rc == 0, err
+    n = stored_tensors(tmp_path / "x")
+    assert bar_count(err, what) == (n, n) and what not in out      # stdout keeps only the result
+    rc, out, err = run(capsys, "import", tmp_path / "x", "--format", fmt, "-o", tmp_path / "back")
+    assert rc == 0, err
+    assert bar_count(err, "reading tensors") == (n, n) and bar_count(err, f"unpacking {label}") == (n, n)
+    rc, out, err = run(capsys, "import", tmp_path / "x", "--format", fmt, "--quiet", "-o", tmp_path / "b2")
+    assert rc == 0 and err == ""
 
 
 def test_gguf_export_is_read_back_by_the_gguf_package(tmp_path, tiny_model_dir, capsys):
@@ -114,7 +148,7 @@ def test_gguf_export_and_import_show_progress_on_stderr_and_quiet_hides_it(tmp_p
     assert "GGUF tensors" in err and f"{n}/{n}" in err and "GGUF" not in out   # stdout keeps only the result
     rc, out, err = run(capsys, "import", tmp_path / "m.gguf", "--format", "gguf", "-o", tmp_path / "back")
     assert rc == 0, err
-    assert "GGUF blocks" in err and "2/2" in err and f"writing the native folder {tmp_path / 'back'}" in err
+    assert bar_count(err, "GGUF tensors") == (n, n) and f"writing the native folder {tmp_path / 'back'}" in err
     rc, out, err = run(capsys, "import", tmp_path / "m.gguf", "--format", "gguf", "--quiet", "-o", tmp_path / "b2")
     assert rc == 0 and err == ""
 
@@ -128,3 +162,23 @@ def test_gguf_api_is_silent_by_default(tmp_path, tiny_model_dir, capsys, one_thr
     export_gguf(model, tmp_path / "m.gguf", tok, type="Q8_0")
     load_gguf(tmp_path / "m.gguf")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("fmt,method", [("gptq", "rtn-int4-g32"), ("bnb", "nf4")])
+def test_hf_folder_api_is_silent_by_default(tmp_path, tiny_model_dir, capsys, one_thread, fmt, method):
+    from lowbit.io import get_exporter, get_importer
+
+    model, tok = api.load_model(tiny_model_dir("llama"))
+    api.quantize(model, method, progress=False)
+    capsys.readouterr()
+    get_exporter(fmt).export(model, tmp_path / "x", tok)
+    get_importer(fmt)(tmp_path / "x")
+    assert capsys.readouterr().err == ""
+
+
+def test_packed_tensors_total_follows_layers_that_pack_differently(capsys):
+    from lowbit.io.progress import packed_tensors
+
+    weights = {"a": 1, "b": 2, "c": 1}        # a layer packs into as many tensors as its value (a bias, say)
+    out = packed_tensors({"f": 0}, weights, lambda n, k: {f"{n}.{i}": i for i in range(k)}, "test tensors", True)
+    assert len(out) == 5 and bar_count(capsys.readouterr().err, "test tensors") == (5, 5)

@@ -104,3 +104,25 @@ def test_bundled_model_outlier_table():
     for method in ("llm-int8", "smoothquant"):
         assert abs(rows["outliers", method]["change"]) < 0.02, method
     assert 0 < rows["outliers", "llm-int8"]["float_columns"] < 0.5
+    # the README quotes what `lowbit demo outliers` prints (issue 14: it once said 235.4 where the demo said 188.2)
+    for method, (plain, planted) in readme_outlier_perplexities().items():
+        assert (f"{rows['plain', method]['perplexity']:.2f}", f"{rows['outliers', method]['perplexity']:.2f}") == \
+            (plain, planted), method
+
+
+def readme_outlier_perplexities() -> dict[str, tuple[str, str]]:
+    """{method: (perplexity on the bundled model, on its outlier variant)} as the README's sentence gives them."""
+    import re
+    from pathlib import Path
+
+    text = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    names = {"w8a8-static": "per-tensor static", "w8a8": "per-token dynamic", "llm-int8": "LLM.int8()",
+             "smoothquant": "SmoothQuant W8A8"}
+    found = {m: re.search(re.escape(words) + r" (\d+\.\d+) / (\d+\.\d+)", text) for m, words in names.items()}
+    assert all(found.values()), "the README's outlier sentence changed shape"
+    return {m: match.groups() for m, match in found.items()}
+
+
+def test_the_readme_outlier_sentence_is_parsed():
+    """In the default run, so that a reworded README fails here and not only in the slow run."""
+    assert sorted(readme_outlier_perplexities()) == sorted(("w8a8-static", "w8a8", "llm-int8", "smoothquant"))

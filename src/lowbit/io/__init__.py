@@ -10,7 +10,8 @@ quantiser: GGUF file types).
 
 Adding a format: a module with an Exporter subclass (name, accepts, write) registered with
 `register_exporter(MyExporter())` and, if it reads back, `register_importer(name, fn)`; then its module
-name in FORMAT_MODULES.
+name in FORMAT_MODULES. write() and fn(path) take `progress=False`: with True (the CLI unless --quiet)
+they show a bar over the tensors written or read (lowbit.io.progress).
 """
 from __future__ import annotations
 

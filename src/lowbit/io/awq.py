@@ -28,6 +28,7 @@ from lowbit.errors import LowbitError
 from lowbit.io import Exporter, register_exporter, register_importer
 from lowbit.io.hf_folder import (biases, finish_import, float_linears, float_tensors, mixed, one_value, output_head,
                                  plain_model, read_tensors, write_hf_folder)
+from lowbit.io.progress import consumed, packed_tensors
 from lowbit.nn import QuantLinear
 from lowbit.pipeline.loading import set_module
 
@@ -132,7 +133,7 @@ class AWQExporter(Exporter):
     def model_problem(self, weights: dict) -> str | None:
         return mixed(weights, "group size", lambda q: q.spec.group_size, lambda g: f"groups of {g}")
 
-    def write(self, model, weights, out, tokenizer=None, **_options) -> Path:
+    def write(self, model, weights, out, tokenizer=None, progress: bool = False, **_options) -> Path:
         if not weights:
             raise LowbitError("no quantised Linears to export: quantise with AWQ (or RTN int4 g128) first")
         head = output_head(model)
@@ -140,11 +141,14 @@ class AWQExporter(Exporter):
             raise LowbitError(f"{head}: the AWQ layout keeps the output head in float (transformers and vLLM build it "
                               f"unquantised); keep it in full precision (--skip {head}) or export gptq")
         group_size = one_value(weights, "AWQ", "group size", lambda q: q.spec.group_size)
-        tensors = {**float_tensors(model, weights, torch.float16), **biases(model, weights, torch.float16)}
-        for name, q in weights.items():
-            tensors.update({f"{name}.{k}": t for k, t in awq_tensors(name, q).items()})
+        floats = {**float_tensors(model, weights, torch.float16), **biases(model, weights, torch.float16)}
+        tensors = packed_tensors(floats, weights, _named_awq_tensors, "AWQ tensors", progress)
         qc = _quantization_config(group_size, sorted(float_linears(model)))
         return write_hf_folder(out, model, tensors, tokenizer, qc, torch.float16)
+
+
+def _named_awq_tensors(name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": t for k, t in awq_tensors(name, q).items()}
 
 
 EXPORTER = register_exporter(AWQExporter())
@@ -170,18 +174,22 @@ def _read_awq_config(path: Path) -> dict:
     return qc
 
 
-def import_awq(path):
-    """(model, tokenizer or None) from an AWQ GEMM folder, its 4-bit Linears as lowbit QuantLinear."""
+def import_awq(path, progress: bool = False):
+    """(model, tokenizer or None) from an AWQ GEMM folder, its 4-bit Linears as lowbit QuantLinear;
+    progress: bars over the tensors read and unpacked, on stderr."""
     path = Path(path)
     qc = _read_awq_config(path)
     group_size = int(qc.get("group_size", qc.get("q_group_size", 128)))
-    tensors = read_tensors(path)
+    tensors = read_tensors(path, progress)
     model = plain_model(path)
-    for name in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):
-        q = quantized_from_awq(tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.qzeros"),
-                               tensors.pop(f"{name}.scales"), group_size)
-        bias = tensors.pop(f"{name}.bias", None)
-        set_module(model, name, QuantLinear.from_quantized(q, None if bias is None else bias.float()))
+    names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    with consumed(tensors, "unpacking AWQ", progress) as tick:
+        for name in names:
+            q = quantized_from_awq(tensors.pop(f"{name}.qweight"), tensors.pop(f"{name}.qzeros"),
+                                   tensors.pop(f"{name}.scales"), group_size)
+            bias = tensors.pop(f"{name}.bias", None)
+            set_module(model, name, QuantLinear.from_quantized(q, None if bias is None else bias.float()))
+            tick()
     return finish_import(model, tensors, path)
 
 

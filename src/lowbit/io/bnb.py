@@ -27,6 +27,7 @@ from lowbit.errors import LowbitError
 from lowbit.io import Exporter, register_exporter, register_importer
 from lowbit.io.hf_folder import (finish_import, float_linears, float_tensors, mixed, plain_model, read_tensors,
                                  write_hf_folder)
+from lowbit.io.progress import consumed, packed_tensors
 from lowbit.nn.linear4bit import Linear4bit
 from lowbit.pipeline.loading import set_module
 from lowbit.weights.bnb4 import Quantized4bit, code_table, dynamic_map
@@ -123,17 +124,16 @@ class BnbExporter(Exporter):
     def model_problem(self, weights: dict) -> str | None:
         return next((p for what, value in MODEL_SETTINGS.items() if (p := mixed(weights, what, value))), None)
 
-    def write(self, model, weights, out, tokenizer=None, **_options) -> Path:
+    def write(self, model, weights, out, tokenizer=None, progress: bool = False, **_options) -> Path:
         if not weights:
             raise LowbitError("the model holds no NF4/FP4 Linear to export in the bnb format (quantise with nf4 or fp4)")
         if any(type(m).__name__ == "LoraLinear" for m in model.modules()):
             raise LowbitError("the model carries LoRA adapters; export the base without them "
                               "(adapters are saved on their own as a PEFT folder)")
         modules = {n: model.get_submodule(n) for n in weights}
-        tensors = {**float_tensors(model, weights), **{f"{n}.bias": m.bias.detach().contiguous().clone()
-                                                       for n, m in modules.items() if m.bias is not None}}
-        for name, q in weights.items():
-            tensors.update(bnb_linear_tensors(name, q))
+        floats = {**float_tensors(model, weights), **{f"{n}.bias": m.bias.detach().contiguous().clone()
+                                                      for n, m in modules.items() if m.bias is not None}}
+        tensors = packed_tensors(floats, weights, bnb_linear_tensors, "bnb tensors", progress)
         qc = quantization_config(weights, float_linears(model), compute_dtype(model, weights))
         return write_hf_folder(out, model, tensors, tokenizer, qc)
 
@@ -162,22 +162,31 @@ def _group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, to
     return groups
 
 
-def import_bnb(path):
-    """(model, tokenizer or None) from a pre-quantised bnb-4bit folder, its 4-bit Linears as Linear4bit."""
+def import_bnb(path, progress: bool = False):
+    """(model, tokenizer or None) from a pre-quantised bnb-4bit folder, its 4-bit Linears as Linear4bit;
+    progress: bars over the tensors read and unpacked, on stderr."""
     path = Path(path)
     qc = _read_bnb_config(path)
     compute_dtype = DTYPES_BY_NAME.get(qc.get("bnb_4bit_compute_dtype") or "float32", torch.float32)
-    tensors = read_tensors(path)
+    tensors = read_tensors(path, progress)
     model = plain_model(path)
-    for name, own in _group_by_module(tensors).items():
-        qs_key = next(k for k in own if k.startswith("quant_state."))
-        fields = json.loads(bytes(own.pop(qs_key).tolist()).decode("utf-8"))
-        q = quantized_from_bnb(own, fields, f"{path.name}: {name}")
-        bias = tensors.pop(f"{name}.bias", None)
-        set_module(model, name, Linear4bit.from_quantized(q, bias, compute_dtype))
-        for k in [k for k in tensors if k.startswith(f"{name}.weight")]:
-            del tensors[k]
+    with consumed(tensors, "unpacking bnb", progress) as tick:
+        for name, own in _group_by_module(tensors).items():
+            set_module(model, name, _linear4bit(tensors, name, own, f"{path.name}: {name}", compute_dtype))
+            tick()
     return finish_import(model, tensors, path)
+
+
+def _linear4bit(tensors: dict, name: str, own: dict, where: str, compute_dtype: torch.dtype) -> Linear4bit:
+    """The Linear4bit stored under `name` (`own`: its weight tensors by suffix), its tensors and bias taken out
+    of `tensors`."""
+    qs_key = next(k for k in own if k.startswith("quant_state."))
+    fields = json.loads(bytes(own.pop(qs_key).tolist()).decode("utf-8"))
+    q = quantized_from_bnb(own, fields, where)
+    bias = tensors.pop(f"{name}.bias", None)
+    for k in [k for k in tensors if k.startswith(f"{name}.weight")]:
+        del tensors[k]
+    return Linear4bit.from_quantized(q, bias, compute_dtype)
 
 
 register_importer("bnb", import_bnb)

@@ -26,13 +26,10 @@ def _cmd_export(args) -> str:
         raise LowbitError("--type applies to --format gguf only")
     model, tokenizer = api.load_model(args.model, trust_remote_code=args.trust_remote_code)
     options = {"type": args.type} if args.type else {}
+    options["progress"] = not args.quiet   # a bar over the tensors written (lowbit.io.progress)
     weights, redone = exporter.prepare(model, args.requantize)
     if args.target:
         _check_target(args.target, args.format, weights, model)
-    if args.format == "gguf":
-        options["progress"] = not args.quiet   # a bar over the tensors
-    else:
-        _stage(args, f"writing {args.format} export to {out}")
     written = exporter.write(model, weights, out, tokenizer=tokenizer, requantize=args.requantize, **options)
     note = (f"; {len(redone)} quantised weights were rounded again for {args.format} (--requantize): "
             f"{', '.join(redone[:3])}{' ...' if len(redone) > 3 else ''}") if redone else ""
@@ -64,11 +61,7 @@ def _cmd_import(args) -> str:
     out = check_output(args.output, "output folder")
     if not Path(args.path).exists():
         raise LowbitError(f"not found: {args.path}")
-    if args.format == "gguf":
-        model, tokenizer = importer(args.path, progress=not args.quiet)   # a bar over the blocks
-    else:
-        _stage(args, f"reading {args.format} model {args.path}")
-        model, tokenizer = importer(args.path)
+    model, tokenizer = importer(args.path, progress=not args.quiet)   # bars over the tensors read
     _stage(args, f"writing the native folder {out}")
     api.save(model, out, tokenizer=tokenizer)
     return f"imported {args.format} model {args.path} into the native format at {out}"

@@ -51,6 +51,7 @@ from lowbit.core import QuantizedTensor, QuantSpec, mx, pack_bits, unpack_bits
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, register_exporter, register_importer
 from lowbit.io.hf_folder import DTYPES, finish_import, float_tensors, plain_model, read_tensors, write_hf_folder
+from lowbit.io.progress import consumed, packed_tensors
 from lowbit.nn import module_for
 from lowbit.pipeline.loading import set_module
 from lowbit.weights import ActQuantWeight, BlockActWeight, FP8ActWeight
@@ -242,7 +243,8 @@ class CompressedTensorsExporter(Exporter):
     def problem(self, weight) -> str | None:
         return problem(weight)
 
-    def write(self, model, weights, out, tokenizer=None, dtype: str | None = "bf16", **_options) -> Path:
+    def write(self, model, weights, out, tokenizer=None, dtype: str | None = "bf16", progress: bool = False,
+              **_options) -> Path:
         if not weights:
             raise LowbitError("nothing to export in compressed-tensors: the model holds no quantised Linear")
         conv1d = [n for n in weights if getattr(model.get_submodule(n), "hf_conv1d", False)]
@@ -253,14 +255,16 @@ class CompressedTensorsExporter(Exporter):
                               f"transformers' {model.config.model_type}, which compressed-tensors does not quantise; "
                               "export gptq, awq or bnb")
         float_dtype = DTYPES.get(dtype) if dtype else None
-        tensors = float_tensors(model, weights, float_dtype)
-        for name, w in weights.items():
-            tensors.update(module_tensors(name, w))
-            bias = getattr(model.get_submodule(name), "bias", None)
-            if bias is not None:
-                tensors[f"{name}.bias"] = bias.detach().to(float_dtype or bias.dtype).contiguous().clone()
+        tensors = packed_tensors(float_tensors(model, weights, float_dtype), weights,
+                                 lambda name, w: {**module_tensors(name, w), **_bias(model, name, float_dtype)},
+                                 "compressed-tensors tensors", progress)
         ignore = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
         return write_hf_folder(out, model, tensors, tokenizer, quantization_config(weights, ignore), float_dtype)
+
+
+def _bias(model: nn.Module, name: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    bias = getattr(model.get_submodule(name), "bias", None)
+    return {} if bias is None else {f"{name}.bias": bias.detach().to(dtype or bias.dtype).contiguous().clone()}
 
 
 register_exporter(CompressedTensorsExporter())
@@ -337,19 +341,21 @@ def quantized_from_tensors(tensors: dict, name: str, group: dict):
     return q
 
 
-def import_compressed_tensors(path):
-    """(model, tokenizer or None) from a compressed-tensors folder, its quantised Linears as lowbit modules."""
+def import_compressed_tensors(path, progress: bool = False):
+    """(model, tokenizer or None) from a compressed-tensors folder, its quantised Linears as lowbit modules;
+    progress: bars over the tensors read and unpacked, on stderr."""
     path = Path(path)
     qc = read_quantization_config(path)
-    tensors = read_tensors(path)
+    tensors = read_tensors(path, progress)
     model = plain_model(path)
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-        group = scheme_of(qc, name, module)
-        if group is None or f"{name}.weight_scale" not in tensors:
-            continue
-        w = quantized_from_tensors(tensors, name, group)
-        bias = tensors.pop(f"{name}.bias", None)
-        set_module(model, name, module_for(w, None if bias is None else bias.float()))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    stored = [n for n, m in linears.items() if scheme_of(qc, n, m) is not None and f"{n}.weight_scale" in tensors]
+    with consumed(tensors, "unpacking compressed-tensors", progress) as tick:
+        for name in stored:
+            w = quantized_from_tensors(tensors, name, scheme_of(qc, name, linears[name]))
+            bias = tensors.pop(f"{name}.bias", None)
+            set_module(model, name, module_for(w, None if bias is None else bias.float()))
+            tick()
     return finish_import(model, tensors, path)
 
 

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.io import Exporter, quantized_weights, register_exporter
 from lowbit.io.atomic import atomic_output
 from lowbit.io.gguf_rope import rope_for_export
 from lowbit.io.hf_folder import source_name
+from lowbit.io.progress import tensor_bar
 from lowbit.kernels.ggml_search import searches
 from lowbit.methods.ggml_mix import FILE_TYPES, file_type, tensor_type
 from lowbit.pipeline.arch import Arch, block_list, describe
@@ -324,9 +323,10 @@ class GGUFExporter(Exporter):
                 tensors = gguf_tensors(model, ftype, weights, imatrix, search, held)
                 # rounding tensor by tensor is the long part (minutes for a large model): show it
                 total = len(tensor_names(model, describe(model)))
-                for tname, data, stored in tqdm(tensors, desc="GGUF tensors", unit="tensor", total=total,
-                                                file=sys.stderr, disable=not progress):
-                    writer.add_tensor(tname, data, raw_dtype=GGMLQuantizationType[stored])
+                with tensor_bar(total, "GGUF tensors", progress) as bar:
+                    for tname, data, stored in tensors:
+                        writer.add_tensor(tname, data, raw_dtype=GGMLQuantizationType[stored])
+                        bar.update()
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()

@@ -7,18 +7,17 @@ produces, and llama.cpp's converter for Llama models).
 from __future__ import annotations
 
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.io import register_importer
 from lowbit.io.gguf import GPT2_REGEX_PRES, HF_JSON_KEY, TOKEN_CONTROL, unrope_permutation
 from lowbit.io.gguf_rope import rope_from_gguf
+from lowbit.io.progress import tensor_bar
 from lowbit.nn import GGMLLinear
 from lowbit.pipeline.arch import ARCHES
 from lowbit.weights.ggml import BLOCK_TYPES, GGMLTensor
@@ -308,7 +307,7 @@ def _gguf_tokenizer(meta: dict):
 def load_gguf(path, dequantize: bool = False, progress: bool = False):
     """(model, tokenizer or None) from a GGUF file of a Llama model. Quantised matrices become GGMLLinear
     modules holding the file's blocks (dequantize=True: plain float Linears); q/k rows are put back in
-    Hugging Face order. progress: a bar over the decoder blocks on stderr."""
+    Hugging Face order. progress: a bar over the file's tensors on stderr (lowbit.io.progress)."""
     reader = open_gguf(path)
     try:
         meta, table = _fields(reader), _tensor_table(reader)
@@ -350,16 +349,13 @@ def _build_llama(config, table: dict, dequantize: bool, progress: bool = False):
     model.model.embed_tokens = nn.Embedding.from_pretrained(embedding, freeze=True)
     model.model.norm.weight = _norm("output_norm.weight", table)
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    blocks = tqdm(model.model.layers, desc="GGUF blocks", unit="block", file=sys.stderr, disable=not progress)
-    for i, layer in enumerate(blocks):
-        for suffix, role in LAYER_ROLES.items():
-            name = f"blk.{i}.{role}.weight"
-            if role.endswith("_norm"):
-                layer.get_submodule(suffix).weight = _norm(name, table)
-                continue
-            shape, ggml_type, data = table[name]
-            rows = unrope_permutation(shape[0], heads[role]) if role in heads else None
-            _set(layer, suffix, _linear_module(name, shape, ggml_type, data, rows, dequantize))
+    # a bar over every tensor of the file: a block's as it is built, then the rest (embedding, norm, head;
+    # rope_freqs was read with the metadata)
+    with tensor_bar(len(table), "GGUF tensors", progress) as bar:
+        for i, layer in enumerate(model.model.layers):
+            _build_block(layer, i, table, heads, dequantize)
+            bar.update(len(LAYER_ROLES))
+        bar.update(sum(not n.startswith("blk.") for n in table))
     if config.tie_word_embeddings:
         model.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -367,6 +363,18 @@ def _build_llama(config, table: dict, dequantize: bool, progress: bool = False):
         model.lm_head = _linear_module("output.weight", *table["output.weight"], None, dequantize)
     _materialise_buffers(model)
     return model.eval()
+
+
+def _build_block(layer: nn.Module, i: int, table: dict, heads: dict, dequantize: bool) -> None:
+    """Decoder block i's norms and Linears from the file's tensors, q/k rows back in Hugging Face order."""
+    for suffix, role in LAYER_ROLES.items():
+        name = f"blk.{i}.{role}.weight"
+        if role.endswith("_norm"):
+            layer.get_submodule(suffix).weight = _norm(name, table)
+            continue
+        shape, ggml_type, data = table[name]
+        rows = unrope_permutation(shape[0], heads[role]) if role in heads else None
+        _set(layer, suffix, _linear_module(name, shape, ggml_type, data, rows, dequantize))
 
 
 def _set(parent: nn.Module, dotted: str, module: nn.Module) -> None:

@@ -37,6 +37,7 @@ from lowbit.io import describe as describe_weight
 from lowbit.io.hf_folder import (DTYPE_NAMES, DTYPES, WEIGHTS_FILE, biases, block_selection, finish_import,
                                  float_tensors, mixed, one_value, output_head, plain_model, read_tensors,
                                  write_hf_folder, writing_folder)
+from lowbit.io.progress import consumed, packed_tensors
 from lowbit.nn import QuantLinear
 from lowbit.pipeline.arch import describe, sequential_groups
 from lowbit.pipeline.loading import set_module
@@ -226,15 +227,15 @@ class GPTQExporter(Exporter):
                                                                                    lambda q: q.dtype)
 
     def write(self, model, weights, out, tokenizer=None, checkpoint_format: str | None = None,
-              dtype: str | None = "fp16", **_options) -> Path:
+              dtype: str | None = "fp16", progress: bool = False, **_options) -> Path:
         float_dtype = _float_dtype(dtype)
         if not weights:
             raise LowbitError("nothing to export in the GPTQ layout: no quantised Linear (quantise with gptq or rtn)")
         fmt = _choose_format(weights, checkpoint_format)
         qc = quantization_config(weights, fmt, model)
-        tensors = {**float_tensors(model, weights, float_dtype), **biases(model, weights, float_dtype)}
-        for name, qt in weights.items():
-            tensors.update(gptq_tensors(name, qt, fmt))
+        floats = {**float_tensors(model, weights, float_dtype), **biases(model, weights, float_dtype)}
+        tensors = packed_tensors(floats, weights, lambda name, qt: gptq_tensors(name, qt, fmt), "GPTQ tensors",
+                                 progress)
         return write_hf_folder(out, model, tensors, tokenizer, qc, float_dtype, {CONFIG_FILE: qc})
 
 
@@ -269,11 +270,13 @@ EXPORTER = register_exporter(GPTQExporter())
 
 
 def export_gptq(model, out, tokenizer=None, checkpoint_format: str | None = None, dtype: str | None = "fp16",
-                requantize: bool = False) -> Path:
-    """Write a quantised model (or a dict {name: QuantizedTensor}) in the HF GPTQ layout."""
+                requantize: bool = False, progress: bool = False) -> Path:
+    """Write a quantised model (or a dict {name: QuantizedTensor}) in the HF GPTQ layout; progress: a bar
+    over the tensors on stderr."""
     if isinstance(model, dict):
         return write_gptq_tensors(model, out, checkpoint_format)
-    return EXPORTER.export(model, out, tokenizer, requantize, checkpoint_format=checkpoint_format, dtype=dtype)
+    return EXPORTER.export(model, out, tokenizer, requantize, checkpoint_format=checkpoint_format, dtype=dtype,
+                           progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,32 +320,34 @@ def _spec_of(qc: dict, n_in: int) -> QuantSpec:
     return QuantSpec(fmt, "group", group, sym, "fp16")
 
 
-def read_gptq(path) -> tuple[dict[str, QuantizedTensor], dict[str, torch.Tensor], dict]:
+def read_gptq(path, progress: bool = False) -> tuple[dict[str, QuantizedTensor], dict[str, torch.Tensor], dict]:
     """({module: QuantizedTensor}, {every other tensor, biases included}, quantization config) of a
-    GPTQ folder."""
+    GPTQ folder. progress: bars over the tensors read and unpacked, on stderr."""
     path = Path(path)
     qc = read_quantize_config(path)
     fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
-    tensors = read_tensors(path)
+    tensors = read_tensors(path, progress)
     own = qc.get("lowbit") or {}
     dtype = DTYPES.get({"float16": "fp16", "bfloat16": "bf16"}.get(own.get("dtype"), "fp32"))
     with_g_idx = set(own.get("g_idx", []))
     qts = {}
-    for key in [k for k in tensors if k.endswith(".qweight")]:
-        name = key[: -len(".qweight")]
-        n_in = tensors[f"{name}.g_idx"].shape[0] if f"{name}.g_idx" in tensors else 0
-        qts[name] = quantized_from_gptq(tensors, name, _spec_of(qc, n_in), n_in, fmt, dtype, name in with_g_idx)
-        for suffix in ("qweight", "qzeros", "scales", "g_idx"):
-            tensors.pop(f"{name}.{suffix}", None)
+    names = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
+    with consumed(tensors, "unpacking GPTQ", progress) as tick:
+        for name in names:
+            n_in = tensors[f"{name}.g_idx"].shape[0] if f"{name}.g_idx" in tensors else 0
+            qts[name] = quantized_from_gptq(tensors, name, _spec_of(qc, n_in), n_in, fmt, dtype, name in with_g_idx)
+            for suffix in ("qweight", "qzeros", "scales", "g_idx"):
+                tensors.pop(f"{name}.{suffix}", None)
+            tick()
     if not qts:
         raise LowbitError(f"{path} holds no GPTQ-packed Linear (no .qweight tensors)")
     return qts, tensors, qc
 
 
-def import_gptq(path):
+def import_gptq(path, progress: bool = False):
     """(model, tokenizer or None) from a GPTQ folder, its quantised Linears as QuantLinear."""
     path = Path(path)
-    qts, tensors, _ = read_gptq(path)
+    qts, tensors, _ = read_gptq(path, progress)
     if not (path / "config.json").is_file():
         raise LowbitError(f"{path} has no config.json: use read_gptq() for the tensors alone")
     model = plain_model(path)

@@ -145,6 +145,19 @@ def model_config(model: nn.Module, quantization_config: dict | None, dtype: torc
     return config
 
 
+def read_generation_config(model: nn.Module, path) -> None:
+    """Give a model built from its config alone the folder's generation_config.json (sampling settings that
+    transformers' generate and vLLM read), so that a save or export writes the folder's own, not defaults."""
+    from transformers import GenerationConfig
+
+    if not (Path(path) / "generation_config.json").is_file() or not hasattr(model, "generation_config"):
+        return
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:   # values transformers refuses (the JSON was checked on loading)
+        raise LowbitError(f"cannot read {Path(path) / 'generation_config.json'}: {str(e).splitlines()[0]}") from e
+
+
 def write_metadata(tmp: Path, model: nn.Module, config, tokenizer=None) -> None:
     """config.json, generation_config.json (when the model has one) and the tokenizer files."""
     config.save_pretrained(tmp)
@@ -175,22 +188,27 @@ def write_hf_folder(out, model: nn.Module, tensors: dict[str, torch.Tensor], tok
 # ---------------------------------------------------------------------------------------------------
 # Reading a folder back
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every .safetensors file in `path` (a truncated or corrupt file is a one-line error)."""
+def read_tensors(path: Path, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of every .safetensors file in `path` (a truncated or corrupt file is a one-line error);
+    progress: a bar over the tensors read, on stderr."""
     from safetensors import safe_open
 
+    from lowbit.io.progress import tensor_bar
     from lowbit.pipeline.checkpoint import read_header, weight_headers
 
     weight_headers(path)  # pickles refused, no .safetensors named
     files = sorted(Path(path).glob("*.safetensors"))
+    headers = {f: read_header(f) for f in files}  # validated by hand before safetensors allocates anything
     tensors = {}
-    for f in files:
-        read_header(f)  # validated by hand before safetensors allocates anything
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
-        except Exception as e:  # safetensors raises its own types for truncated or corrupt files
-            raise LowbitError(f"cannot read {f}: {str(e).splitlines()[0]}") from e
+    with tensor_bar(sum(map(len, headers.values())), "reading tensors", progress) as bar:
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    for k in fh.keys():
+                        tensors[k] = fh.get_tensor(k)
+                        bar.update()
+            except Exception as e:  # safetensors raises its own types for truncated or corrupt files
+                raise LowbitError(f"cannot read {f}: {str(e).splitlines()[0]}") from e
     return tensors
 
 
@@ -224,6 +242,7 @@ def finish_import(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     check_finite(model, path)
+    read_generation_config(model, path)
     return model.eval(), load_tokenizer(Path(path))
 
 

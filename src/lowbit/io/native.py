@@ -15,7 +15,8 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.io.hf_folder import float_tensors, model_config, source_name, write_metadata, writing_folder
+from lowbit.io.hf_folder import (float_tensors, model_config, read_generation_config, source_name, write_metadata,
+                                 writing_folder)
 from lowbit.methods.recipe import Recipe
 from lowbit.nn import MODULES
 from lowbit.pipeline.checkpoint import check_against_disk, check_finite, meta_model, read_header, stored_dtype
@@ -135,6 +136,7 @@ def load(path):
         raise LowbitError(f"cannot read {weights}: {detail}") from e
     _check_keys(model, missing, unexpected, weights)
     check_finite(model, path)
+    read_generation_config(model, path)
     model.lowbit_source_dtype = stored_dtype(headers)
     if isinstance(meta.get("source"), str) and meta["source"]:
         model.lowbit_source_name = meta["source"]   # the model it came from, not this folder

@@ -19,7 +19,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.io.atomic import check_output
-from lowbit.io.hf_folder import float_tensors, writing_folder
+from lowbit.io.hf_folder import float_tensors, read_generation_config, writing_folder
 from lowbit.io.journal import Journal, inputs_hash
 from lowbit.io.native import WEIGHTS_FILE, WEIGHTS_METADATA, quantized_modules, tensors_of, write_files
 from lowbit.io.parts import assemble
@@ -111,6 +111,7 @@ def quantize_streamed(model: nn.Module, shards, config_or_recipe, calibration: C
     journal = Journal(out, inputs_hash(recipe, batches, shards.files, batch_size))
     stream = NativeStream(model, shards, journal)
     n_blocks = len(block_list(model, describe(model))[1])
+    read_generation_config(model, shards.files[0].parent)   # the skeleton was built from config.json alone
     try:
         quantize_model(model, recipe, calibration, batch_size=batch_size, progress=progress, stream=stream)
         with writing_folder(out) as tmp:

@@ -35,12 +35,26 @@ def read_config(path: Path, trust_remote_code: bool = False):
         json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LowbitError(f"{path / 'config.json'} is not valid JSON: {e}")
+    _check_generation_config(path / "generation_config.json")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as e:
         model_type = json.loads((path / "config.json").read_text()).get("model_type", "?")
         hint = "" if trust_remote_code else " (if it ships its own code and you trust it, pass --trust-remote-code)"
         raise LowbitError(f"unsupported architecture {model_type!r}: transformers cannot build it{hint}") from e
+
+
+def _check_generation_config(f: Path) -> None:
+    """A folder's generation_config.json, when there is one, is a JSON object (transformers fails on a list
+    with a traceback, and a save or export copies the file on)."""
+    if not f.is_file():
+        return
+    try:
+        ok = isinstance(json.loads(f.read_text()), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise LowbitError(f"{f} is not a JSON object; fix or remove it")
 
 
 def is_causal_lm(config) -> bool:
