@@ -46,8 +46,8 @@ MIX_PLANS = {
     "transformers": MixPlan(
         "gptq", (), "GPTQ integer grids int2-g64 to int8", 3.25,
         "each GPTQ mix beats the uniform scheme of its size",
-        (("mix 3.5 bpw", "3.498", "0.0117"), ("gptq-int3-g32", "3.5", "0.0314"), ("mix 4.5 bpw", "4.5", "0.0037"),
-         ("gptq-int4-g32", "4.5", "0.0070"), ("mix 5.0 bpw", "4.999", "0.0022"))),
+        (("mix 3.5 bpw", "3.498", "0.0117"), ("gptq-int3-g32", "3.500", "0.0314"), ("mix 4.5 bpw", "4.500", "0.0037"),
+         ("gptq-int4-g32", "4.500", "0.0070"), ("mix 5.0 bpw", "4.999", "0.0022"))),
 }
 NO_MIX = {
     "vllm": "vLLM fuses q/k/v and gate/up into one layer each, which takes one scheme, while a budgeted mix "
