@@ -50,21 +50,25 @@ def _none():
     return None
 
 
-class Plan:
-    """A weight [n, k] as the kernels read it. Copies (deepcopy, pickle) come back as None: a copy must
-    describe its own tensors, so its module builds a new plan."""
-
-    def __init__(self, lib, family: int, struct: ctypes.Structure, keep: tuple, n: int, k: int,
-                 columns: torch.Tensor | None = None):
-        self.lib, self.family, self.struct, self.keep, self.n, self.k = lib, family, struct, keep, n, k
-        self.columns = columns    # int64 [k]: the weight's columns are these columns of x (act-order)
-        self.ref = ctypes.addressof(struct)
+class NoCopy:
+    """Copies (deepcopy, pickle) come back as None: a plan points into its module's tensors, so a copy of the
+    module must build its own."""
 
     def __deepcopy__(self, memo):
         return None
 
     def __reduce__(self):
         return (_none, ())
+
+
+class Plan(NoCopy):
+    """A weight [n, k] as the kernels read it (copies come back as None, see NoCopy)."""
+
+    def __init__(self, lib, family: int, struct: ctypes.Structure, keep: tuple, n: int, k: int,
+                 columns: torch.Tensor | None = None):
+        self.lib, self.family, self.struct, self.keep, self.n, self.k = lib, family, struct, keep, n, k
+        self.columns = columns    # int64 [k]: the weight's columns are these columns of x (act-order)
+        self.ref = ctypes.addressof(struct)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None,
                compute_dtype: torch.dtype | None = None) -> torch.Tensor | None:

@@ -22,6 +22,8 @@ import functools
 
 import torch
 
+from lowbit.kernels.fused import NoCopy
+
 BLOCK_KS = (128, 64, 32, 16)     # tl.dot needs K >= 16; the first that divides the group is used
 
 
@@ -69,19 +71,13 @@ def _kernel():
     return wo4
 
 
-class GPUPlan:
+class GPUPlan(NoCopy):
     """A 4-bit weight [n, k] as the Triton kernel reads it (see gpu_affine_plan)."""
 
     def __init__(self, codes, lut, scales, zeros, n: int, k: int, group: int, hi_first: bool, block_k: int):
         self.codes, self.lut, self.scales, self.zeros = codes, lut, scales, zeros
         self.n, self.k, self.group, self.hi_first, self.block_k = n, k, group, hi_first, block_k
         self.columns = None   # int64 [k]: act-order column order (set by the module, as for the CPU plans)
-
-    def __deepcopy__(self, memo):
-        return None
-
-    def __reduce__(self):
-        return (_none, ())
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None,
                compute_dtype: torch.dtype | None = None) -> torch.Tensor | None:
@@ -106,10 +102,6 @@ class GPUPlan:
         if bias is not None:   # the bias in compute_dtype, added before the product is rounded (once), as addmm does
             y += bias.to(compute).float()
         return y.to(compute).to(x.dtype).reshape(*x.shape[:-1], self.n)
-
-
-def _none():
-    return None
 
 
 def gpu_affine_plan(codes: torch.Tensor, bits: int, n: int, k: int, group: int, levels: torch.Tensor,

@@ -55,6 +55,24 @@ static inline V::F weights(V::F l, V::F s, V::F o) {  // one weight per lane, ex
     return RB ? V::round_bf16(w) : w;
 }
 
+// The hardware prefetcher follows one stream well, not R short interleaved ones (a 2048-wide int4 row is 16
+// cache lines, and a block of R rows is read side by side): at chunk c the same share (per_chunk bytes) of the
+// next R rows (from `next`) is fetched into L1 and of the R rows after those into L2, so DRAM latency stays
+// hidden behind the arithmetic (decoding a 0.38B model: 20-40% faster, benchmarks/decode.py). Always inlined:
+// a call would spill the callers' vector accumulators (every zmm is caller-saved), 1.7x slower.
+template <int R>
+__attribute__((always_inline)) static inline void prefetch_rows(const uint8_t* next, int64_t bytes,
+                                                             int64_t per_chunk, int64_t c) {
+    #pragma GCC unroll 16
+    for (int j = 0; j < R; ++j)
+        for (int64_t off = (c * per_chunk) & ~(int64_t)63; off < (c + 1) * per_chunk; off += 64)
+            __builtin_prefetch(next + j * bytes + off, 0, 3);
+    #pragma GCC unroll 16
+    for (int j = 0; j < R; ++j)
+        for (int64_t off = (c * per_chunk) & ~(int64_t)63; off < (c + 1) * per_chunk; off += 64)
+            __builtin_prefetch(next + (R + j) * bytes + off, 0, 2);
+}
+
 // Rows [r, r + R) of y for MX activation rows.
 template <class L, int R, int MX, bool RB, bool OFF>
 static void nibble_rows(const L& lay, V::Lut lut, const float* xp, int64_t k, int64_t xstride, float* y,
@@ -69,21 +87,10 @@ static void nibble_rows(const L& lay, V::Lut lut, const float* xp, int64_t k, in
     for (int j = 0; j < R; ++j)
         #pragma GCC unroll 16
         for (int i = 0; i < MX; ++i) tot[j][i] = V::zero();
-    // The hardware prefetcher follows one stream well, not R short interleaved ones (a 2048-wide int4 row is
-    // 16 cache lines, and a block of R rows is read side by side): at chunk c the same share of the next R
-    // rows is fetched into L1 and of the R rows after those into L2, so DRAM latency stays hidden behind the
-    // arithmetic (decoding a 0.38B model: 20-40% faster, benchmarks/decode.py).
     const int64_t bytes = lay.row_bytes(), per_chunk = lay.chunks ? bytes / lay.chunks : 0;
     const uint8_t* next = lay.row_ptr(r + R);
     for (int64_t c = 0; c < lay.chunks; ++c) {
-        #pragma GCC unroll 16
-        for (int j = 0; j < R; ++j)
-            for (int64_t off = (c * per_chunk) & ~(int64_t)63; off < (c + 1) * per_chunk; off += 64)
-                __builtin_prefetch(next + j * bytes + off, 0, 3);
-        #pragma GCC unroll 16
-        for (int j = 0; j < R; ++j)
-            for (int64_t off = (c * per_chunk) & ~(int64_t)63; off < (c + 1) * per_chunk; off += 64)
-                __builtin_prefetch(next + (R + j) * bytes + off, 0, 2);
+        prefetch_rows<R>(next, bytes, per_chunk, c);
         V::I v[R], h[R];
         V::F S[R][P], O[R][P], acc[R][MX][P];
         #pragma GCC unroll 16
@@ -160,18 +167,10 @@ static void table_rows(const L& lay, V::Lut lut, const float* xp, int64_t k, int
     for (int j = 0; j < R; ++j)
         #pragma GCC unroll 16
         for (int i = 0; i < MX; ++i) tot[j][i][0] = tot[j][i][1] = V::zero();
-    // prefetched as in nibble_rows
     const int64_t bytes = lay.row_bytes(), per_chunk = lay.chunks ? bytes / lay.chunks : 0;
     const uint8_t* next = lay.row_ptr(r + R);
     for (int64_t c = 0; c < lay.chunks; ++c) {
-        #pragma GCC unroll 16
-        for (int j = 0; j < R; ++j)
-            for (int64_t off = (c * per_chunk) & ~(int64_t)63; off < (c + 1) * per_chunk; off += 64)
-                __builtin_prefetch(next + j * bytes + off, 0, 3);
-        #pragma GCC unroll 16
-        for (int j = 0; j < R; ++j)
-            for (int64_t off = (c * per_chunk) & ~(int64_t)63; off < (c + 1) * per_chunk; off += 64)
-                __builtin_prefetch(next + (R + j) * bytes + off, 0, 2);
+        prefetch_rows<R>(next, bytes, per_chunk, c);
         V::I ev[R], od[R];
         V::Tab2 t[R];
         #pragma GCC unroll 16
