@@ -9,6 +9,7 @@ from lowbit import api
 from lowbit.core import quantize
 from lowbit.errors import LowbitError
 from lowbit.methods import RTN, parse_method
+from lowbit.methods.recipe import as_recipe
 from lowbit.methods.awq import AWQ, candidate_scales, clip_search
 from lowbit.core import QuantSpec
 from lowbit.methods.base import LayerInfo
@@ -33,7 +34,7 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
-@pytest.mark.parametrize("objective", ["block", "layer"])
+@pytest.mark.parametrize("objective", ["module", "block", "layer"])
 def test_folding_awq_scales_leaves_full_precision_outputs_unchanged(arch, objective):
     base = build_tiny_model(arch)
     ref = logits(base)
@@ -151,3 +152,57 @@ def test_awq_beats_rtn_on_the_bundled_model(bits):
         model = api.quantize(copy.deepcopy(base), config, tokenizer=tok, progress=False)
         ppl[config.name] = perplexity(model, ids).perplexity
     assert ppl["awq"] < ppl["rtn"]   # measured: 46.60 vs 46.85 at int4, 47.76 vs 49.22 at int3 (fp32: 46.30)
+
+
+@pytest.mark.parametrize("objective", ["module", "block"])
+def test_the_search_error_is_the_squared_error_of_the_judged_output(objective, one_thread):
+    """What the pipeline hands AWQ's search as block_error, against a brute-force run: the group's weights
+    swapped for candidates, the full block run, the output of the attention / MLP ("module") or of the
+    block ("block") compared with the full-precision one."""
+    from lowbit.pipeline.arch import block_list, describe
+    from lowbit.pipeline.blocks import capture_block_inputs, run_block
+    from lowbit.pipeline.scaling import scale_block
+
+    seen = []
+
+    class Probe(AWQ):
+        def input_scales(self, ctx):
+            g = torch.Generator().manual_seed(len(seen))
+            approx = [w + 0.02 * torch.randn(w.shape, generator=g) for w in ctx.weights]
+            seen.append((ctx.producer, [w.clone() for w in ctx.weights], approx, ctx.block_error(approx)))
+            return None
+
+    model = build_tiny_model("llama").eval()
+    _, blocks = block_list(model, describe(model))
+    inputs = capture_block_inputs(model, blocks[:1], [CALIB[:4], CALIB[4:]])
+    block = blocks[0]
+    scale_block(block, describe(model), inputs, as_recipe(Probe(group_size=32, objective=objective)), "model.layers.0")
+    assert [p for p, *_ in seen] == ["norm", "linear", "norm", "linear"]
+
+    def judged(x, producer_index):
+        out = []
+        module = {"module": [block.self_attn, block.self_attn, block.mlp, block.mlp][producer_index],
+                  "block": None}[objective]
+        if module is None:
+            return run_block(block, x)
+        h = module.register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            run_block(block, x)
+        finally:
+            h.remove()
+        return out[0]
+
+    groups = [[block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj], [block.self_attn.o_proj],
+              [block.mlp.gate_proj, block.mlp.up_proj], [block.mlp.down_proj]]
+    with torch.no_grad():
+        for k, ((producer, weights, approx, error), mods) in enumerate(zip(seen, groups)):
+            if producer == "linear" and objective == "module":
+                continue   # judged through the Gram matrix of its input, not by a pass
+            ref = [judged(x, k).double() for x in inputs]
+            held = [m.weight.data for m in mods]
+            for m, w in zip(mods, approx):
+                m.weight.data = w
+            brute = sum(float((judged(x, k).double() - r).pow(2).sum()) for x, r in zip(inputs, ref))
+            for m, w in zip(mods, held):
+                m.weight.data = w
+            assert error == pytest.approx(brute, rel=1e-6), (k, objective)

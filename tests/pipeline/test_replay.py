@@ -105,3 +105,67 @@ def test_a_parent_doing_more_than_its_last_linear_is_run_in_full(inner, one_thre
         block.inner.b.weight.data += 0.1
         for i, x in enumerate(inputs):
             assert torch.equal(replay.run(i, x), run_block(block, x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stopping at a submodule (AWQ's "module" objective judges a group by the attention's / the MLP's output)
+
+def _hooked_output(block, module, x):
+    """The module's output in a plain full run of the block (the reference for run_block(until=))."""
+    seen = []
+    h = module.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        run_block(block, x)
+    finally:
+        h.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_error_scopes_are_the_smallest_module_holding_the_group(family):
+    from lowbit.pipeline.fold import foldable_groups
+    from lowbit.pipeline.loading import conv1d_to_linear
+    from lowbit.pipeline.scaling import error_scope
+    model = build_tiny_model(family).eval()
+    conv1d_to_linear(model)   # GPT-2's Conv1D, as the pipeline sees it
+    block, _ = _batches(model, 1)
+    groups = [g for g, _ in foldable_groups(block, describe(model), list(block_linears(block)))]
+    assert groups
+    modules = dict(block.named_modules())
+    for g in groups:
+        scope = error_scope(block, g, "module")
+        name = next(n for n, m in modules.items() if m is scope)
+        # every Linear of the group sits in it, and it is not a Linear (a lone o_proj is judged by the attention)
+        assert all(n.startswith(name + ".") for n in g) and not isinstance(scope, nn.Linear), (g, name)
+        assert error_scope(block, g, "block") is None
+    if family == "llama":
+        scopes = {tuple(g): error_scope(block, g, "module") for g in groups}
+        assert scopes[("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")] is block.self_attn
+        assert scopes[("mlp.gate_proj", "mlp.up_proj")] is block.mlp
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+def test_stopping_at_a_module_gives_its_output_and_runs_nothing_after_it(family, one_thread):
+    model = build_tiny_model(family).eval()
+    block, inputs = _batches(model)
+    linears = block_linears(block)
+    first_name = next(iter(linears))
+    attn = block.get_submodule(first_name.rsplit(".", 1)[0])   # the attention holds the block's first Linear
+    last = list(linears.values())[-1]                          # the MLP's last Linear runs after it
+    calls = []
+    h = last.register_forward_pre_hook(lambda m, a: calls.append(1))
+    g = torch.Generator().manual_seed(2)
+    try:
+        with torch.no_grad():
+            replay = Replay(block, linears[first_name], inputs)
+            held = linears[first_name].weight.data
+            linears[first_name].weight.data = held + 0.05 * torch.randn(held.shape, generator=g)
+            for i, x in enumerate(inputs):
+                calls.clear()
+                got = replay.run(i, x, until=attn)
+                assert not calls
+                assert torch.equal(got, run_block(block, x, until=attn))
+                assert torch.equal(got, _hooked_output(block, attn, x))
+            linears[first_name].weight.data = held
+    finally:
+        h.remove()

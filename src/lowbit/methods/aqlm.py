@@ -29,6 +29,7 @@ from lowbit.weights.codebook import AQLMWeight
 from lowbit.weights.placeholders import free
 
 KMEANS_ITERS = 15
+FINETUNE_LR = 1e-4
 KMEANS_PP_MAX = 4096
 
 
@@ -37,13 +38,15 @@ KMEANS_PP_MAX = 4096
 class AQLM(MethodConfig):
     """codebooks x code_bits: 2x8 (default; 2 bits per weight plus codebooks and scales) or 1x16. rounds:
     code / codebook / scale rounds after the k-means start. adam_steps, lr: the codebook update. damp: as
-    GPTQ. seed: the k-means start."""
+    GPTQ. seed: the k-means start. finetune: epochs of block fine-tuning of the codebooks, scales and the
+    block's float parameters once the block is quantised (pipeline/tuning.py; 0: none), at finetune_lr."""
 
     name = "aqlm"
     required_stats = ("hessian",)
     sequential = True
     words = {"2x8": {"codebooks": 2, "code_bits": 8}, "1x16": {"codebooks": 1, "code_bits": 16},
-             "1x8": {"codebooks": 1, "code_bits": 8}, "r": "rounds", "steps": "adam_steps", "seed": "seed"}
+             "1x8": {"codebooks": 1, "code_bits": 8}, "r": "rounds", "steps": "adam_steps", "seed": "seed",
+             "ft": "finetune", "ftlr": "finetune_lr"}
     codebooks: int = 2
     code_bits: int = 8
     rounds: int = 4
@@ -51,6 +54,8 @@ class AQLM(MethodConfig):
     lr: float = 3e-3
     damp: float = 0.01
     seed: int = 0
+    finetune: int = 0
+    finetune_lr: float = FINETUNE_LR
 
     def __post_init__(self):
         if not (isinstance(self.codebooks, int) and 1 <= self.codebooks <= 8):
@@ -61,6 +66,13 @@ class AQLM(MethodConfig):
             raise LowbitError("aqlm's rounds and adam_steps must be integers >= 0")
         if not (0 <= self.damp < math.inf and 0 < self.lr < math.inf):
             raise LowbitError(f"aqlm: damp must be >= 0 and lr > 0, got {self.damp!r}, {self.lr!r}")
+        if not (isinstance(self.finetune, int) and self.finetune >= 0 and 0 < self.finetune_lr < math.inf):
+            raise LowbitError(f"{self.name}: finetune epochs must be an integer >= 0 and finetune_lr > 0, "
+                              f"got {self.finetune!r}, {self.finetune_lr!r}")
+
+    @property
+    def block_tuning(self) -> tuple[int, float]:
+        return self.finetune, self.finetune_lr
 
     def quantize_weight(self, weight, stats=None) -> AQLMWeight:
         if stats is None or stats.n_tokens == 0:

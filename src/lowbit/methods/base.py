@@ -100,6 +100,12 @@ class MethodConfig(metaclass=_ConfigMeta):
         the method cannot say."""
         return None
 
+    @property
+    def block_tuning(self) -> tuple[int, float]:
+        """(epochs, learning rate) of the block fine-tuning that follows quantising a block
+        (pipeline/tuning.py); 0 epochs: none."""
+        return 0, 0.0
+
     def module_options(self) -> dict:
         """Options for the module nn/ builds around this method's weights (e.g. a compute dtype)."""
         return {}

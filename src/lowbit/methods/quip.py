@@ -35,6 +35,7 @@ from lowbit.weights.placeholders import free
 # source (tests/methods/test_quip.py), 3 and 4 bits QuIP#'s E8P12RVQ3B / E8P12RVQ4B values
 OPT_SCALE = {2: 1.03, 3: 0.98, 4: 1.03}
 RESID_SCALE = {2: 1.0, 3: 2.04, 4: 3.45}
+FINETUNE_LR = 1e-4
 
 
 @register_method
@@ -43,18 +44,22 @@ class QuIP(MethodConfig):
     """QuIP#: bits 2 (E8P), 3 (E8P + E8 residual) or 4 (E8P + E8P residual) per weight, plus a bit per
     input and output for the signs. damp: fraction of H's mean diagonal added to it. seed: the random
     signs. opt_scale: RMS of the rotated weight in codebook units (None: OPT_SCALE). tune: refinement passes
-    after BlockLDLQ (methods/ldlq.py block_refine; the reference's quip_tune_iters)."""
+    after BlockLDLQ (methods/ldlq.py block_refine; the reference's quip_tune_iters). finetune: epochs of
+    block fine-tuning of the scales and the block's float parameters once the block is quantised
+    (pipeline/tuning.py; 0: none), at finetune_lr."""
 
     name = "quip"
     required_stats = ("hessian",)
     sequential = True
     words = {"2bit": {"bits": 2}, "3bit": {"bits": 3}, "4bit": {"bits": 4}, "damp": "damp", "seed": "seed",
-             "scale": "opt_scale", "tune": "tune"}
+             "scale": "opt_scale", "tune": "tune", "ft": "finetune", "ftlr": "finetune_lr"}
     bits: int = 2
     damp: float = 0.01
     seed: int = 0
     opt_scale: float | None = None
     tune: int = 0
+    finetune: int = 0
+    finetune_lr: float = FINETUNE_LR
 
     def __post_init__(self):
         if self.bits not in OPT_SCALE:
@@ -65,6 +70,13 @@ class QuIP(MethodConfig):
             raise LowbitError(f"quip's tune passes must be an integer >= 0, got {self.tune!r}")
         if self.opt_scale is not None and not (0 < self.opt_scale < math.inf):
             raise LowbitError(f"quip's opt_scale must be a positive number, got {self.opt_scale!r}")
+        if not (isinstance(self.finetune, int) and self.finetune >= 0 and 0 < self.finetune_lr < math.inf):
+            raise LowbitError(f"quip: finetune epochs must be an integer >= 0 and finetune_lr > 0, "
+                              f"got {self.finetune!r}, {self.finetune_lr!r}")
+
+    @property
+    def block_tuning(self) -> tuple[int, float]:
+        return self.finetune, self.finetune_lr
 
     @property
     def scale_target(self) -> float:

@@ -26,8 +26,9 @@ class ScaleContext:
                  a v_proj channel over several o_proj columns); None when they are the same
     width:       number of producer channels
     producer:    "norm" or "linear": what the scale will be folded into
-    block_error: error of the block's output over the search batches with the group's weights replaced
-                 by the given ones (the full-precision block's output is the target); None if unavailable
+    block_error: error of the block's output (or of the submodule `error_scope` names) over the search
+                 batches with the group's weights replaced by the given ones (the full-precision output
+                 is the target); None if unavailable
     seed:        for any sampling the search does
     """
 
@@ -66,6 +67,12 @@ class InputScaling:
     @property
     def uses_block_error(self) -> bool:
         return False
+
+    @property
+    def error_scope(self) -> str:
+        """Whose output `block_error` judges: "block" (the block's) or "module" (the smallest submodule
+        holding the group, pipeline/scaling.py error_scope)."""
+        return "block"
 
     @property
     def scale_search_batches(self) -> int | None:

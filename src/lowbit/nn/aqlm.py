@@ -47,8 +47,35 @@ class AQLMLinear(nn.Module):
         return self.quantized().dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.quantized().dequantize().to(x.dtype)
+        tuned = getattr(self, "_tuned", None)
+        if tuned is not None:   # block fine-tuning: the same decode, differentiable in float32 masters
+            books, scales = tuned
+            idx = self.codes.long() & 0xFFFF
+            w = sum(books[m][idx[..., m]] for m in range(books.shape[0])).reshape(self.out_features, -1)
+            w = (w * scales[:, None]).to(x.dtype)
+        else:
+            w = self.quantized().dequantize().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def tuning_start(self) -> list[torch.Tensor]:
+        """Block fine-tuning (pipeline/tuning.py): float32 copies of the codebooks and row scales that the
+        forward pass uses, and trains, until tuning_end; the codes stay fixed."""
+        self._tuned = (self.codebooks.float().requires_grad_(), self.scales.float().requires_grad_())
+        return list(self._tuned)
+
+    def tuning_end(self):
+        """Store the tuned values, rounded to the stored fp16, and leave tuning; returns a function that
+        puts back what was stored before."""
+        books, scales = self._tuned
+        before = (self.codebooks.clone(), self.scales.clone())
+        self.codebooks.copy_(books.detach().half())
+        self.scales.copy_(scales.detach().half())
+        self._tuned = None
+
+        def undo():
+            self.codebooks.copy_(before[0])
+            self.scales.copy_(before[1])
+        return undo
 
     def layer_config(self) -> dict:
         return {"module": "AQLMLinear", "in_features": self.in_features, "out_features": self.out_features,

@@ -136,9 +136,31 @@ def capture_block_inputs(model: nn.Module, blocks, batches: list) -> list[BlockI
     return captured
 
 
-def run_block(block: nn.Module, x: BlockInput) -> torch.Tensor:
-    out = block(x.hidden, *x.args, **x.kwargs)
+def _first_tensor(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_block(block: nn.Module, x: BlockInput, until: nn.Module | None = None) -> torch.Tensor:
+    """The block's output on x; with `until` (a submodule), that module's output, and the block stops
+    there: nothing after it runs."""
+    if until is None:
+        return _first_tensor(block(x.hidden, *x.args, **x.kwargs))
+    captured = []
+
+    def stop(module, args, out):
+        captured.append(_first_tensor(out))
+        raise _StopForward
+
+    handle = until.register_forward_hook(stop)
+    try:
+        block(x.hidden, *x.args, **x.kwargs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"{type(until).__name__} was not called by the block")
+    return captured[0]
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:

@@ -110,14 +110,15 @@ class Replay:
             return self.outputs[module][self.batch][i]
         return forward
 
-    def run(self, batch: int, x: BlockInput) -> torch.Tensor:
+    def run(self, batch: int, x: BlockInput, until: nn.Module | None = None) -> torch.Tensor:
+        """The block's output on batch i (or the output of its submodule `until`, see run_block)."""
         self.batch, self._calls = batch, {}
         for m in self.outputs:
             m.forward = self._replayed(m)   # an instance attribute: nn.Module.__call__ calls it
         if self.tail is not None:
             self.tail[0].forward = self._tail_forward()
         try:
-            out = run_block(self.block, x)
+            out = run_block(self.block, x, until)
         finally:
             for m in self.outputs:
                 del m.forward
@@ -125,7 +126,7 @@ class Replay:
                 del self.tail[0].forward
         if self._current_versions() != self._versions:   # the block wrote into a replayed output
             self.outputs, self.tail, self._versions = {}, None, []
-            out = run_block(self.block, x)
+            out = run_block(self.block, x, until)
         return out
 
 

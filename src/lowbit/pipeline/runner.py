@@ -30,6 +30,7 @@ from lowbit.pipeline.samples import CalibrationSet, check_context, check_token_i
 
 SHOWN = 12   # offending Linears listed by name; the rest are counted
 from lowbit.pipeline.scaling import scale_block
+from lowbit.pipeline.tuning import block_targets, tune_block
 
 
 def quantize_linear(config, info: LayerInfo, module: nn.Linear, stats: LayerStats | None) -> tuple[nn.Module, LayerReport]:
@@ -72,6 +73,18 @@ def _quantize_block(block, prefix: str, index: int, inputs: list[BlockInput], re
         reports += solve_and_swap(block, group, solve, split, after_layer)
         del stats
     return reports
+
+
+def _block_tuning(block, prefix: str, recipe: Recipe, split: Split, calibrated: bool) -> tuple[int, float] | None:
+    """(epochs, lr) of the block fine-tuning the block's configs ask for (the most epochs among them), or
+    None."""
+    configs = [c for n in block_linears(block) if (c := recipe.config_for(f"{prefix}.{n}")) is not None]
+    asked = max((c.block_tuning for c in configs), default=(0, 0.0))
+    if asked[0] <= 0:
+        return None
+    if split.world > 1:
+        raise LowbitError("block fine-tuning (finetune) runs in one process; run it without torchrun")
+    return asked if calibrated else None
 
 
 def solve_and_swap(root: nn.Module, names: list[str], solve, split: Split | None = None,
@@ -267,7 +280,13 @@ def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor
         block, prefix = blocks[i], f"{path}.{i}"
         walk.load(i, block)
         scale_block(block, arch, inputs, recipe, prefix, i, split)
+        tuning = _block_tuning(block, prefix, recipe, split, bool(inputs))
+        targets = block_targets(block, inputs) if tuning else None   # the full-precision block's outputs
         done = _quantize_block(block, prefix, i, inputs, recipe, arch, len(blocks), n_gqa, walk.layer_done, split)
+        if tuning:
+            before, after = tune_block(block, inputs, targets, *tuning)
+            bar.set_postfix_str(f"block {i} tuned: error {before:.3g} -> {after:.3g}")
+            del targets
         advance(block, inputs)
         walk.done(i, block, done, inputs)
         reports += done

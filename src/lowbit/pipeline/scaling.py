@@ -6,6 +6,8 @@ first InputScaling config among its Linears'.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -38,18 +40,30 @@ def _scaling_plan(block: nn.Module, arch: Arch, recipe: Recipe, prefix: str):
     return plan
 
 
+def error_scope(block: nn.Module, group: list[str], scope: str) -> nn.Module | None:
+    """Whose output a group's search judges: None for the block's ("block"), or for "module" the smallest
+    submodule holding every Linear of the group above the Linears themselves (q/k/v or a lone o_proj ->
+    the attention, gate/up or down_proj -> the MLP; AutoAWQ's module2inspect), None when that is the
+    block itself."""
+    if scope == "block":
+        return None
+    common = os.path.commonprefix([n.split(".")[:-1] for n in group])
+    return block.get_submodule(".".join(common)) if common else None
+
+
 def _block_error(block, batches, targets, linears: list[nn.Linear], approx: list[torch.Tensor],
-                 replay: Replay, split: Split) -> float:
-    """Squared error of the block's outputs at real tokens against `targets` (their float64 rows) with the
-    Linears' weights set to `approx`, summed in the run's batch order over every rank's batches (this
-    rank's are `batches`). What precedes the Linears is replayed, not recomputed."""
+                 replay: Replay, split: Split, until: nn.Module | None = None) -> float:
+    """Squared error of the block's outputs (or of its submodule `until`'s) at real tokens against
+    `targets` (their float64 rows) with the Linears' weights set to `approx`, summed in the run's batch
+    order over every rank's batches (this rank's are `batches`). What precedes the Linears is replayed,
+    not recomputed; with `until`, nothing after that module runs."""
     held = [m.weight.data for m in linears]
     try:
         for m, w in zip(linears, approx):
             m.weight.data = w
         with torch.no_grad():
             # real tokens only: a padded position's output is never used, so its error must not count
-            errors = [float((x.real(replay.run(i, x)).double() - t).pow(2).sum())
+            errors = [float((x.real(replay.run(i, x, until)).double() - t).pow(2).sum())
                       for i, (x, t) in enumerate(zip(batches, targets))]
     finally:
         for m, w in zip(linears, held):
@@ -57,7 +71,8 @@ def _block_error(block, batches, targets, linears: list[nn.Linear], approx: list
     return sum(split.in_order(errors))
 
 
-def _context(block, linears, group, source: InputSource, stats, batches, targets, seed, split) -> ScaleContext:
+def _context(block, linears, group, source: InputSource, stats, batches, targets, seed, split,
+             until: nn.Module | None = None) -> ScaleContext:
     mods = [linears[n] for n in group]
     error = None
     if targets is not None:
@@ -66,7 +81,7 @@ def _context(block, linears, group, source: InputSource, stats, batches, targets
         def error(approx, mods=mods):
             if not replay:
                 replay.append(Replay(block, mods[0], batches))
-            return _block_error(block, batches, targets, mods, approx, replay[0], split)
+            return _block_error(block, batches, targets, mods, approx, replay[0], split, until)
     return ScaleContext([m.weight.detach() for m in mods], stats, source.index, source.width, source.kind, error,
                         seed)
 
@@ -87,11 +102,17 @@ def scale_block(block: nn.Module, arch: Arch, inputs: list[BlockInput], recipe: 
         if not part.batches:
             continue
         stats = collect_stats(block, batches, {g[0]: linears[g[0]] for g, _ in mine}, config.keeps_inputs, part)
-        targets = [x.real(run_block(block, x)).double() for x in batches] if config.uses_block_error else None
+        scopes = {tuple(g): error_scope(block, g, config.error_scope) for g, _ in mine}
+        # every target from the full-precision weights, before any fold (a fold keeps the function only
+        # up to rounding)
+        targets = {m: [x.real(run_block(block, x, m)).double() for x in batches]
+                   for m in dict.fromkeys(scopes.values())} if config.uses_block_error else None
         for group, source in mine:
             if stats[group[0]].n_tokens == 0:
                 continue
-            ctx = _context(block, linears, group, source, stats[group[0]], batches, targets, block_index, part)
+            until = scopes[tuple(group)]
+            ctx = _context(block, linears, group, source, stats[group[0]], batches,
+                           None if targets is None else targets[until], block_index, part, until)
             s = config.input_scales(ctx)
             if s is not None:
                 fold_scales(source, [linears[n] for n in group], s)

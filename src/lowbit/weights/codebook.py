@@ -9,7 +9,8 @@ Lattice Codebooks"): lattice codes of the weight in a randomly rotated basis, pl
     codes   int16 [out, in / 8]: E8P codes (formats/e8.py), 2 bits per weight
     resid   None (2 bits), uint8 [out, in / 8] codes of the 256-entry E8 residual codebook (3 bits), or
             int16 [out, in / 8] E8P codes of the residual (4 bits): residual vector quantisation
-    su, sv  the random signs (±1) of the input and output transforms, stored one bit each
+    su, sv  the random signs (±1) of the input and output transforms, stored one bit each; after block
+            fine-tuning real numbers (`real_signs`), stored fp16, as QuIP#'s tuned SU / SV are
     scale   float32 []: the matrix's codebook scale; resid_scale: the residual stage's fixed gain
 
 nn/quip.py runs it without forming W: y = (rht(x, su) Ŵr^T) V.
@@ -53,6 +54,7 @@ class QuipWeight(VectorCoded):
     resid_scale: float = 1.0
     dtype: torch.dtype = torch.float32
     extras: dict = field(default_factory=dict)
+    real_signs: bool = False
 
     def __post_init__(self):
         out, blocks = self.codes.shape
@@ -81,9 +83,11 @@ class QuipWeight(VectorCoded):
 
     @property
     def storage_bits(self) -> int:
-        """Codes (16 bits per 8 weights, plus 8 or 16 for the residual), one bit per sign, the fp32 scale."""
+        """Codes (16 bits per 8 weights, plus 8 or 16 for the residual), one bit per sign (16 once tuned to
+        real values), the fp32 scale."""
         out, n_in = self.shape
-        return (16 + RESID_BITS[self.bits]) * self.codes.numel() + n_in + out + SCALE_BITS
+        sign_bits = 16 if self.real_signs else 1
+        return (16 + RESID_BITS[self.bits]) * self.codes.numel() + sign_bits * (n_in + out) + SCALE_BITS
 
 
 @dataclass
