@@ -88,3 +88,23 @@ def test_tuning_words_and_checks():
         AQLM(finetune=-1)
     with pytest.raises(LowbitError, match="finetune"):
         AQLM(finetune_lr=0.0)
+
+
+def test_quip_signs_tuned_to_real_values_are_stored_fp16_and_counted(one_thread):
+    """QuIP#'s fine-tuning trains SU / SV as real numbers: a tuned module stores them as fp16 vectors, its
+    bits per weight count 16 per sign, and its forward pass is the dequantised weight's."""
+    base = build_tiny_model("llama").eval()
+    tuned = api.quantize(copy.deepcopy(base), parse_method("quip-ft20-ftlr0.003"), calibration=CALIB, progress=False)
+    mods = [m for m in tuned.modules() if isinstance(m, QuipLinear)]
+    real = [m for m in mods if m.real_signs]
+    assert real, "no block kept its tuning"
+    for m in real:
+        su, sv = m.signs()
+        assert m.su.dtype == torch.float16 and m.su.shape == (m.in_features,)
+        assert not bool(((su.abs() - 1).abs() < 1e-3).all())   # no longer signs
+        q = m.quantized()
+        n_in, out = m.in_features, m.out_features
+        assert q.storage_bits == 16 * q.codes.numel() + 16 * (n_in + out) + 32
+        x = torch.randn(5, n_in, generator=GEN)
+        with torch.no_grad():
+            assert torch.allclose(m(x), x @ q.dequantize().T, atol=1e-5, rtol=1e-4)

