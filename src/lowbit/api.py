@@ -33,13 +33,14 @@ def load_model(path=None, trust_remote_code: bool = False):
     if path is not None and Path(path).is_file() and Path(path).suffix == ".gguf":
         return get_importer("gguf")(path)
     importer = _quantized_folder_format(path)
-    if importer is not None:  # a GPTQ/AWQ/bnb/compressed-tensors folder: read by lowbit, no optimum needed
+    if importer is not None:  # a GPTQ/AWQ/bnb/compressed-tensors/AQLM folder: read by lowbit, no optimum needed
         return get_importer(importer)(path)
     return load_hf_model(path, torch.float32, trust_remote_code)
 
 
 # quantization_config's quant_method -> the importer that reads the folder
-QUANT_METHOD_IMPORTERS = {"gptq": "gptq", "awq": "awq", "bitsandbytes": "bnb", "compressed-tensors": "compressed-tensors"}
+QUANT_METHOD_IMPORTERS = {"gptq": "gptq", "awq": "awq", "bitsandbytes": "bnb", "compressed-tensors": "compressed-tensors",
+                          "aqlm": "aqlm"}
 
 
 def _quantized_folder_format(path) -> str | None:
@@ -145,7 +146,8 @@ def _refuse_uncalibrated(config) -> None:
 
 
 def export(model, out, format: str, tokenizer=None, requantize: bool = False, **options):
-    """Write a (quantised) model in a serving format: "gguf", "gptq", "awq", "bnb". Weights the format
+    """Write a (quantised) model in a serving format: "gguf", "gptq", "awq", "bnb", "compressed-tensors",
+    "aqlm". Weights the format
     holds exactly are copied; others are refused unless requantize=True. Returns the written path."""
     return get_exporter(format).export(model, out, tokenizer=tokenizer, requantize=requantize, **options)
 

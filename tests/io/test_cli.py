@@ -48,7 +48,8 @@ def stored_tensors(folder) -> int:
 
 @pytest.mark.parametrize("fmt,method,label", [("gptq", "rtn-int4-g32", "GPTQ"), ("awq", "rtn-uint4-g32", "AWQ"),
                                               ("bnb", "nf4", "bnb"), ("compressed-tensors", "rtn-int4-g32",
-                                                                      "compressed-tensors")])
+                                                                      "compressed-tensors"),
+                                              ("aqlm", "aqlm-r1-steps5", "AQLM")])
 def test_export_and_import_count_every_tensor_on_stderr(tmp_path, tiny_model_dir, capsys, one_thread, fmt, method,
                                                         label):
     """Each bar's final n/total is the number of tensors safetensors finds in the exported file."""

@@ -96,7 +96,8 @@ def test_the_expected_pairs_are_accepted(quantised):
     assert accepted("w8a8") == accepted("w8a8-static") == ["compressed-tensors"]
     assert accepted("rtn-fp8_e4m3-channel") == ["compressed-tensors"]
     assert accepted("spqr") == accepted("hqq-int4-g64") == []   # sparse outliers; float zero points
-    assert accepted("quip") == accepted("aqlm-r1-steps5") == []  # lattice codes of a rotated weight; codebooks
+    assert accepted("quip") == []                                # lattice codes of a rotated weight
+    assert accepted("aqlm-r1-steps5") == ["aqlm"]                # additive codebooks: the aqlm package's layout
     assert accepted("bitnet") == ["gguf"]                        # ternary + one fp16 scale: TQ1_0 blocks
 
 

@@ -60,6 +60,7 @@ CASES = {
     "q4_k_m-tied-gqa4": Case("llama", "q4_k_m", ("gguf",), config=GQA4_TIED, gguf_type="Q4_K_M"),
     "gptq-skip": Case("llama", "gptq-int4-g32", ("gguf",) + HF_FORMATS, skip=("*.mlp.down_proj", "model.layers.1.*")),
     "nf4": Case("llama", "nf4", ("bnb",)),
+    "aqlm-skip": Case("llama", "aqlm-r1-steps5", ("aqlm",), skip=("*.mlp.down_proj",)),
 }
 SLOW_CASES = {
     "rtn-int4-g32": Case("llama", "rtn-int4-g32", ("gguf",) + HF_FORMATS),

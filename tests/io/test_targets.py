@@ -24,7 +24,8 @@ def llama(hidden=256, inter=512):
     ("rtn-int4-g128", "transformers", "compressed-tensors"), ("rtn-nvfp4", "vllm", "compressed-tensors"),
     ("gptq-mxfp4", "vllm", "compressed-tensors"), ("rtn-mxfp8_e4m3", "vllm", "compressed-tensors"),
     ("rtn-nvfp4-a4", "vllm", "compressed-tensors"), ("gptq-mxfp4-a4", "vllm", "compressed-tensors"),
-    ("rtn-mxfp8_e4m3-a8", "vllm", "compressed-tensors")])
+    ("rtn-mxfp8_e4m3-a8", "vllm", "compressed-tensors"), ("aqlm", "transformers", "aqlm"),
+    ("aqlm-1x16", "transformers", "aqlm")])
 def test_what_an_engine_serves_passes(method, target, fmt):
     assert api.check_target(llama(), method, target) == fmt
 

@@ -6,7 +6,7 @@ What each step is compared against:
 - reload: the in-memory quantised model's outputs, bit for bit;
 - import: the quantised model as the format stores it, built independently of the file: its float
   tensors (embeddings, norms, biases, float Linears) rounded to the dtype the format writes them in
-  (GPTQ and AWQ fp16, compressed-tensors bf16, bnb as held), its quantised weights untouched (the
+  (GPTQ, AWQ and AQLM fp16, compressed-tensors bf16, bnb as held), its quantised weights untouched (the
   formats hold them exactly: tests/io/test_conformance.py). Same modules, same values: outputs equal
   bit for bit. GGUF also re-rounds what lowbit left in float (token_embd, output) by the file type's
   rules; the reference takes those two tensors as gguf-py dequantises them from the file, and the
@@ -37,12 +37,14 @@ IDS = torch.randint(0, 512, (2, 24), generator=GEN)
 # transformers 5 holds these families' experts as fused 3-D parameters, which lowbit does not quantise:
 # quantising is refused in one line unless the experts are kept in full precision on purpose.
 FUSED_EXPERTS = {"mixtral", "qwen2_moe"}
-# int4 g32 is held exactly by gptq, awq, compressed-tensors and gguf; bnb holds NF4.
-METHOD = {"bnb": "nf4"}
-FLOAT_DTYPE = {"gptq": torch.float16, "awq": torch.float16, "compressed-tensors": torch.bfloat16, "bnb": None}
+# int4 g32 is held exactly by gptq, awq, compressed-tensors and gguf; bnb holds NF4, aqlm AQLM's codebooks.
+METHOD = {"bnb": "nf4", "aqlm": "aqlm-r0"}
+FLOAT_DTYPE = {"gptq": torch.float16, "awq": torch.float16, "compressed-tensors": torch.bfloat16, "bnb": None,
+               "aqlm": torch.float16}
 # (family, format) -> words of the one-line refusal, where the family cannot be written in the format
 REFUSED = {**{(f, "gguf"): f"GGUF export supports Llama-architecture models, not {f!r}" for f in FAMILIES if f != "llama"},
-           ("gpt2", "compressed-tensors"): "Conv1D layers in transformers' gpt2"}
+           ("gpt2", "compressed-tensors"): "Conv1D layers in transformers' gpt2",
+           ("gpt2", "aqlm"): "Conv1D layer in transformers' gpt2"}
 
 
 def outputs(model, ids=IDS) -> torch.Tensor:

@@ -28,7 +28,7 @@ IMPORTERS: dict[str, Callable] = {}
 
 # Format modules register themselves on import; listed here so `lowbit export --format X` finds them.
 FORMAT_MODULES = ("lowbit.io.gguf", "lowbit.io.gguf_read", "lowbit.io.gptq", "lowbit.io.awq", "lowbit.io.bnb",
-                  "lowbit.io.compressed_tensors")
+                  "lowbit.io.compressed_tensors", "lowbit.io.aqlm")
 
 
 def quantized_weights(model: nn.Module) -> dict[str, object]:

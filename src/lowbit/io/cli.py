@@ -1,5 +1,5 @@
 """`lowbit export` and `lowbit import`: translate between the native format and the formats serving
-engines load (GGUF, HF GPTQ, AWQ GEMM, bitsandbytes 4-bit), through the exporter/importer registry."""
+engines load (GGUF, HF GPTQ, AWQ GEMM, bitsandbytes 4-bit, compressed-tensors, AQLM), through the exporter/importer registry."""
 from __future__ import annotations
 
 import sys
@@ -70,10 +70,10 @@ def _cmd_import(args) -> str:
 def register(sub) -> None:
     from lowbit.pipeline.cli import add_threads
 
-    p = sub.add_parser("export", help="write a model in a serving format (gguf, gptq, awq, bnb, compressed-tensors)")
+    p = sub.add_parser("export", help="write a model in a serving format (gguf, gptq, awq, bnb, compressed-tensors, aqlm)")
     p.add_argument("model", nargs="?", default=None,
                    help="a lowbit-quantised folder (or a HF folder for gguf, which quantises itself); default: bundled model")
-    p.add_argument("--format", required=True, help="gguf, gptq, awq, bnb or compressed-tensors")
+    p.add_argument("--format", required=True, help="gguf, gptq, awq, bnb, compressed-tensors or aqlm")
     p.add_argument("--type", help="GGUF file type: Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q3_K_M, Q6_K, Q2_K, F16 ...")
     p.add_argument("--requantize", action="store_true",
                    help="round quantised weights the format cannot hold exactly again (default: refuse them)")
@@ -88,9 +88,9 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="file or folder to write (must not exist)")
     p.set_defaults(run=_cmd_export)
 
-    q = sub.add_parser("import", help="read a gguf/gptq/awq/bnb model into the native format")
+    q = sub.add_parser("import", help="read a gguf/gptq/awq/bnb/compressed-tensors/aqlm model into the native format")
     q.add_argument("path", help="the .gguf file or model folder to read")
-    q.add_argument("--format", required=True, help="gguf, gptq, awq, bnb or compressed-tensors")
+    q.add_argument("--format", required=True, help="gguf, gptq, awq, bnb, compressed-tensors or aqlm")
     q.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_threads(q)
     q.add_argument("-o", "--output", required=True, help="native folder to write (must not exist)")

@@ -37,6 +37,7 @@ from lowbit.io import describe as describe_weight
 from lowbit.io.hf_folder import (DTYPE_NAMES, DTYPES, WEIGHTS_FILE, biases, block_selection, finish_import,
                                  float_tensors, mixed, one_value, output_head, plain_model, read_tensors,
                                  write_hf_folder, writing_folder)
+from lowbit.io.hf_folder import float_dtype as as_float_dtype
 from lowbit.io.progress import consumed, packed_tensors
 from lowbit.nn import QuantLinear
 from lowbit.pipeline.arch import describe, sequential_groups
@@ -228,7 +229,7 @@ class GPTQExporter(Exporter):
 
     def write(self, model, weights, out, tokenizer=None, checkpoint_format: str | None = None,
               dtype: str | None = "fp16", progress: bool = False, **_options) -> Path:
-        float_dtype = _float_dtype(dtype)
+        float_dtype = as_float_dtype(dtype)
         if not weights:
             raise LowbitError("nothing to export in the GPTQ layout: no quantised Linear (quantise with gptq or rtn)")
         fmt = _choose_format(weights, checkpoint_format)
@@ -241,12 +242,6 @@ class GPTQExporter(Exporter):
 
 def describe_spec(spec: QuantSpec) -> str:
     return describe_weight(type("W", (), {"spec": spec, "g_idx": None})())
-
-
-def _float_dtype(dtype: str | None):
-    if dtype is not None and dtype not in DTYPES:
-        raise LowbitError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
-    return DTYPES.get(dtype)
 
 
 def write_gptq_tensors(weights: dict[str, QuantizedTensor], out, checkpoint_format: str | None = None) -> Path:

@@ -17,6 +17,13 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
+def float_dtype(dtype: str | None) -> torch.dtype | None:
+    """The torch dtype of an exporter's `dtype` option ("fp16", "bf16", "fp32"; None: as held)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise LowbitError(f"dtype must be one of {', '.join(DTYPES)} or None, got {dtype!r}")
+    return DTYPES.get(dtype)
+
+
 def writing_folder(out):
     """Write into a temporary sibling folder that becomes `out` only when the block completes (removed on
     any error, Ctrl-C or SIGTERM; a full disk is one line)."""
@@ -145,6 +152,17 @@ def model_config(model: nn.Module, quantization_config: dict | None, dtype: torc
     return config
 
 
+def untied_if_head_quantized(model: nn.Module, config):
+    """`config` with tie_word_embeddings off when the output head is held quantised: the folder's head is its
+    own tensors, not the embedding (transformers would otherwise tie a float weight onto the quantised
+    module, or fail to find one: aqlm's QuantizedLinear has none)."""
+    head = output_head(model)
+    if head is not None and getattr(config, "tie_word_embeddings", False) and \
+            callable(getattr(model.get_submodule(head), "quantized", None)):
+        config.tie_word_embeddings = False
+    return config
+
+
 def read_generation_config(model: nn.Module, path) -> None:
     """Give a model built from its config alone the folder's generation_config.json (sampling settings that
     transformers' generate and vLLM read), so that a save or export writes the folder's own, not defaults."""
@@ -177,7 +195,8 @@ def write_hf_folder(out, model: nn.Module, tensors: dict[str, torch.Tensor], tok
 
     out = Path(out)
     with writing_folder(out) as tmp:
-        write_metadata(tmp, model, model_config(model, quantization_config, dtype), tokenizer)
+        write_metadata(tmp, model, untied_if_head_quantized(model, model_config(model, quantization_config, dtype)),
+                       tokenizer)
         for name, content in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2))
         save_file(dict(sorted(conv1d_layout(model, tensors).items())), str(tmp / WEIGHTS_FILE),

@@ -99,6 +99,9 @@ ENGINES: dict[str, dict[str, tuple[Rule, ...]]] = {
             "unpacked and refuses the packed ones it writes; tests/io/test_compressed_tensors.py)",
             "transformers/quantizers/quantizer_compressed_tensors.py", _symmetric),),
         "bnb": (),
+        # the aqlm package decodes any (M, B) on CPU (numba for 2^8 entries, else dequantise + matmul) and on
+        # GPU (CUDA kernels for 1x16, 2x8, 1x8; Triton otherwise): aqlm/inference_kernels/kernel_selector.py
+        "aqlm": (),
     },
 }
 # Model families lowbit can write for an engine, where that is narrower than the engine's own list.

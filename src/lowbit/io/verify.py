@@ -4,6 +4,7 @@ predictions agree with lowbit's own model on held-out text.
     gguf                 llama.cpp (llama-cpp-python), logits
     compressed-tensors   transformers (decompressing through compressed-tensors), logits
     bnb                  transformers with bitsandbytes, logits
+    aqlm                 transformers with the aqlm package (its CPU kernels: numba for 2^8-entry codebooks), logits
     gptq, awq            vLLM's CPU build from `.venv-serving` (or LOWBIT_VLLM_PYTHON), teacher-forced top-1
 
 Agreement: over a few windows of the bundled held-out text, the fraction of positions where the
@@ -25,7 +26,7 @@ from lowbit.errors import LowbitError
 
 WINDOWS, CONTEXT = 2, 128
 CONSUMERS = {"gguf": "llama.cpp", "compressed-tensors": "transformers", "bnb": "transformers", "gptq": "vllm",
-             "awq": "vllm"}
+             "awq": "vllm", "aqlm": "transformers"}
 
 
 def held_out_windows(model, tokenizer, n: int = WINDOWS) -> list[list[int]]:
@@ -82,11 +83,31 @@ def llama_cpp_logits(path, windows) -> list[torch.Tensor]:
     return out
 
 
+@contextmanager
+def serial_numba():
+    """Numba kernels on one thread inside the block. aqlm 1.1.7's CPU kernel for 2^8-entry codebooks
+    (aqlm/inference_kernels/numba_kernel.py) adds into one output vector from a `prange` over the input
+    groups, so with more than one numba thread the sums race: on some calls, at random, logits off by up to
+    0.3 on a tiny Llama and 5.0 on the bundled model, against 2e-7 and 2e-5 on one thread."""
+    try:
+        import numba
+    except ImportError:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
 def transformers_logits(path, windows) -> list[torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return our_logits(model, windows)
+    with serial_numba():
+        return our_logits(model, windows)
 
 
 def vllm_top1(path, windows) -> list[list[int]]:
