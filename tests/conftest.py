@@ -112,3 +112,17 @@ def fp16_llama_folder(path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(bundled / name, Path(path) / name)
     return Path(path)
+
+
+def module_output(block, module, x):
+    """`module`'s output in a plain full run of `block` on the BlockInput x (forward hook; the first tensor
+    of a tuple output)."""
+    from lowbit.pipeline.blocks import run_block
+
+    seen = []
+    h = module.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        run_block(block, x)
+    finally:
+        h.remove()
+    return seen[0]

@@ -17,7 +17,7 @@ from lowbit.methods.stats import LayerStats
 from lowbit.nn import QuantLinear
 from lowbit.pipeline.scaling import prepare_model
 from lowbit.pipeline.outliers import make_outlier_variant
-from tests.conftest import build_tiny_model
+from tests.conftest import build_tiny_model, module_output
 
 GEN = torch.Generator().manual_seed(0)
 CALIB = torch.randint(0, 512, (8, 48), generator=GEN)
@@ -180,17 +180,9 @@ def test_the_search_error_is_the_squared_error_of_the_judged_output(objective, o
     assert [p for p, *_ in seen] == ["norm", "linear", "norm", "linear"]
 
     def judged(x, producer_index):
-        out = []
         module = {"module": [block.self_attn, block.self_attn, block.mlp, block.mlp][producer_index],
                   "block": None}[objective]
-        if module is None:
-            return run_block(block, x)
-        h = module.register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
-        try:
-            run_block(block, x)
-        finally:
-            h.remove()
-        return out[0]
+        return run_block(block, x) if module is None else module_output(block, module, x)
 
     groups = [[block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj], [block.self_attn.o_proj],
               [block.mlp.gate_proj, block.mlp.up_proj], [block.mlp.down_proj]]

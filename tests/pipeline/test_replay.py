@@ -10,7 +10,7 @@ from torch import nn
 from lowbit.pipeline.arch import block_list, describe
 from lowbit.pipeline.blocks import BlockInput, block_linears, capture_block_inputs, run_block
 from lowbit.pipeline.replay import Replay
-from tests.conftest import build_tiny_model
+from tests.conftest import build_tiny_model, module_output
 
 FAMILIES = ["llama", "qwen2", "gpt2", "opt", "phi3", "gemma2", "bert"]
 
@@ -110,17 +110,6 @@ def test_a_parent_doing_more_than_its_last_linear_is_run_in_full(inner, one_thre
 # ---------------------------------------------------------------------------------------------------
 # Stopping at a submodule (AWQ's "module" objective judges a group by the attention's / the MLP's output)
 
-def _hooked_output(block, module, x):
-    """The module's output in a plain full run of the block (the reference for run_block(until=))."""
-    seen = []
-    h = module.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
-    try:
-        run_block(block, x)
-    finally:
-        h.remove()
-    return seen[0]
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
 def test_error_scopes_are_the_smallest_module_holding_the_group(family):
     from lowbit.pipeline.fold import foldable_groups
@@ -165,7 +154,7 @@ def test_stopping_at_a_module_gives_its_output_and_runs_nothing_after_it(family,
                 got = replay.run(i, x, until=attn)
                 assert not calls
                 assert torch.equal(got, run_block(block, x, until=attn))
-                assert torch.equal(got, _hooked_output(block, attn, x))
+                assert torch.equal(got, module_output(block, attn, x))
             linears[first_name].weight.data = held
     finally:
         h.remove()

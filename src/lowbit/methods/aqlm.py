@@ -26,7 +26,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.e8 import DIM
-from lowbit.methods.base import MethodConfig, register_method
+from lowbit.methods.base import BlockTuned, MethodConfig, register_method
 from lowbit.methods.gptq import _check_hessian, _check_weight
 from lowbit.weights.codebook import AQLMWeight
 from lowbit.weights.placeholders import free
@@ -40,7 +40,7 @@ KMEANS_PP_MAX = 4096
 
 @register_method
 @dataclass(frozen=True)
-class AQLM(MethodConfig):
+class AQLM(BlockTuned, MethodConfig):
     """codebooks x code_bits: 2x8 (default; 2 bits per weight plus codebooks and scales) or 1x16. rounds:
     code / codebook / scale rounds after the k-means start. adam_steps, lr: the codebook update. damp: as
     GPTQ. seed: the k-means start. finetune: epochs of block fine-tuning of the codebooks, scales and the
@@ -71,13 +71,7 @@ class AQLM(MethodConfig):
             raise LowbitError("aqlm's rounds and adam_steps must be integers >= 0")
         if not (0 <= self.damp < math.inf and 0 < self.lr < math.inf):
             raise LowbitError(f"aqlm: damp must be >= 0 and lr > 0, got {self.damp!r}, {self.lr!r}")
-        if not (isinstance(self.finetune, int) and self.finetune >= 0 and 0 < self.finetune_lr < math.inf):
-            raise LowbitError(f"{self.name}: finetune epochs must be an integer >= 0 and finetune_lr > 0, "
-                              f"got {self.finetune!r}, {self.finetune_lr!r}")
-
-    @property
-    def block_tuning(self) -> tuple[int, float]:
-        return self.finetune, self.finetune_lr
+        self.check_finetune()
 
     def quantize_weight(self, weight, stats=None) -> AQLMWeight:
         if stats is None or stats.n_tokens == 0:

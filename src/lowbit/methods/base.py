@@ -12,6 +12,7 @@ Methods that choose values on a grid take the scheme as one value (`SchemeMethod
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
@@ -132,6 +133,23 @@ class MethodConfig(metaclass=_ConfigMeta):
     def from_short_name(cls, rest: list[str]) -> "MethodConfig":
         """Build from the dash-separated words after the method name, e.g. ["actorder"]."""
         return cls(**names.parse_words(cls, rest, "-".join([cls.name, *rest])))
+
+
+class BlockTuned:
+    """Mixin of the methods whose quantised blocks can be fine-tuned (pipeline/tuning.py): the dataclass
+    declares `finetune` (epochs, 0: none) and `finetune_lr` (Adam's step) and calls check_finetune()."""
+
+    finetune: int
+    finetune_lr: float
+
+    def check_finetune(self) -> None:
+        if not (isinstance(self.finetune, int) and self.finetune >= 0 and 0 < self.finetune_lr < math.inf):
+            raise LowbitError(f"{self.name}: finetune epochs must be an integer >= 0 and finetune_lr > 0, "
+                              f"got {self.finetune!r}, {self.finetune_lr!r}")
+
+    @property
+    def block_tuning(self) -> tuple[int, float]:
+        return self.finetune, self.finetune_lr
 
 
 # ---------------------------------------------------------------------------------------------------

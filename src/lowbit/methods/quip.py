@@ -29,7 +29,7 @@ import torch
 from lowbit.core.hadamard import hadamard_factor, random_signs, rht_both
 from lowbit.errors import LowbitError
 from lowbit.formats.e8 import DIM, e81b_nearest, e8p_nearest
-from lowbit.methods.base import MethodConfig, register_method
+from lowbit.methods.base import BlockTuned, MethodConfig, register_method
 from lowbit.methods.gptq import _check_hessian, _check_weight
 from lowbit.methods.ldlq import block_ldl, block_ldlq, block_refine
 from lowbit.weights.codebook import QuipWeight
@@ -44,7 +44,7 @@ FINETUNE_LR = 1e-3   # as AQLM's (methods/aqlm.py); quip-tune1 on all-MiniLM-L6-
 
 @register_method
 @dataclass(frozen=True)
-class QuIP(MethodConfig):
+class QuIP(BlockTuned, MethodConfig):
     """QuIP#: bits 2 (E8P), 3 (E8P + E8 residual) or 4 (E8P + E8P residual) per weight, plus a bit per
     input and output for the signs. damp: fraction of H's mean diagonal added to it. seed: the random
     signs. opt_scale: RMS of the rotated weight in codebook units (None: OPT_SCALE). tune: refinement passes
@@ -74,13 +74,7 @@ class QuIP(MethodConfig):
             raise LowbitError(f"quip's tune passes must be an integer >= 0, got {self.tune!r}")
         if self.opt_scale is not None and not (0 < self.opt_scale < math.inf):
             raise LowbitError(f"quip's opt_scale must be a positive number, got {self.opt_scale!r}")
-        if not (isinstance(self.finetune, int) and self.finetune >= 0 and 0 < self.finetune_lr < math.inf):
-            raise LowbitError(f"quip: finetune epochs must be an integer >= 0 and finetune_lr > 0, "
-                              f"got {self.finetune!r}, {self.finetune_lr!r}")
-
-    @property
-    def block_tuning(self) -> tuple[int, float]:
-        return self.finetune, self.finetune_lr
+        self.check_finetune()
 
     @property
     def scale_target(self) -> float:
