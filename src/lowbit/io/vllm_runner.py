@@ -1,6 +1,7 @@
 """Runs inside the vLLM environment (`make test-serving` makes `.venv-serving`): loads each model folder
 named in a job file with vLLM's CPU build and writes, per model, the top-1 next token at every position of the given
-token windows (teacher-forced: prompt logprobs) and a short greedy continuation of each window's start.
+token windows (teacher-forced: prompt logprobs) and a short greedy continuation of each window's start, with
+the two most likely tokens at each generated step (so that a divergence can be told apart from a near-tie).
 
     python vllm_runner.py JOB.json OUT.json        JOB: {"models": {name: path}, "windows": [[ids]],
                                                          "prompts": [[ids]], "max_tokens": n}
@@ -25,6 +26,13 @@ def top1_per_position(prompt_logprobs) -> list[int]:
     return out
 
 
+def top2_per_step(logprobs) -> list[list[int]]:
+    """The rank-1 and rank-2 tokens at each generated step (vLLM's sample logprobs, which also hold the sampled
+    token whatever its rank)."""
+    return [[tok for tok, lp in sorted(entry.items(), key=lambda kv: kv[1].rank) if lp.rank <= 2]
+            for entry in logprobs]
+
+
 def run(job: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -36,9 +44,10 @@ def run(job: dict) -> dict:
         scored = llm.generate([TokensPrompt(prompt_token_ids=w) for w in job["windows"]],
                               SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))
         greedy = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]],
-                              SamplingParams(temperature=0, max_tokens=job.get("max_tokens", 16)))
+                              SamplingParams(temperature=0, max_tokens=job.get("max_tokens", 16), logprobs=2))
         results[name] = {"top1": [top1_per_position(o.prompt_logprobs) for o in scored],
-                         "greedy": [list(o.outputs[0].token_ids) for o in greedy]}
+                         "greedy": [list(o.outputs[0].token_ids) for o in greedy],
+                         "greedy_top2": [top2_per_step(o.outputs[0].logprobs) for o in greedy]}
         del llm
     return results
 
