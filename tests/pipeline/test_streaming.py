@@ -67,14 +67,17 @@ def test_stream_refuses_a_quantised_head_and_missing_tensors(tmp_path):
         api.quantize_folder(src, "rtn-int4-g32", tmp_path / "o2", calibration=IDS)
 
 
-def _cli(src: Path, out: Path, stop: str | None = None) -> subprocess.CompletedProcess:
+GPTQ_G32 = ["--method", "gptq", "--group-size", "32"]
+
+
+def _cli(src: Path, out: Path, stop: str | None = None, method: list = GPTQ_G32) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "OMP_NUM_THREADS": "1"}
     env.pop("LOWBIT_TEST_STOP", None)
     if stop:
         env["LOWBIT_TEST_STOP"] = stop
-    return subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(src), "--method", "gptq", "--group-size",
-                           "32", "--samples", "8", "--seq-len", "32", "--quiet", "--threads", "1", "--stream",
-                           "-o", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(src), *method, "--samples", "8", "--seq-len",
+                           "32", "--quiet", "--threads", "1", "--stream", "-o", str(out)], env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_interrupted_runs_resume_to_the_same_bytes(tmp_path, tiny_tokenizer):
@@ -102,6 +105,28 @@ def test_interrupted_runs_resume_to_the_same_bytes(tmp_path, tiny_tokenizer):
                  "--quiet", "--stream", "-o", str(out)]) == 0   # the third run, in this process
     same_folders(tmp_path / "memory", out)
     assert not work_folder(out).exists()
+
+
+def test_a_tuned_run_resumes_with_its_full_precision_references(tmp_path, tiny_tokenizer):
+    """Block fine-tuning aims at the full-precision model's hidden states, which the journal keeps beside the
+    quantised ones: a kill after block 1 of 3 resumes to the uninterrupted run's bytes."""
+    import transformers as t
+
+    from lowbit.cli import main
+
+    torch.manual_seed(3)
+    config = tiny_config("llama")
+    config.num_hidden_layers = 3
+    src = tmp_path / "src"
+    t.AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    method = ["--method", "quip-ft2"]
+    args = ["quantize", str(src), *method, "--samples", "8", "--seq-len", "32", "--quiet", "--threads", "1"]
+    assert main(args + ["-o", str(tmp_path / "memory")]) == 0
+    out = tmp_path / "streamed"
+    assert _cli(src, out, "1:SIGKILL", method).returncode == -9 and not out.exists()
+    assert main(args + ["--stream", "-o", str(out)]) == 0
+    same_folders(tmp_path / "memory", out)
 
 
 def test_a_partial_run_of_other_inputs_is_refused(tmp_path, monkeypatch):

@@ -6,7 +6,8 @@ Beside the output folder `out`, a hidden work folder `.<out name>.partial` holds
                                  layouts and report lines
     part-outside.safetensors     the tensors outside the blocks (embeddings, final norm, head)
     part-00007.safetensors       block 7's tensors as a save writes them
-    inputs-00008.safetensors     the hidden states block 8 starts from (one tensor per calibration batch)
+    inputs-00008.safetensors     the hidden states block 8 starts from (one tensor per calibration batch),
+                                 and the full-precision model's there when the run keeps them (fine-tuning)
 
 Each file is written whole and renamed into place, and the journal is written last, so at any kill the
 journal names only blocks whose parts are complete and the inputs of the next block. The hash covers the
@@ -98,20 +99,27 @@ class Journal:
             self.state["outside"] = True
             self._write()
 
-    def record(self, index: int, tensors: dict, modules: dict, reports: list[LayerReport], hidden: list) -> None:
-        """Block `index` is done: its tensors, layouts and report lines, and the next block's inputs."""
+    def record(self, index: int, tensors: dict, modules: dict, reports: list[LayerReport], hidden: list,
+               reference: list | None = None) -> None:
+        """Block `index` is done: its tensors, layouts and report lines, and the next block's inputs (and
+        their full-precision references, where kept)."""
         write_part(self.part(index), tensors)
-        write_part(self._inputs(index + 1), {f"hidden.{j}": h.contiguous() for j, h in enumerate(hidden)})
+        saved = {f"hidden.{j}": h.contiguous() for j, h in enumerate(hidden)}
+        saved.update({f"reference.{j}": r.contiguous() for j, r in enumerate(reference or [])})
+        write_part(self._inputs(index + 1), saved)
         self.state["blocks"] = self.state["blocks"][:index] + [{"modules": modules,
                                                                 "reports": [asdict(r) for r in reports]}]
         self.state["done"] = index + 1
         self._write()
         self._inputs(index).unlink(missing_ok=True)
 
-    def hidden(self) -> list[torch.Tensor]:
-        """The saved inputs of the first unfinished block, one tensor per calibration batch."""
+    def hidden(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The saved inputs of the first unfinished block, one tensor per calibration batch, and their
+        full-precision references (None where the run kept none)."""
         saved = load_file(str(self._inputs(self.done)))
-        return [saved[f"hidden.{j}"] for j in range(len(saved))]
+        n = sum(k.startswith("hidden.") for k in saved)
+        reference = [saved[f"reference.{j}"] for j in range(n)] if "reference.0" in saved else None
+        return [saved[f"hidden.{j}"] for j in range(n)], reference
 
     def modules(self) -> dict:
         return {n: c for b in self.state["blocks"] for n, c in b["modules"].items()}

@@ -25,7 +25,8 @@ from lowbit.io.native import WEIGHTS_FILE, WEIGHTS_METADATA, quantized_modules, 
 from lowbit.io.parts import assemble
 from lowbit.methods.recipe import as_recipe
 from lowbit.pipeline.arch import block_list, describe
-from lowbit.pipeline.runner import BlockStream, layer_plan, quantize_model
+from lowbit.pipeline.distributed import Split
+from lowbit.pipeline.runner import BlockStream, layer_plan, model_tuning_of, quantize_model
 from lowbit.pipeline.samples import CalibrationSet
 from lowbit.pipeline.streaming import fixed_mmap_threshold, free, load_tensors, release_memory
 
@@ -62,8 +63,13 @@ class NativeStream(BlockStream):
         if start:
             free(self.model, prefix=f"{self.path}.0")
             self.loaded.discard(0)
-            for x, hidden in zip(inputs, self.journal.hidden(), strict=True):
-                x.hidden = hidden
+            hidden, reference = self.journal.hidden()
+            keeps = bool(inputs) and inputs[0].reference is not None
+            if len(hidden) != len(inputs) or (reference is not None) != keeps:
+                raise LowbitError(f"{self.journal.folder} was written by another lowbit; remove it to start over")
+            for j, x in enumerate(inputs):
+                x.hidden = hidden[j]
+                x.reference = None if reference is None else reference[j]
                 for _ in range(start):
                     x.next_block()
         release_memory()
@@ -75,7 +81,8 @@ class NativeStream(BlockStream):
     def done(self, index: int, block: nn.Module, reports: list, inputs) -> None:
         prefix = f"{self.path}.{index}."
         modules = {prefix + n: m.layer_config() for n, m in quantized_modules(block).items()}
-        self.journal.record(index, tensors_of(block, self.dtype, prefix), modules, reports, [x.hidden for x in inputs])
+        self.journal.record(index, tensors_of(block, self.dtype, prefix), modules, reports, [x.hidden for x in inputs],
+                            [x.reference for x in inputs] if inputs and inputs[0].reference is not None else None)
         free(self.model, prefix=prefix)
         self.loaded.discard(index)
         release_memory()
@@ -105,6 +112,7 @@ def quantize_streamed(model: nn.Module, shards, config_or_recipe, calibration: C
     out = check_output(Path(out), "output folder")
     recipe = as_recipe(config_or_recipe)
     _refuse_outside(model, recipe)
+    model_tuning_of(recipe, Split(1), streamed=True, calibrated=True)   # refused before any file is written
     calibration = CalibrationSet.of(calibration)
     batches = calibration.batches(batch_size) if calibration is not None else []
     fixed_mmap_threshold()

@@ -51,7 +51,7 @@ class AQLM(BlockTuned, MethodConfig):
     sequential = True
     words = {"2x8": {"codebooks": 2, "code_bits": 8}, "1x16": {"codebooks": 1, "code_bits": 16},
              "1x8": {"codebooks": 1, "code_bits": 8}, "r": "rounds", "steps": "adam_steps", "seed": "seed",
-             "ft": "finetune", "ftlr": "finetune_lr"}
+             "ft": "finetune", "ftlr": "finetune_lr", "e2e": "e2e"}
     codebooks: int = 2
     code_bits: int = 8
     rounds: int = 4
@@ -61,6 +61,7 @@ class AQLM(BlockTuned, MethodConfig):
     seed: int = 0
     finetune: int = 0
     finetune_lr: float = FINETUNE_LR
+    e2e: int = 0
 
     def __post_init__(self):
         if not (isinstance(self.codebooks, int) and 1 <= self.codebooks <= 8):

@@ -107,6 +107,12 @@ class MethodConfig(metaclass=_ConfigMeta):
         (pipeline/tuning.py); 0 epochs: none."""
         return 0, 0.0
 
+    @property
+    def model_tuning(self) -> tuple[int, float]:
+        """(epochs, learning rate) of the end-to-end fine-tuning of every block together once all are
+        quantised (pipeline/tuning.py); 0 epochs: none."""
+        return 0, 0.0
+
     def module_options(self) -> dict:
         """Options for the module nn/ builds around this method's weights (e.g. a compute dtype)."""
         return {}
@@ -137,19 +143,27 @@ class MethodConfig(metaclass=_ConfigMeta):
 
 class BlockTuned:
     """Mixin of the methods whose quantised blocks can be fine-tuned (pipeline/tuning.py): the dataclass
-    declares `finetune` (epochs, 0: none) and `finetune_lr` (Adam's step) and calls check_finetune()."""
+    declares `finetune` (epochs of each block's tuning, 0: none), `e2e` (epochs of the end-to-end tuning of
+    all blocks together at the end, 0: none) and `finetune_lr` (Adam's step, both) and calls
+    check_finetune()."""
 
     finetune: int
     finetune_lr: float
+    e2e: int
 
     def check_finetune(self) -> None:
-        if not (isinstance(self.finetune, int) and self.finetune >= 0 and 0 < self.finetune_lr < math.inf):
-            raise LowbitError(f"{self.name}: finetune epochs must be an integer >= 0 and finetune_lr > 0, "
-                              f"got {self.finetune!r}, {self.finetune_lr!r}")
+        if not all(isinstance(n, int) and n >= 0 for n in (self.finetune, self.e2e)) or not (
+                0 < self.finetune_lr < math.inf):
+            raise LowbitError(f"{self.name}: finetune and e2e epochs must be integers >= 0 and finetune_lr > 0, "
+                              f"got {self.finetune!r}, {self.e2e!r}, {self.finetune_lr!r}")
 
     @property
     def block_tuning(self) -> tuple[int, float]:
         return self.finetune, self.finetune_lr
+
+    @property
+    def model_tuning(self) -> tuple[int, float]:
+        return self.e2e, self.finetune_lr
 
 
 # ---------------------------------------------------------------------------------------------------

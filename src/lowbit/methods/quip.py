@@ -56,7 +56,7 @@ class QuIP(BlockTuned, MethodConfig):
     required_stats = ("hessian",)
     sequential = True
     words = {"2bit": {"bits": 2}, "3bit": {"bits": 3}, "4bit": {"bits": 4}, "damp": "damp", "seed": "seed",
-             "scale": "opt_scale", "tune": "tune", "ft": "finetune", "ftlr": "finetune_lr"}
+             "scale": "opt_scale", "tune": "tune", "ft": "finetune", "ftlr": "finetune_lr", "e2e": "e2e"}
     bits: int = 2
     damp: float = 0.01
     seed: int = 0
@@ -64,6 +64,7 @@ class QuIP(BlockTuned, MethodConfig):
     tune: int = 0
     finetune: int = 0
     finetune_lr: float = FINETUNE_LR
+    e2e: int = 0
 
     def __post_init__(self):
         if self.bits not in OPT_SCALE:

@@ -12,7 +12,7 @@ tokens (`real_rows`), so no Hessian, channel statistic or block-output error eve
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -30,7 +30,9 @@ class BlockInput:
     """hidden [b, L, d]; the block's other positional and keyword arguments (attention mask, positions ...)
     as the model passed them; mask: bool [b, L], True at real tokens, None when every position is real;
     calls: each block's (args, kwargs) as the model passes them (blocks differ: sliding-window and global
-    layers get different masks and rotary tables), moved on by advance()."""
+    layers get different masks and rotary tables), moved on by advance(); reference: [b, L, d], where a run
+    keeps it (block fine-tuning), the full-precision model's hidden states at the same place, which
+    `hidden` (the quantised blocks' outputs) drifts from."""
 
     hidden: torch.Tensor
     args: tuple
@@ -38,6 +40,7 @@ class BlockInput:
     mask: torch.Tensor | None = None
     calls: list = field(default_factory=list)
     index: int = 0
+    reference: torch.Tensor | None = None
 
     def real(self, y: torch.Tensor) -> torch.Tensor:
         """The rows of real tokens of y [b, L, ...] (or of [b * L, ...]): [tokens, ...]."""
@@ -231,9 +234,29 @@ def _add_shared(stats: dict[str, LayerStats], split: Split, updates: dict | None
             stats[n].add(received[next(which)])
 
 
-def advance(block: nn.Module, inputs: list[BlockInput]) -> None:
-    """Replace each input's hidden states by the block's output: the next block's inputs."""
+def advance(block: nn.Module, inputs: list[BlockInput], reference: list[torch.Tensor] | None = None) -> None:
+    """Replace each input's hidden states by the block's output: the next block's inputs; reference: the
+    full-precision block's outputs on the inputs' references (reference_outputs), which become the next
+    block's references."""
     with torch.no_grad():
-        for x in inputs:
+        for j, x in enumerate(inputs):
             x.hidden = run_block(block, x)
+            if reference is not None:
+                x.reference = reference[j]
             x.next_block()
+
+
+def keep_reference(inputs: list[BlockInput]) -> None:
+    """Start following the full-precision model beside the quantised one: each input's reference is a copy
+    of its hidden states (call it before the first block is quantised)."""
+    for x in inputs:
+        x.reference = x.hidden.clone()
+
+
+def reference_outputs(block: nn.Module, inputs: list[BlockInput]) -> list[torch.Tensor] | None:
+    """The block's outputs [b, L, d] on each input's reference (run it while the block is in full
+    precision), or None where the inputs keep no reference."""
+    if not inputs or inputs[0].reference is None:
+        return None
+    with torch.no_grad():
+        return [run_block(block, replace(x, hidden=x.reference)) for x in inputs]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -22,7 +23,8 @@ from lowbit.methods.stats import LayerStats
 from lowbit.nn import module_for
 from lowbit.pipeline.arch import Arch, block_list, describe, sequential_groups, shared_input_groups
 from lowbit.pipeline.blocks import (BlockInput, advance, as_batch, block_linears, capture_block_inputs,
-                                    collect_stats, observe_linears, real_rows, run_model)
+                                    collect_stats, keep_reference, observe_linears, real_rows,
+                                    reference_outputs, run_model)
 from lowbit.pipeline.distributed import Split, current_split
 from lowbit.pipeline.loading import conv1d_to_linear, set_module
 from lowbit.pipeline.report import LayerReport, layer_report
@@ -30,7 +32,7 @@ from lowbit.pipeline.samples import CalibrationSet, check_context, check_token_i
 
 SHOWN = 12   # offending Linears listed by name; the rest are counted
 from lowbit.pipeline.scaling import scale_block
-from lowbit.pipeline.tuning import block_targets, tune_block
+from lowbit.pipeline.tuning import tune_block, tune_blocks
 
 
 def quantize_linear(config, info: LayerInfo, module: nn.Linear, stats: LayerStats | None) -> tuple[nn.Module, LayerReport]:
@@ -73,6 +75,34 @@ def _quantize_block(block, prefix: str, index: int, inputs: list[BlockInput], re
         reports += solve_and_swap(block, group, solve, split, after_layer)
         del stats
     return reports
+
+
+def _tunes(recipe: Recipe) -> bool:
+    """Whether any config of the recipe asks for fine-tuning (of blocks, or end to end)."""
+    return any(c.block_tuning[0] > 0 or c.model_tuning[0] > 0 for c in recipe.configs())
+
+
+def model_tuning_of(recipe: Recipe, split: Split, streamed: bool, calibrated: bool) -> tuple[int, float] | None:
+    """(epochs, lr) of the end-to-end tuning the recipe asks for (the most epochs among its configs), or
+    None; refused where the blocks are not all in this process's memory."""
+    asked = max((c.model_tuning for c in recipe.configs()), default=(0, 0.0))
+    if asked[0] <= 0:
+        return None
+    if split.world > 1:
+        raise LowbitError("end-to-end fine-tuning (e2e) runs in one process; run it without torchrun")
+    if streamed:
+        raise LowbitError("end-to-end fine-tuning (e2e) needs every block in memory at once; drop --stream, "
+                          "or the e2e word (block fine-tuning, ftN, streams)")
+    return asked if calibrated else None
+
+
+def refresh_bits(reports: list[LayerReport], root: nn.Module, prefix: str = "") -> None:
+    """Bits per weight of the reports (names under `root`'s `prefix`) from the modules as they are now
+    stored (tuning may store more: QuIP#'s real-valued signs)."""
+    for r in reports:
+        module = root.get_submodule(r.name[len(prefix) + 1:] if prefix else r.name)
+        if callable(getattr(module, "quantized", None)):
+            r.bits_per_weight = float(module.quantized().bits_per_element)
 
 
 def _block_tuning(block, prefix: str, recipe: Recipe, split: Split, calibrated: bool) -> tuple[int, float] | None:
@@ -227,6 +257,17 @@ def planned_weights(model: nn.Module, config_or_recipe) -> tuple[dict, list[list
     return {n: w for n, w in out.items() if w is not None}, groups
 
 
+def _tune_end_to_end(blocks, first: list[BlockInput], last: list[BlockInput], reports: list[LayerReport],
+                     model: nn.Module, tuning: tuple[int, float], progress: bool) -> None:
+    """Every block tuned together towards the full-precision model's last hidden states (pipeline/tuning.py)."""
+    targets = [x.real(x.reference).float() for x in last]
+    bar = tqdm(total=tuning[0], desc="tuning end to end", unit="epoch", file=sys.stderr, disable=not progress)
+    before, after = tune_blocks(list(blocks), first, targets, *tuning, on_epoch=bar.update)
+    bar.set_postfix_str(f"error {before:.3g} -> {after:.3g}")
+    bar.close()
+    refresh_bits(reports, model)
+
+
 class BlockStream:
     """What a streamed run does around the block walk (the in-memory run does nothing): load a block's
     weights before it is reached, persist and free it after, and resume where an earlier run stopped."""
@@ -271,25 +312,33 @@ def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor
     batches = split.mine(batches)   # this rank's; their activations never leave it
     walk = stream or BlockStream()
     walk.load(0, blocks[0])
+    model_tuning = model_tuning_of(recipe, split, stream is not None, bool(batches))
     inputs = capture_block_inputs(model, blocks, batches)
+    if _tunes(recipe):
+        keep_reference(inputs)   # tuning aims each block at the full-precision model's own hidden states
     start, reports = walk.begin(blocks, inputs)
+    first = [replace(x) for x in inputs] if model_tuning else None   # the first block's inputs
     n_gqa = _gqa(model)
     bar = tqdm(range(start, len(blocks)), desc="quantising blocks", unit="block", file=sys.stderr,
                disable=not progress or split.rank != 0, initial=start, total=len(blocks))
     for i in bar:
         block, prefix = blocks[i], f"{path}.{i}"
         walk.load(i, block)
+        reference = reference_outputs(block, inputs)   # before any fold or rounding
         scale_block(block, arch, inputs, recipe, prefix, i, split)
         tuning = _block_tuning(block, prefix, recipe, split, bool(inputs))
-        targets = block_targets(block, inputs) if tuning else None   # the full-precision block's outputs
         done = _quantize_block(block, prefix, i, inputs, recipe, arch, len(blocks), n_gqa, walk.layer_done, split)
         if tuning:
+            targets = [x.real(r).float() for x, r in zip(inputs, reference)]
             before, after = tune_block(block, inputs, targets, *tuning)
             bar.set_postfix_str(f"block {i} tuned: error {before:.3g} -> {after:.3g}")
             del targets
-        advance(block, inputs)
+            refresh_bits(done, block, prefix)
+        advance(block, inputs, reference)
         walk.done(i, block, done, inputs)
         reports += done
+    if model_tuning:
+        _tune_end_to_end(blocks, first, inputs, reports, model, model_tuning, progress)
     if stream is None:
         reports += _quantize_outside_blocks(model, arch, path, recipe, batches, len(blocks), split)
     model.lowbit_recipe = recipe
