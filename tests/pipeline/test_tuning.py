@@ -15,7 +15,7 @@ from lowbit.methods.aqlm import AQLM
 from lowbit.nn import AQLMLinear, QuipLinear
 from lowbit.pipeline.arch import block_list, describe
 from lowbit.pipeline.blocks import capture_block_inputs
-from lowbit.pipeline.tuning import block_error, block_targets, run_blocks, tune_block, tune_blocks
+from lowbit.pipeline.tuning import block_error, block_targets, held_out, run_blocks, tune_block, tune_blocks
 from tests.conftest import build_tiny_model
 
 GEN = torch.Generator().manual_seed(0)
@@ -48,7 +48,7 @@ def test_the_tuned_forward_is_the_stored_forward(one_thread):
 @pytest.mark.parametrize("method, gain", [("aqlm-1x8-r0", 0.6)])
 def test_tuning_lowers_the_held_out_logit_error(method, gain, one_thread):
     """AQLM's codebooks carry most of its weight: tuning them about halves the logit error on tokens it
-    did not see (measured 0.067 -> 0.034 with one thread)."""
+    did not see (measured 0.067 -> 0.035 with one thread)."""
     base = build_tiny_model("llama").eval()
     plain = api.quantize(copy.deepcopy(base), parse_method(method), calibration=CALIB, progress=False)
     tuned = api.quantize(copy.deepcopy(base), parse_method(f"{method}-ft20-ftlr0.003"), calibration=CALIB,
@@ -64,20 +64,37 @@ def test_tuning_lowers_the_held_out_logit_error(method, gain, one_thread):
 
 
 def test_tune_block_never_returns_a_worse_block(one_thread):
-    """A learning rate far too large makes the trained block worse: it is put back as quantised."""
+    """A learning rate far too large makes the trained block worse: it is put back as quantised. The errors
+    tune_block reports are those of the batch it held out (the last of four), measured independently."""
     base = build_tiny_model("llama").eval()
     q = api.quantize(copy.deepcopy(base), AQLM(codebooks=1, rounds=0), calibration=CALIB, progress=False)
     _, blocks = block_list(q, describe(q))
     fp_blocks = block_list(base, describe(base))[1]
-    inputs = capture_block_inputs(base, fp_blocks[:1], [CALIB[:4], CALIB[4:8]])
+    inputs = capture_block_inputs(base, fp_blocks[:1], list(CALIB.split(8)))
     targets = block_targets(fp_blocks[0], inputs)
+    assert held_out(4) == [3]
     state = {k: v.clone() for k, v in blocks[0].state_dict().items()}
     before, after = tune_block(blocks[0], inputs, targets, epochs=3, lr=10.0)
-    assert after == before == pytest.approx(block_error(blocks[0], inputs, targets))
+    assert after == before == pytest.approx(block_error(blocks[0], inputs[3:], targets[3:]))
     assert all(torch.equal(v, blocks[0].state_dict()[k]) for k, v in state.items())
     good_before, good_after = tune_block(blocks[0], inputs, targets, epochs=10, lr=1e-3)
     assert good_after < good_before == pytest.approx(before)
-    assert good_after == pytest.approx(block_error(blocks[0], inputs, targets))
+    assert good_after == pytest.approx(block_error(blocks[0], inputs[3:], targets[3:]))
+
+
+def test_tuning_holds_out_batches_and_keeps_its_best_epoch(one_thread):
+    """Every 8th batch is held out (the last of fewer than 8); the epoch kept is the one with the least
+    held-out error, so more epochs of a step size that overfits never end worse than fewer."""
+    assert held_out(1) == [] and held_out(5) == [4] and held_out(8) == [7] and held_out(20) == [7, 15]
+    base = build_tiny_model("llama").eval()
+    fp_blocks = block_list(base, describe(base))[1]
+    inputs = capture_block_inputs(base, fp_blocks[:1], [CALIB[:4], CALIB[4:8]])
+    targets = block_targets(fp_blocks[0], inputs)
+    errors = []
+    for epochs in (2, 12):
+        q = api.quantize(copy.deepcopy(base), AQLM(codebooks=1, rounds=0), calibration=CALIB, progress=False)
+        errors.append(tune_block(block_list(q, describe(q))[1][0], inputs, targets, epochs=epochs, lr=0.05)[1])
+    assert errors[1] <= errors[0] * (1 + 1e-3)   # the stored precision may move the kept epoch a little
 
 
 def test_tuning_words_and_checks():
@@ -128,8 +145,9 @@ def test_tuning_aims_at_the_full_precision_models_hidden_states(monkeypatch, one
         return tune_block(block, inputs, targets, epochs, lr)
 
     monkeypatch.setattr(runner, "tune_block", spy)
-    calib = CALIB[:16]
-    q = api.quantize(copy.deepcopy(base), parse_method("quip-ft1"), calibration=calib, batch_size=8, progress=False)
+    calib = CALIB
+    q = api.quantize(copy.deepcopy(base), parse_method("quip-ft4-ftlr0.003"), calibration=calib, batch_size=8,
+                     progress=False)
     outputs = []
     hooks = [b.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
              for b in block_list(base, describe(base))[1]]
@@ -139,7 +157,7 @@ def test_tuning_aims_at_the_full_precision_models_hidden_states(monkeypatch, one
     for h in hooks:
         h.remove()
     n_blocks = len(seen)
-    assert n_blocks == 2 and len(outputs) == 2 * n_blocks
+    assert n_blocks == 2 and len(outputs) == 4 * n_blocks
     for i in range(n_blocks):
         for j, target in enumerate(seen[i]):
             expected = outputs[j * n_blocks + i]
@@ -168,29 +186,30 @@ def _last_block_outputs(model, batches) -> list[torch.Tensor]:
 def test_end_to_end_tuning_lowers_the_last_blocks_error_and_is_undone_when_it_does_not(one_thread):
     """tune_blocks trains every block at once from the first block's inputs towards the full-precision model's
     last hidden states: the error it reports is the one a plain forward pass of the tuned model gives, it
-    falls, and a step size far too large is undone bit for bit."""
+    falls (on the held-out batch: measured 0.0705 -> 0.0546), and a step size far too large is undone bit for
+    bit."""
     base = build_tiny_model("llama").eval()
     q = api.quantize(copy.deepcopy(base), AQLM(codebooks=1, rounds=0), calibration=CALIB, progress=False)
     blocks = list(block_list(q, describe(q))[1])
-    batches = [CALIB[:8], CALIB[8:16]]
+    batches = list(CALIB.split(8))
     inputs = capture_block_inputs(base, block_list(base, describe(base))[1], batches)
     targets = _last_block_outputs(base, batches)
 
-    def measured() -> float:   # independent of run_blocks: the quantised model's own forward pass
-        return sum(float((y - t).pow(2).sum() / t.pow(2).sum()) for y, t in zip(_last_block_outputs(q, batches), targets))
+    def measured() -> list[float]:   # independent of run_blocks: the quantised model's own forward pass
+        return [float((y - t).pow(2).sum() / t.pow(2).sum()) for y, t in zip(_last_block_outputs(q, batches), targets)]
 
     state = {k: v.clone() for k, v in q.state_dict().items()}
     before, after = tune_blocks(blocks, inputs, targets, epochs=3, lr=10.0)
-    assert after == before == pytest.approx(measured(), rel=1e-5)
+    assert after == before == pytest.approx(measured()[3], rel=1e-5)   # the held-out batch's
     assert all(torch.equal(v, q.state_dict()[k]) for k, v in state.items())
     before, after = tune_blocks(blocks, inputs, targets, epochs=10, lr=1e-3)
-    assert after < 0.9 * before and after == pytest.approx(measured(), rel=1e-5)
+    assert after < 0.9 * before and after == pytest.approx(measured()[3], rel=1e-5)
     assert torch.equal(run_blocks(blocks, inputs[0]), run_blocks(blocks, inputs[0]))   # inputs left as they were
 
 
 def test_end_to_end_tuning_after_block_tuning_lowers_the_held_out_error(one_thread):
     """The e2e word runs after the blocks' own tuning; on tokens neither saw, the logit error falls further
-    (measured 0.0568 -> 0.0513 with one thread)."""
+    (measured 0.0589 -> 0.0539 with one thread)."""
     base = build_tiny_model("llama").eval()
     blockwise = api.quantize(copy.deepcopy(base), parse_method("aqlm-1x8-r0-ft4"), calibration=CALIB, progress=False)
     both = api.quantize(copy.deepcopy(base), parse_method("aqlm-1x8-r0-ft4-e2e4"), calibration=CALIB, progress=False)

@@ -14,8 +14,9 @@ chosen to minimise the layer's output error
    are rounded to fp16; (c) scales by least squares per row (w H v / v H v), kept where f falls.
 Each step can only lower f, so the objective never increases (extras["objective"] lists it per round).
 3. with `finetune` epochs (word `ftN`), the paper's block-level fine-tuning once the whole block is
-   quantised: codebooks, scales and the block's float parameters trained against the full-precision
-   block's outputs, codes fixed (pipeline/tuning.py).
+   quantised: codebooks, scales and the block's float parameters trained towards the full-precision
+   model's hidden states at the block's output, codes fixed (pipeline/tuning.py); with `e2e` epochs (word
+   `e2eN`), the same parts of every block at once, end to end, after the last block.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class AQLM(BlockTuned, MethodConfig):
     """codebooks x code_bits: 2x8 (default; 2 bits per weight plus codebooks and scales) or 1x16. rounds:
     code / codebook / scale rounds after the k-means start. adam_steps, lr: the codebook update. damp: as
     GPTQ. seed: the k-means start. finetune: epochs of block fine-tuning of the codebooks, scales and the
-    block's float parameters once the block is quantised (pipeline/tuning.py; 0: none), at finetune_lr."""
+    block's float parameters once the block is quantised (pipeline/tuning.py; 0: none), at finetune_lr.
+    e2e: epochs of end-to-end tuning of the same parts in every block at once, after the last block."""
 
     name = "aqlm"
     required_stats = ("hessian",)

@@ -1,6 +1,5 @@
 """QuIP# (Tseng et al., 2024, "QuIP#: Even Better LLM Quantization with Hadamard Incoherence and Lattice
-Codebooks"; reference: Cornell-RelaxML/quip-sharp, lib/algo/quip.py), without its low-rank part and its
-end-to-end fine-tuning:
+Codebooks"; reference: Cornell-RelaxML/quip-sharp, lib/algo/quip.py), without its low-rank part:
 
 1. incoherence: W <- V W U^T and H <- U H U^T with the randomised Hadamard transforms U (inputs) and V
    (outputs) of core/hadamard.py (random sign vectors from `seed`), which make the weights close to
@@ -13,8 +12,11 @@ end-to-end fine-tuning:
    round each block again given all the others, where that lowers the error;
 4. with `finetune` epochs (word `ftN`), fine-tuning within the block once it is quantised: the sign
    vectors as real numbers (the paper's SU / SV, then stored fp16), the scale and the block's float
-   parameters trained against the full-precision block's outputs, codes fixed (pipeline/tuning.py). The
-   paper tunes after each Linear, the not yet quantised ones too; here the whole block is tuned once.
+   parameters trained towards the full-precision model's hidden states at the block's output, codes fixed
+   (pipeline/tuning.py). The paper tunes after each Linear, the not yet quantised ones too; here the whole
+   block is tuned once;
+5. with `e2e` epochs (word `e2eN`), the paper's second stage: the same parts of every block tuned at once,
+   end to end, towards the full-precision model's last hidden states (the paper uses the logits' KL).
 
 The result is a QuipWeight (weights/codebook.py) of codes, signs and the scale; nn/quip.py applies the
 transforms to activations at inference.
@@ -50,7 +52,8 @@ class QuIP(BlockTuned, MethodConfig):
     signs. opt_scale: RMS of the rotated weight in codebook units (None: OPT_SCALE). tune: refinement passes
     after BlockLDLQ (methods/ldlq.py block_refine; the reference's quip_tune_iters). finetune: epochs of
     block fine-tuning of the scales and the block's float parameters once the block is quantised
-    (pipeline/tuning.py; 0: none), at finetune_lr."""
+    (pipeline/tuning.py; 0: none), at finetune_lr. e2e: epochs of end-to-end tuning of the same parts in
+    every block at once, after the last block (the paper's second fine-tuning stage)."""
 
     name = "quip"
     required_stats = ("hessian",)

@@ -8,11 +8,16 @@ parameters (norms, biases, Linears left in full precision). The targets are the 
 hidden states at the block's output (the run keeps them beside the quantised ones: BlockInput.reference),
 while the block's inputs are the already-quantised blocks' outputs, so tuning also makes up for the error
 the blocks before it left (on all-MiniLM-L6-v2 at 2 bits, quip-ft8: mean cosine 0.9029, against 0.8978
-when the target is the full-precision block on the quantised inputs). Adam over the calibration batches, one
-step per batch, `epochs` passes, on the relative squared error at real tokens. The tuned values are stored
-in the modules' own precision (`tuning_end()`: fp16 codebooks; it returns a function that undoes it), and
-kept only if the block's error with them, measured in that precision, is below the untuned block's: tuning
-never makes a block worse on its calibration data.
+when the target is the full-precision block on the quantised inputs). Adam, one step per training batch,
+`epochs` passes, on the relative squared error at real tokens; every 8th calibration batch is held out
+(held_out), as the papers hold out a validation set, and the epoch with the least held-out error is the
+one kept (early stopping). The tuned values are stored in the modules' own precision (`tuning_end()`:
+fp16 codebooks; it returns a function that undoes it), and kept only if the held-out error with them,
+measured in that precision, is below the untuned block's: tuning never makes a block worse on data it did
+not train on.
+
+`tune_blocks` does the same for every block at once, end to end (the e2e word): from the first block's
+inputs to the full-precision model's last hidden states.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import torch
 from torch import nn
 
 from lowbit.pipeline.blocks import BlockInput, run_block
+
+HELD_OUT_EVERY = 8
 
 
 def block_targets(block: nn.Module, inputs: list[BlockInput]) -> list[torch.Tensor]:
@@ -73,9 +80,24 @@ def _error(run, inputs: list[BlockInput], targets: list[torch.Tensor]) -> float:
         return sum(_relative(x.real(run(x)), t).item() for x, t in zip(inputs, targets))
 
 
+def held_out(n: int) -> list[int]:
+    """Which of n calibration batches tuning holds out to judge itself (every 8th, from the 8th; the last
+    one when there are fewer than 8; none of 1): the paper's validation split, so that a tuning that only
+    fits the batches it trains on is not kept."""
+    if n < 2:
+        return []
+    return list(range(HELD_OUT_EVERY - 1, n, HELD_OUT_EVERY)) or [n - 1]
+
+
 def _tune(blocks: list[nn.Module], run, inputs, targets, epochs: int, lr: float,
           on_epoch=lambda: None) -> tuple[float, float]:
-    before = _error(run, inputs, targets)
+    """Adam over the training batches, the epoch with the least held-out error kept (early stopping);
+    returns the held-out error (every batch's when there is one batch) before and after."""
+    judge = held_out(len(inputs))
+    train = [k for k in range(len(inputs)) if k not in judge]
+    judge = judge or train
+    valid = ([inputs[k] for k in judge], [targets[k] for k in judge])
+    before = _error(run, *valid)
     modules = _tunable(blocks)
     params = [p for b in blocks for p in b.parameters() if p.dtype == torch.float32]
     if epochs <= 0 or not inputs or not (modules or params):
@@ -83,25 +105,33 @@ def _tune(blocks: list[nn.Module], run, inputs, targets, epochs: int, lr: float,
     snapshot = [{k: v.clone() for k, v in b.state_dict().items()} for b in blocks]
     grads = [p.requires_grad for p in params]
     masters = [t for m in modules for t in m.tuning_start()]
-    opt = torch.optim.Adam(masters + params, lr=lr)
+    trained = masters + params
+    opt = torch.optim.Adam(trained, lr=lr)
+    best, best_values = before, [t.detach().clone() for t in trained]
     try:
         for p in params:
             p.requires_grad_(True)
-        with torch.enable_grad():
-            for _ in range(epochs):
-                for x, t in zip(inputs, targets):
+        for _ in range(epochs):
+            with torch.enable_grad():
+                for k in train:
                     opt.zero_grad(set_to_none=True)
-                    loss = _relative(x.real(run(x)), t)
+                    loss = _relative(inputs[k].real(run(inputs[k])), targets[k])
                     loss.backward()
                     opt.step()
-                on_epoch()
+            err = _error(run, *valid)
+            if err < best:
+                best, best_values = err, [t.detach().clone() for t in trained]
+            on_epoch()
     finally:
+        with torch.no_grad():
+            for t, v in zip(trained, best_values):
+                t.copy_(v)
         for p, g in zip(params, grads):
             p.requires_grad_(g)
             p.grad = None
         with torch.no_grad():
             undo = [m.tuning_end() for m in modules]
-    after = _error(run, inputs, targets)
+    after = _error(run, *valid)
     if not after < before:   # in the stored precision it did not help: the blocks as they were
         with torch.no_grad():
             for u in undo:
