@@ -105,7 +105,8 @@ def test_tuning_words_and_checks():
         AQLM(finetune=-1)
     with pytest.raises(LowbitError, match="finetune"):
         AQLM(finetune_lr=0.0)
-    assert parse_method("quip-ft2-e2e3").model_tuning == (3, parse_method("quip").finetune_lr)
+    assert parse_method("quip-ft2-e2e3").model_tuning == (3, parse_method("quip").e2e_lr)
+    assert parse_method("aqlm-e2e2-e2elr0.01").model_tuning == (2, 0.01)
     assert parse_method("aqlm-e2e4").short_name() == "aqlm-e2e4" and AQLM().model_tuning[0] == 0
     with pytest.raises(LowbitError, match="e2e"):
         AQLM(e2e=-2)
@@ -212,7 +213,7 @@ def test_end_to_end_tuning_after_block_tuning_lowers_the_held_out_error(one_thre
     (measured 0.0589 -> 0.0539 with one thread)."""
     base = build_tiny_model("llama").eval()
     blockwise = api.quantize(copy.deepcopy(base), parse_method("aqlm-1x8-r0-ft4"), calibration=CALIB, progress=False)
-    both = api.quantize(copy.deepcopy(base), parse_method("aqlm-1x8-r0-ft4-e2e4"), calibration=CALIB, progress=False)
+    both = api.quantize(copy.deepcopy(base), parse_method("aqlm-1x8-r0-ft4-e2e4-e2elr0.001"), calibration=CALIB, progress=False)
     assert _logit_error(both, base) < 0.95 * _logit_error(blockwise, base)
 
 

@@ -27,7 +27,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.e8 import DIM
-from lowbit.methods.base import BlockTuned, MethodConfig, register_method
+from lowbit.methods.base import E2E_LR, BlockTuned, MethodConfig, register_method
 from lowbit.methods.gptq import _check_hessian, _check_weight
 from lowbit.weights.codebook import AQLMWeight
 from lowbit.weights.placeholders import free
@@ -46,14 +46,16 @@ class AQLM(BlockTuned, MethodConfig):
     code / codebook / scale rounds after the k-means start. adam_steps, lr: the codebook update. damp: as
     GPTQ. seed: the k-means start. finetune: epochs of block fine-tuning of the codebooks, scales and the
     block's float parameters once the block is quantised (pipeline/tuning.py; 0: none), at finetune_lr.
-    e2e: epochs of end-to-end tuning of the same parts in every block at once, after the last block."""
+    e2e: epochs of end-to-end tuning of the same parts in every block at once, after the last block, at
+    e2e_lr."""
 
     name = "aqlm"
     required_stats = ("hessian",)
     sequential = True
     words = {"2x8": {"codebooks": 2, "code_bits": 8}, "1x16": {"codebooks": 1, "code_bits": 16},
              "1x8": {"codebooks": 1, "code_bits": 8}, "r": "rounds", "steps": "adam_steps", "seed": "seed",
-             "ft": "finetune", "ftlr": "finetune_lr", "e2e": "e2e"}
+             "ft": "finetune", "ftlr": "finetune_lr", "e2e": "e2e",
+             "e2elr": "e2e_lr"}
     codebooks: int = 2
     code_bits: int = 8
     rounds: int = 4
@@ -64,6 +66,7 @@ class AQLM(BlockTuned, MethodConfig):
     finetune: int = 0
     finetune_lr: float = FINETUNE_LR
     e2e: int = 0
+    e2e_lr: float = E2E_LR
 
     def __post_init__(self):
         if not (isinstance(self.codebooks, int) and 1 <= self.codebooks <= 8):

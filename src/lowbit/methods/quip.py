@@ -31,7 +31,7 @@ import torch
 from lowbit.core.hadamard import hadamard_factor, random_signs, rht_both
 from lowbit.errors import LowbitError
 from lowbit.formats.e8 import DIM, e81b_nearest, e8p_nearest
-from lowbit.methods.base import BlockTuned, MethodConfig, register_method
+from lowbit.methods.base import E2E_LR, BlockTuned, MethodConfig, register_method
 from lowbit.methods.gptq import _check_hessian, _check_weight
 from lowbit.methods.ldlq import block_ldl, block_ldlq, block_refine
 from lowbit.weights.codebook import QuipWeight
@@ -53,13 +53,14 @@ class QuIP(BlockTuned, MethodConfig):
     after BlockLDLQ (methods/ldlq.py block_refine; the reference's quip_tune_iters). finetune: epochs of
     block fine-tuning of the scales and the block's float parameters once the block is quantised
     (pipeline/tuning.py; 0: none), at finetune_lr. e2e: epochs of end-to-end tuning of the same parts in
-    every block at once, after the last block (the paper's second fine-tuning stage)."""
+    every block at once, after the last block (the paper's second fine-tuning stage), at e2e_lr."""
 
     name = "quip"
     required_stats = ("hessian",)
     sequential = True
     words = {"2bit": {"bits": 2}, "3bit": {"bits": 3}, "4bit": {"bits": 4}, "damp": "damp", "seed": "seed",
-             "scale": "opt_scale", "tune": "tune", "ft": "finetune", "ftlr": "finetune_lr", "e2e": "e2e"}
+             "scale": "opt_scale", "tune": "tune", "ft": "finetune", "ftlr": "finetune_lr", "e2e": "e2e",
+             "e2elr": "e2e_lr"}
     bits: int = 2
     damp: float = 0.01
     seed: int = 0
@@ -68,6 +69,7 @@ class QuIP(BlockTuned, MethodConfig):
     finetune: int = 0
     finetune_lr: float = FINETUNE_LR
     e2e: int = 0
+    e2e_lr: float = E2E_LR
 
     def __post_init__(self):
         if self.bits not in OPT_SCALE:

@@ -8,8 +8,9 @@ parameters (norms, biases, Linears left in full precision). The targets are the 
 hidden states at the block's output (the run keeps them beside the quantised ones: BlockInput.reference),
 while the block's inputs are the already-quantised blocks' outputs, so tuning also makes up for the error
 the blocks before it left (on all-MiniLM-L6-v2 at 2 bits, quip-ft8: mean cosine 0.9029, against 0.8978
-when the target is the full-precision block on the quantised inputs). Adam, one step per training batch,
-`epochs` passes, on the relative squared error at real tokens; every 8th calibration batch is held out
+when the target is the full-precision block on the quantised inputs; both without held-out batches).
+Adam, one step per training batch, `epochs` passes, on the relative squared error at real tokens; every
+8th calibration batch is held out
 (held_out), as the papers hold out a validation set, and the epoch with the least held-out error is the
 one kept (early stopping). The tuned values are stored in the modules' own precision (`tuning_end()`:
 fp16 codebooks; it returns a function that undoes it), and kept only if the held-out error with them,
