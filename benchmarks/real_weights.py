@@ -54,6 +54,8 @@ def lowbit_methods(bits: int) -> list[str]:
         m += ["spqr-int3-g16"]
     if bits in (2, 3, 4):   # QuIP#: E8P lattice codes of the Hadamard-rotated weight (2.0x bits/weight)
         m += ["quip" if bits == 2 else f"quip-{bits}bit"]
+    if bits == 2:           # AQLM's additive codebooks; both with fine-tuning (pipeline/tuning.py)
+        m += ["aqlm", "quip-ft8-e2e8", "aqlm-ft8"]
     return m
 
 

@@ -53,3 +53,26 @@ def test_plan_refuses_bad_sizes(tmp_path, capsys, bad):
     src = fp16_llama_folder(tmp_path / "src")
     assert main(["plan", str(src), "--method", "rtn-int4-g32", "--no-probe", *bad]) == 2
     assert "at least" in capsys.readouterr().err
+
+
+def test_plan_counts_what_fine_tuning_keeps(tmp_path):
+    """Tuned runs keep the full-precision hidden states and targets (and journal the references): more working
+    memory and disk than the same method untuned; end-to-end tuning adds a batch's graph through every block."""
+    src = fp16_llama_folder(tmp_path / "src")
+    plain, tuned, e2e = (plan_module.plan_folder(src, m, samples=32, seq_len=32, probe=False)
+                         for m in ("quip", "quip-ft2", "quip-ft2-e2e2"))
+    hidden = 32 * 32 * 64 * 4   # tokens x hidden x float32
+    assert tuned.disk_bytes - plain.disk_bytes == 2 * hidden
+    streamed, in_memory = (lambda p: p.streamed_peak_bytes - p.base_bytes), (lambda p: p.in_memory_peak_bytes - p.base_bytes)
+    # (base_bytes, the process's own resident size, moves between calls; here the embedding's phase is the peak)
+    assert streamed(tuned) >= streamed(plain)
+    assert plan_module._working_bytes(*tuned_args(src, "quip-ft2")) > plan_module._working_bytes(*tuned_args(src, "quip"))
+    assert in_memory(e2e) > in_memory(tuned) >= in_memory(plain)
+
+
+def tuned_args(src, method):
+    from lowbit.methods.recipe import as_recipe
+    from lowbit.pipeline.streaming import skeleton
+
+    model, _ = skeleton(src)
+    return model, plan_module._linears(model, as_recipe(method)), 32 * 32, 32, True

@@ -26,7 +26,7 @@ from lowbit.io.parts import assemble
 from lowbit.methods.recipe import as_recipe
 from lowbit.pipeline.arch import block_list, describe
 from lowbit.pipeline.distributed import Split
-from lowbit.pipeline.runner import BlockStream, layer_plan, model_tuning_of, quantize_model
+from lowbit.pipeline.runner import BlockStream, block_configs, check_tuning, layer_plan, quantize_model
 from lowbit.pipeline.samples import CalibrationSet
 from lowbit.pipeline.streaming import fixed_mmap_threshold, free, load_tensors, release_memory
 
@@ -112,7 +112,8 @@ def quantize_streamed(model: nn.Module, shards, config_or_recipe, calibration: C
     out = check_output(Path(out), "output folder")
     recipe = as_recipe(config_or_recipe)
     _refuse_outside(model, recipe)
-    model_tuning_of(recipe, Split(1), streamed=True, calibrated=True)   # refused before any file is written
+    path, blocks = block_list(model, describe(model))
+    check_tuning(block_configs(blocks, path, recipe), Split(1), streamed=True)   # before any file is written
     calibration = CalibrationSet.of(calibration)
     batches = calibration.batches(batch_size) if calibration is not None else []
     fixed_mmap_threshold()

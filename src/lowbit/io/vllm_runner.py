@@ -26,10 +26,10 @@ def top1_per_position(prompt_logprobs) -> list[int]:
     return out
 
 
-def top2_per_step(logprobs) -> list[list[int]]:
-    """The rank-1 and rank-2 tokens at each generated step (vLLM's sample logprobs, which also hold the sampled
-    token whatever its rank)."""
-    return [[tok for tok, lp in sorted(entry.items(), key=lambda kv: kv[1].rank) if lp.rank <= 2]
+def top2_per_step(logprobs) -> list[list[list]]:
+    """[[token, logprob] of rank 1, the same of rank 2] at each generated step (vLLM's sample logprobs, which
+    also hold the sampled token whatever its rank)."""
+    return [[[tok, lp.logprob] for tok, lp in sorted(entry.items(), key=lambda kv: kv[1].rank) if lp.rank <= 2]
             for entry in logprobs]
 
 

@@ -122,21 +122,34 @@ def _output_bytes(entries: dict, path: str, index: int, linears) -> int:
 
 def _working_bytes(model, linears, tokens: int, seq_len: int, calibrated: bool) -> int:
     """Activations, one batch's intermediates, the largest group's statistics and the method's copies."""
-    cfg = model.config
-    d = cfg.hidden_size
-    inter = getattr(cfg, "intermediate_size", 4 * d) or 4 * d
-    heads = getattr(cfg, "num_attention_heads", 1) or 1
+    d = model.config.hidden_size
     widest = max((s[0] * s[1] for _, s, _, _ in linears), default=0)
     work = 4 * widest * 4                                        # the weight, its copies, dequantised report
     if not calibrated or not tokens:
         return work
-    rows = BATCH * seq_len
-    acts = 2 * tokens * d * 4 + rows * (3 * inter + 4 * d) * 4 + BATCH * heads * seq_len ** 2 * 4
+    batch = _batch_bytes(model, seq_len)
+    acts = 2 * tokens * d * 4 + batch
+    if _tuned(linears):   # the full-precision references, the targets, and a batch's graph for backward
+        acts += 2 * tokens * d * 4 + 2 * batch
     groups = sequential_groups(describe(model), [n for n, *_ in linears]) if linears else []
     shapes = {n: s for n, s, _, _ in linears}
     stats = max((sum(shapes[n][1] ** 2 * 8 for n in g) for g in groups), default=0)
     solve = max((s[1] ** 2 * 4 * 3 for s in shapes.values()), default=0)  # H, its inverse, a factor
     return acts + stats + solve + work
+
+
+def _batch_bytes(model, seq_len: int) -> int:
+    """One calibration batch's intermediates in one block (float32)."""
+    cfg = model.config
+    d = cfg.hidden_size
+    inter = getattr(cfg, "intermediate_size", 4 * d) or 4 * d
+    heads = getattr(cfg, "num_attention_heads", 1) or 1
+    return BATCH * seq_len * (3 * inter + 4 * d) * 4 + BATCH * heads * seq_len ** 2 * 4
+
+
+def _tuned(linears) -> bool:
+    """Whether the configs fine-tune the blocks (pipeline/tuning.py): the run then keeps more activations."""
+    return any(cfg.block_tuning[0] > 0 or cfg.model_tuning[0] > 0 for _, _, cfg, _ in linears)
 
 
 def _probe_seconds(model, linears, tokens: int, calibrated: bool) -> float:
@@ -187,12 +200,16 @@ def plan_folder(folder, method, samples: int = 0, seq_len: int | None = None, pr
     # dtype and its serialisation), block 0's reading, the capture pass's activations
     outside_phase = out32 + max(2 * out_disk, block32 + block_disk, block32 + 2 * hidden)
     block_phase = max(block32 + block_disk, block32 + work)
+    # end-to-end tuning (never streamed): the first block's inputs and a batch's graph through every block
+    e2e = hidden + len(per_block) * _batch_bytes(model, seq_len) if any(
+        cfg.model_tuning[0] > 0 for _, _, cfg, _ in linears) and calibrated else 0
     output = out_disk + sum(_output_bytes(b, path, i, linears) for i, b in enumerate(per_block))
     total32 = out32 + sum(_fp32(b) for b in per_block)
     return Plan(blocks=len(per_block), parameters=sum(math.prod(e["shape"]) for e in shards.entries().values()),
-                weights_fp32_bytes=total32, output_bytes=output, disk_bytes=2 * output + 2 * hidden,
+                weights_fp32_bytes=total32, output_bytes=output,
+                disk_bytes=2 * output + (4 if _tuned(linears) else 2) * hidden,
                 streamed_peak_bytes=base + max(outside_phase, block_phase),
-                in_memory_peak_bytes=base + total32 + max(_disk(shards.entries()), work, 2 * output), available_bytes=available_memory(),
+                in_memory_peak_bytes=base + total32 + max(_disk(shards.entries()), work + e2e, 2 * output), available_bytes=available_memory(),
                 seconds=len(per_block) * _probe_seconds(model, linears, tokens, calibrated) if probe else None,
                 base_bytes=base)
 

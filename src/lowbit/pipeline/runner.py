@@ -77,15 +77,18 @@ def _quantize_block(block, prefix: str, index: int, inputs: list[BlockInput], re
     return reports
 
 
-def _tunes(recipe: Recipe) -> bool:
-    """Whether any config of the recipe asks for fine-tuning (of blocks, or end to end)."""
-    return any(c.block_tuning[0] > 0 or c.model_tuning[0] > 0 for c in recipe.configs())
+def block_configs(blocks, path: str, recipe: Recipe) -> list:
+    """The configs the recipe gives the blocks' Linears (Linears outside the blocks are never tuned)."""
+    return [c for i, b in enumerate(blocks) for n in block_linears(b)
+            if (c := recipe.config_for(f"{path}.{i}.{n}")) is not None]
 
 
-def model_tuning_of(recipe: Recipe, split: Split, streamed: bool, calibrated: bool) -> tuple[int, float] | None:
-    """(epochs, lr) of the end-to-end tuning the recipe asks for (the most epochs among its configs), or
-    None; refused where the blocks are not all in this process's memory."""
-    asked = max((c.model_tuning for c in recipe.configs()), default=(0, 0.0))
+def check_tuning(configs: list, split: Split, streamed: bool) -> tuple[int, float] | None:
+    """Refuse, before any work, the fine-tuning a run cannot do; return (epochs, lr) of the end-to-end tuning
+    the configs ask for (the most epochs among them), or None."""
+    if split.world > 1 and any(c.block_tuning[0] > 0 for c in configs):
+        raise LowbitError("block fine-tuning (finetune) runs in one process; run it without torchrun")
+    asked = max((c.model_tuning for c in configs), default=(0, 0.0))
     if asked[0] <= 0:
         return None
     if split.world > 1:
@@ -93,7 +96,7 @@ def model_tuning_of(recipe: Recipe, split: Split, streamed: bool, calibrated: bo
     if streamed:
         raise LowbitError("end-to-end fine-tuning (e2e) needs every block in memory at once; drop --stream, "
                           "or the e2e word (block fine-tuning, ftN, streams)")
-    return asked if calibrated else None
+    return asked
 
 
 def refresh_bits(reports: list[LayerReport], root: nn.Module, prefix: str = "") -> None:
@@ -105,16 +108,12 @@ def refresh_bits(reports: list[LayerReport], root: nn.Module, prefix: str = "") 
             r.bits_per_weight = float(module.quantized().bits_per_element)
 
 
-def _block_tuning(block, prefix: str, recipe: Recipe, split: Split, calibrated: bool) -> tuple[int, float] | None:
+def _block_tuning(block, prefix: str, recipe: Recipe, calibrated: bool) -> tuple[int, float] | None:
     """(epochs, lr) of the block fine-tuning the block's configs ask for (the most epochs among them), or
     None."""
     configs = [c for n in block_linears(block) if (c := recipe.config_for(f"{prefix}.{n}")) is not None]
     asked = max((c.block_tuning for c in configs), default=(0, 0.0))
-    if asked[0] <= 0:
-        return None
-    if split.world > 1:
-        raise LowbitError("block fine-tuning (finetune) runs in one process; run it without torchrun")
-    return asked if calibrated else None
+    return asked if asked[0] > 0 and calibrated else None
 
 
 def solve_and_swap(root: nn.Module, names: list[str], solve, split: Split | None = None,
@@ -312,12 +311,13 @@ def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor
     batches = split.mine(batches)   # this rank's; their activations never leave it
     walk = stream or BlockStream()
     walk.load(0, blocks[0])
-    model_tuning = model_tuning_of(recipe, split, stream is not None, bool(batches))
+    configs = block_configs(blocks, path, recipe)
+    model_tuning = check_tuning(configs, split, stream is not None) if calibration is not None else None
     inputs = capture_block_inputs(model, blocks, batches)
-    if _tunes(recipe):
+    if any(c.block_tuning[0] > 0 or c.model_tuning[0] > 0 for c in configs):
         keep_reference(inputs)   # tuning aims each block at the full-precision model's own hidden states
     start, reports = walk.begin(blocks, inputs)
-    first = [replace(x) for x in inputs] if model_tuning else None   # the first block's inputs
+    first = [replace(x, reference=None) for x in inputs] if model_tuning else None   # the first block's inputs
     n_gqa = _gqa(model)
     bar = tqdm(range(start, len(blocks)), desc="quantising blocks", unit="block", file=sys.stderr,
                disable=not progress or split.rank != 0, initial=start, total=len(blocks))
@@ -326,7 +326,7 @@ def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor
         walk.load(i, block)
         reference = reference_outputs(block, inputs)   # before any fold or rounding
         scale_block(block, arch, inputs, recipe, prefix, i, split)
-        tuning = _block_tuning(block, prefix, recipe, split, bool(inputs))
+        tuning = _block_tuning(block, prefix, recipe, bool(inputs))
         done = _quantize_block(block, prefix, i, inputs, recipe, arch, len(blocks), n_gqa, walk.layer_done, split)
         if tuning:
             targets = [x.real(r).float() for x, r in zip(inputs, reference)]

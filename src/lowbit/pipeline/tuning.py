@@ -54,7 +54,8 @@ def _tunable(modules: list[nn.Module]) -> list[nn.Module]:
 def tune_block(block: nn.Module, inputs: list[BlockInput], targets: list[torch.Tensor], epochs: int,
                lr: float) -> tuple[float, float]:
     """Tune the block in place (module docstring); returns (error before, error after), the relative
-    squared errors summed over the batches, after <= before."""
+    squared errors summed over the held-out batches (held_out; every batch's when there is one), after <=
+    before."""
     return _tune([block], lambda x: run_block(block, x), inputs, targets, epochs, lr)
 
 
@@ -103,12 +104,14 @@ def _tune(blocks: list[nn.Module], run, inputs, targets, epochs: int, lr: float,
     params = [p for b in blocks for p in b.parameters() if p.dtype == torch.float32]
     if epochs <= 0 or not inputs or not (modules or params):
         return before, before
-    snapshot = [{k: v.clone() for k, v in b.state_dict().items()} for b in blocks]
     grads = [p.requires_grad for p in params]
     masters = [t for m in modules for t in m.tuning_start()]
     trained = masters + params
     opt = torch.optim.Adam(trained, lr=lr)
-    best, best_values = before, [t.detach().clone() for t in trained]
+    # the untuned values: the modules' own undo puts back what they store, these the float parameters
+    start = [t.detach().clone() for t in trained]
+    best, best_values = before, start
+    interrupted = False
     try:
         for p in params:
             p.requires_grad_(True)
@@ -123,6 +126,9 @@ def _tune(blocks: list[nn.Module], run, inputs, targets, epochs: int, lr: float,
             if err < best:
                 best, best_values = err, [t.detach().clone() for t in trained]
             on_epoch()
+    except BaseException:
+        interrupted, best_values = True, start
+        raise
     finally:
         with torch.no_grad():
             for t, v in zip(trained, best_values):
@@ -132,12 +138,15 @@ def _tune(blocks: list[nn.Module], run, inputs, targets, epochs: int, lr: float,
             p.grad = None
         with torch.no_grad():
             undo = [m.tuning_end() for m in modules]
+            if interrupted:   # the blocks as they were, stored as before (QuIP#'s signs as bits)
+                for u in undo:
+                    u()
     after = _error(run, *valid)
     if not after < before:   # in the stored precision it did not help: the blocks as they were
         with torch.no_grad():
             for u in undo:
                 u()
-            for b, state in zip(blocks, snapshot):
-                b.load_state_dict(state)
+            for p, v in zip(params, start[len(masters):]):
+                p.copy_(v)
         after = before
     return before, after
