@@ -76,3 +76,12 @@ def tuned_args(src, method):
 
     model, _ = skeleton(src)
     return model, plan_module._linears(model, as_recipe(method)), 32 * 32, 32, True
+
+
+def test_plan_says_end_to_end_tuning_cannot_stream(tmp_path, capsys):
+    src = fp16_llama_folder(tmp_path / "src")
+    assert main(["plan", str(src), "--method", "quip-ft2-e2e2", "--stream", "--no-probe", "--samples", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "e2e" in err and "\n" not in err
+    assert main(["plan", str(src), "--method", "quip-ft2-e2e2", "--no-probe", "--samples", "4"]) == 0
+    assert "no --stream run (end-to-end tuning, e2e, cannot stream)" in capsys.readouterr().out

@@ -162,7 +162,8 @@ class BlockTuned:
         if not all(isinstance(n, int) and n >= 0 for n in (self.finetune, self.e2e)) or not all(
                 0 < lr < math.inf for lr in (self.finetune_lr, self.e2e_lr)):
             raise LowbitError(f"{self.name}: finetune and e2e epochs must be integers >= 0 and their learning rates "
-                              f"> 0, got {self.finetune!r}, {self.e2e!r}, {self.finetune_lr!r}, {self.e2e_lr!r}")
+                              f"> 0, got finetune={self.finetune!r}, e2e={self.e2e!r}, finetune_lr={self.finetune_lr!r}, "
+                              f"e2e_lr={self.e2e_lr!r}")
 
     @property
     def block_tuning(self) -> tuple[int, float]:

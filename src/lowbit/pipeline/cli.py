@@ -173,6 +173,10 @@ def _cmd_plan(args) -> str:
     recipe = Recipe(method_from_args(args), skip=tuple(DEFAULT_SKIP) + tuple(args.skip or ()))
     calibrate = needs_calibration(recipe) or args.samples or args.seq_len
     plan = _planned(args.model, recipe, calibrate, args, probe=not args.no_probe)
+    if args.stream and not plan.streams:
+        from lowbit.pipeline.runner import E2E_CANNOT_STREAM
+
+        raise LowbitError(E2E_CANNOT_STREAM)
     if args.json:
         import json
 

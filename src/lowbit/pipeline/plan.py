@@ -53,12 +53,15 @@ class Plan:
     available_bytes: int | None
     seconds: float | None
     base_bytes: int
+    streams: bool = True          # False where the method cannot run streamed (end-to-end tuning)
 
     @property
     def peak_bytes(self) -> int:
         return self.streamed_peak_bytes
 
     def fits(self, streamed: bool) -> bool:
+        if streamed and not self.streams:
+            return False
         need = self.streamed_peak_bytes if streamed else self.in_memory_peak_bytes
         return self.available_bytes is None or need <= self.available_bytes
 
@@ -201,8 +204,8 @@ def plan_folder(folder, method, samples: int = 0, seq_len: int | None = None, pr
     outside_phase = out32 + max(2 * out_disk, block32 + block_disk, block32 + 2 * hidden)
     block_phase = max(block32 + block_disk, block32 + work)
     # end-to-end tuning (never streamed): the first block's inputs and a batch's graph through every block
-    e2e = hidden + len(per_block) * _batch_bytes(model, seq_len) if any(
-        cfg.model_tuning[0] > 0 for _, _, cfg, _ in linears) and calibrated else 0
+    tunes_end_to_end = any(cfg.model_tuning[0] > 0 for _, _, cfg, _ in linears)
+    e2e = hidden + len(per_block) * _batch_bytes(model, seq_len) if tunes_end_to_end and calibrated else 0
     output = out_disk + sum(_output_bytes(b, path, i, linears) for i, b in enumerate(per_block))
     total32 = out32 + sum(_fp32(b) for b in per_block)
     return Plan(blocks=len(per_block), parameters=sum(math.prod(e["shape"]) for e in shards.entries().values()),
@@ -211,7 +214,7 @@ def plan_folder(folder, method, samples: int = 0, seq_len: int | None = None, pr
                 streamed_peak_bytes=base + max(outside_phase, block_phase),
                 in_memory_peak_bytes=base + total32 + max(_disk(shards.entries()), work + e2e, 2 * output), available_bytes=available_memory(),
                 seconds=len(per_block) * _probe_seconds(model, linears, tokens, calibrated) if probe else None,
-                base_bytes=base)
+                base_bytes=base, streams=not tunes_end_to_end)
 
 
 def _duration(seconds: float) -> str:
@@ -222,13 +225,14 @@ def _duration(seconds: float) -> str:
 def describe_plan(plan: Plan, method: str, folder) -> str:
     """The plan as the `lowbit plan` command prints it."""
     free = "unknown" if plan.available_bytes is None else f"{plan.available_bytes / GB:,.2f} GiB"
+    cannot = "" if plan.streams else " (end-to-end tuning, e2e, cannot stream)"
     verdict = ("fits in memory" if plan.fits(False) else "fits only with --stream" if plan.fits(True)
-               else "does not fit, not even with --stream")
+               else f"does not fit, not even with --stream{cannot}")
     lines = [f"plan: {method} on {folder or 'the bundled model'} ({plan.blocks} blocks, {plan.parameters / 1e9:,.3f} B "
              f"parameters, {plan.weights_fp32_bytes / GB:,.2f} GiB in float32)",
-             f"  peak memory  {plan.in_memory_peak_bytes / GB:,.2f} GiB in memory, {plan.streamed_peak_bytes / GB:,.2f} "
-             f"GiB with --stream (of which {plan.base_bytes / GB:,.2f} GiB is this process before any weight); "
-             f"available {free}",
+             f"  peak memory  {plan.in_memory_peak_bytes / GB:,.2f} GiB in memory, "
+             + (f"{plan.streamed_peak_bytes / GB:,.2f} GiB with --stream" if plan.streams else "no --stream run" + cannot)
+             + f" (of which {plan.base_bytes / GB:,.2f} GiB is this process before any weight); available {free}",
              f"  disk         {plan.output_bytes / GB:,.2f} GiB of output; {plan.disk_bytes / GB:,.2f} GiB while a "
              f"--stream run keeps its parts beside it"]
     if plan.seconds is not None:

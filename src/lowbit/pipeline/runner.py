@@ -77,6 +77,10 @@ def _quantize_block(block, prefix: str, index: int, inputs: list[BlockInput], re
     return reports
 
 
+E2E_CANNOT_STREAM = ("end-to-end fine-tuning (e2e) needs every block in memory at once; drop --stream, or the e2e "
+                     "word (block fine-tuning, ftN, streams)")
+
+
 def block_configs(blocks, path: str, recipe: Recipe) -> list:
     """The configs the recipe gives the blocks' Linears (Linears outside the blocks are never tuned)."""
     return [c for i, b in enumerate(blocks) for n in block_linears(b)
@@ -94,8 +98,7 @@ def check_tuning(configs: list, split: Split, streamed: bool) -> tuple[int, floa
     if split.world > 1:
         raise LowbitError("end-to-end fine-tuning (e2e) runs in one process; run it without torchrun")
     if streamed:
-        raise LowbitError("end-to-end fine-tuning (e2e) needs every block in memory at once; drop --stream, "
-                          "or the e2e word (block fine-tuning, ftN, streams)")
+        raise LowbitError(E2E_CANNOT_STREAM)
     return asked
 
 
