@@ -80,18 +80,24 @@ def _cli(src: Path, out: Path, stop: str | None = None, method: list = GPTQ_G32)
                           text=True, timeout=300)
 
 
+def _llama_folder(src: Path, tokenizer, layers: int, seed: int) -> Path:
+    """A tiny random Llama folder of `layers` blocks with the tokenizer's files."""
+    import transformers as t
+
+    torch.manual_seed(seed)
+    config = tiny_config("llama")
+    config.num_hidden_layers = layers
+    t.AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    return src
+
+
 def test_interrupted_runs_resume_to_the_same_bytes(tmp_path, tiny_tokenizer):
     """Ctrl-C after block 0 and a kill -9 after block 2 of 4: each rerun of the same command resumes, and
     the result equals the uninterrupted in-memory run's folder (the last run in this process)."""
-    import transformers as t
-
-    torch.manual_seed(2)
-    config = tiny_config("llama")
-    config.num_hidden_layers = 4
-    src = tmp_path / "src"
-    t.AutoModelForCausalLM.from_config(config).save_pretrained(src)
-    tiny_tokenizer.save_pretrained(src)
     from lowbit.cli import main
+
+    src = _llama_folder(tmp_path / "src", tiny_tokenizer, layers=4, seed=2)
 
     assert main(["quantize", str(src), "--method", "gptq", "--group-size", "32", "--samples", "8", "--seq-len", "32",
                  "--quiet", "-o", str(tmp_path / "memory")]) == 0
@@ -110,16 +116,9 @@ def test_interrupted_runs_resume_to_the_same_bytes(tmp_path, tiny_tokenizer):
 def test_a_tuned_run_resumes_with_its_full_precision_references(tmp_path, tiny_tokenizer):
     """Block fine-tuning aims at the full-precision model's hidden states, which the journal keeps beside the
     quantised ones: a kill after block 1 of 3 resumes to the uninterrupted run's bytes."""
-    import transformers as t
-
     from lowbit.cli import main
 
-    torch.manual_seed(3)
-    config = tiny_config("llama")
-    config.num_hidden_layers = 3
-    src = tmp_path / "src"
-    t.AutoModelForCausalLM.from_config(config).save_pretrained(src)
-    tiny_tokenizer.save_pretrained(src)
+    src = _llama_folder(tmp_path / "src", tiny_tokenizer, layers=3, seed=3)
     method = ["--method", "quip-ft2"]
     args = ["quantize", str(src), *method, "--samples", "8", "--seq-len", "32", "--quiet", "--threads", "1"]
     assert main(args + ["-o", str(tmp_path / "memory")]) == 0

@@ -41,7 +41,9 @@ from lowbit.weights.placeholders import free
 # source (tests/methods/test_quip.py), 3 and 4 bits QuIP#'s E8P12RVQ3B / E8P12RVQ4B values
 OPT_SCALE = {2: 1.03, 3: 0.98, 4: 1.03}
 RESID_SCALE = {2: 1.0, 3: 2.04, 4: 3.45}
-FINETUNE_LR = 1e-3   # as AQLM's (methods/aqlm.py); quip-tune1 on all-MiniLM-L6-v2: 0.8871 -> 0.8952 at 8 epochs
+# as AQLM's (methods/aqlm.py); quip-tune1 on all-MiniLM-L6-v2: 0.8871 -> 0.8952 at 8 epochs (measured when the
+# target was the full-precision block on the quantised inputs)
+FINETUNE_LR = 1e-3
 
 
 @register_method
@@ -51,7 +53,7 @@ class QuIP(BlockTuned, MethodConfig):
     input and output for the signs. damp: fraction of H's mean diagonal added to it. seed: the random
     signs. opt_scale: RMS of the rotated weight in codebook units (None: OPT_SCALE). tune: refinement passes
     after BlockLDLQ (methods/ldlq.py block_refine; the reference's quip_tune_iters). finetune: epochs of
-    block fine-tuning of the scales and the block's float parameters once the block is quantised
+    block fine-tuning of the signs, the scale and the block's float parameters once the block is quantised
     (pipeline/tuning.py; 0: none), at finetune_lr. e2e: epochs of end-to-end tuning of the same parts in
     every block at once, after the last block (the paper's second fine-tuning stage), at e2e_lr."""
 

@@ -35,6 +35,7 @@ from lowbit.pipeline.checkpoint import available_memory
 from lowbit.pipeline.calibration import needs_calibration
 from lowbit.pipeline.samples import context_length
 from lowbit.pipeline.streaming import float32_bytes, skeleton
+from lowbit.pipeline.tuning import tunes
 
 BATCH = 8
 DEFAULT_SEQ_LEN = 256  # what quantize cuts calibration to when not told (api.DEFAULT_SEQ_LEN)
@@ -152,7 +153,7 @@ def _batch_bytes(model, seq_len: int) -> int:
 
 def _tuned(linears) -> bool:
     """Whether the configs fine-tune the blocks (pipeline/tuning.py): the run then keeps more activations."""
-    return any(cfg.block_tuning[0] > 0 or cfg.model_tuning[0] > 0 for _, _, cfg, _ in linears)
+    return tunes(cfg for _, _, cfg, _ in linears)
 
 
 def _probe_seconds(model, linears, tokens: int, calibrated: bool) -> float:

@@ -32,7 +32,7 @@ from lowbit.pipeline.samples import CalibrationSet, check_context, check_token_i
 
 SHOWN = 12   # offending Linears listed by name; the rest are counted
 from lowbit.pipeline.scaling import scale_block
-from lowbit.pipeline.tuning import tune_block, tune_blocks
+from lowbit.pipeline.tuning import tune_block, tune_blocks, tunes
 
 
 def quantize_linear(config, info: LayerInfo, module: nn.Linear, stats: LayerStats | None) -> tuple[nn.Module, LayerReport]:
@@ -317,7 +317,7 @@ def quantize_model(model: nn.Module, config_or_recipe, calibration: torch.Tensor
     configs = block_configs(blocks, path, recipe)
     model_tuning = check_tuning(configs, split, stream is not None) if calibration is not None else None
     inputs = capture_block_inputs(model, blocks, batches)
-    if any(c.block_tuning[0] > 0 or c.model_tuning[0] > 0 for c in configs):
+    if tunes(configs):
         keep_reference(inputs)   # tuning aims each block at the full-precision model's own hidden states
     start, reports = walk.begin(blocks, inputs)
     first = [replace(x, reference=None) for x in inputs] if model_tuning else None   # the first block's inputs

@@ -32,6 +32,11 @@ from lowbit.pipeline.blocks import BlockInput, run_block
 HELD_OUT_EVERY = 8
 
 
+def tunes(configs) -> bool:
+    """Whether any of the method configs asks for fine-tuning, of blocks (ftN) or end to end (e2eN)."""
+    return any(c.block_tuning[0] > 0 or c.model_tuning[0] > 0 for c in configs)
+
+
 def block_targets(block: nn.Module, inputs: list[BlockInput]) -> list[torch.Tensor]:
     """The block's outputs at real tokens [tokens, hidden] per batch, float32, on the inputs as they are."""
     with torch.no_grad():
