@@ -7,25 +7,48 @@
 On all-MiniLM-L6-v2 the score is benchmarks/real_weights.py's (mean cosine of sentence embeddings against
 fp32 on 300 held-out sentences, GPTQ calibrated on 256 sentences) and sensitivity is 1 - cosine.
 
-Every row is quantised by GPTQ (lowbit's default settings) on the same calibration windows and scored on
+Every row is quantised (GPTQ and QuIP# at lowbit's default settings) on the same calibration windows and scored on
 the same held-out windows against the same full-precision reference (lowbit.eval.compare's protocol).
-Mixed rows: sensitivities measured once (pipeline/sensitivity.py: KL of rounding one Linear alone, 16
-calibration windows), then one scheme per Linear chosen by the exact knapsack for each budget (bits per
-weight over the quantised Linears). "beats" says whether the mix has lower perplexity than every uniform
-row of equal or larger size. Writes mixed_precision.md and mixed_precision.png into --out.
+Mixed rows: sensitivities measured once (pipeline/sensitivity.py: KL of quantising one Linear alone with
+each candidate, 16 calibration windows), then one scheme per Linear chosen by the exact knapsack for each
+candidate set and budget (bits per weight over the quantised Linears). "beats" says whether the mix has lower perplexity than every uniform
+row of equal or larger size. Writes mixed_precision_<model>.md, .png and the sensitivities (.json) into --out.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-UNIFORM = "gptq-int2-g64,gptq-int3-g128,gptq-int3-g64,gptq-int3-g32,gptq-int4-g128,gptq-int4-g64,gptq-int4-g32"
-CANDIDATES = "gptq-int2-g64,gptq-int3-g128,gptq-int3-g32,gptq-int4-g128,gptq-int4-g32,gptq-int8"
+UNIFORM = ("gptq-int2-g64,gptq-int3-g128,gptq-int3-g64,gptq-int3-g32,gptq-int4-g128,gptq-int4-g64,gptq-int4-g32,"
+           "quip-3bit,quip-4bit")
+GPTQ = "gptq-int2-g64,gptq-int3-g128,gptq-int3-g32,gptq-int4-g128,gptq-int4-g32,gptq-int8"
+# Candidate sets, each mixed at every budget: "gptq" is what `lowbit quantize --method gptq --budget` takes
+# by default; "gptq+quip#" adds QuIP#'s lattice codes at 2, 3 and 4 bits.
+SETS = f"gptq={GPTQ};gptq+quip#={GPTQ},quip,quip-3bit,quip-4bit"
+
+
+def candidate_sets(text: str) -> dict[str, list[str]]:
+    """"name=a,b;name=c,d" -> {name: [a, b], ...}."""
+    sets = {}
+    for part in text.split(";"):
+        name, _, names = part.partition("=")
+        sets[name.strip()] = [n.strip() for n in names.split(",") if n.strip()]
+    return sets
+
+
+def subset(layers, names: list[str], chosen: list[str]):
+    """The sensitivities of `chosen` candidates only (measured once for all of `names`)."""
+    from lowbit.pipeline.sensitivity import LayerSensitivity
+
+    idx = [names.index(c) for c in chosen]
+    return [LayerSensitivity(layer.name, layer.numel, [layer.bytes[i] for i in idx], [layer.kl[i] for i in idx],
+                             [layer.proxy[i] for i in idx]) for layer in layers]
 
 
 def bundled_rows(configs: dict, samples: int) -> tuple[list[dict], float]:
@@ -78,9 +101,11 @@ def plot(rows: list[dict], path: Path, ylabel: str, baseline: float, title: str)
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, marker in (("uniform", "o-"), ("mix", "s-")):
+    kinds = sorted({r["kind"] for r in rows}, key=lambda k: (k != "uniform GPTQ", k))
+    for kind in kinds:
         pts = sorted((r["bits_per_weight"], r["score"]) for r in rows if r["kind"] == kind)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=f"{kind} (GPTQ)")
+        marker = "o-" if kind == "uniform GPTQ" else "^" if kind.startswith("uniform") else "s-"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=kind)
     ax.axhline(baseline, color="grey", ls=":", label="fp32")
     ax.set_xlabel("bits per weight (quantised Linears, scales included)")
     ax.set_ylabel(ylabel)
@@ -116,7 +141,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["bundled", "minilm"], default="bundled")
     p.add_argument("--uniform", default=UNIFORM)
-    p.add_argument("--candidates", default=CANDIDATES)
+    p.add_argument("--sets", default=SETS, help='candidate sets, "name=a,b,...;name=...", each mixed at every '
+                   'budget (sensitivity is measured once for all their candidates)')
     p.add_argument("--budgets", default="3.25,3.5,4.0,4.5")
     p.add_argument("--samples", type=int, default=64, help="GPTQ calibration windows, bundled model (default 64)")
     p.add_argument("--threads", type=int, default=2)
@@ -129,21 +155,30 @@ def main() -> None:
     from lowbit.pipeline.sensitivity import rank_correlation
     from lowbit.table import format_table
 
-    model, layers, sens_s = sensitivity_of(args.model, args.candidates)
+    sets = candidate_sets(args.sets)
+    names = list(dict.fromkeys(n for chosen in sets.values() for n in chosen))
+    model, layers, sens_s = sensitivity_of(args.model, ",".join(names))
     rho = rank_correlation([k for layer in layers for k in layer.kl], [p for layer in layers for p in layer.proxy])
     configs = {n: parse_method(n) for n in args.uniform.split(",")}
-    configs.update({f"mix {b} bpw": plan_budget(layers, args.candidates, f"{b}bpw", model).recipe
-                    for b in args.budgets.split(",")})
+    for set_name, chosen in sets.items():
+        for b in args.budgets.split(","):
+            plan = plan_budget(subset(layers, names, chosen), chosen, f"{b}bpw", model)
+            configs[f"mix {b} bpw ({set_name})"] = plan.recipe
+            print(f"mix {b} bpw ({set_name}): predicted loss {plan.allocation.loss:.5g}; " + ", ".join(
+                f"{c} x{sum(r[1] == c for r in plan.rows)}" for c in chosen if any(r[1] == c for r in plan.rows)),
+                file=sys.stderr)
     del model
     if args.model == "minilm":
         rows, baseline, better, label = minilm_rows(configs), 1.0, max, "mean cosine to fp32"
     else:
         (rows, baseline), better, label = bundled_rows(configs, args.samples), min, "held-out perplexity"
     for r in rows:
-        r["kind"] = "mix" if r["name"].startswith("mix") else "uniform"
+        r["kind"] = (f"mix ({r['name'].split('(')[-1].rstrip(')')})" if r["name"].startswith("mix") else
+                     "uniform GPTQ" if r["name"].startswith("gptq") else "uniform " + r["name"].split("-")[0])
     for r in rows:
-        if r["kind"] == "mix":
-            rivals = [u["score"] for u in rows if u["kind"] == "uniform" and u["bits_per_weight"] >= r["bits_per_weight"] - 1e-9]
+        if r["kind"].startswith("mix"):
+            rivals = [u["score"] for u in rows if u["kind"].startswith("uniform")
+                      and u["bits_per_weight"] >= r["bits_per_weight"] - 1e-9]
             r["beats"] = all(better(r["score"], u) == r["score"] and r["score"] != u for u in rivals)
     kl = "kl" in rows[0]          # the bundled model: KL to fp32 too, finer than perplexity at these levels
     table = format_table(["row", "bits/weight", label] + (["KL"] if kl else []) + ["beats every uniform of >= size"],
@@ -151,10 +186,12 @@ def main() -> None:
                           + [str(r.get("beats", ""))] for r in sorted(rows, key=lambda r: r["bits_per_weight"])],
                          markdown=True)
     notes = (f"{args.model}: fp32 {label} {baseline:.4f}; sensitivity: {len(layers)} Linears x "
-             f"{len(args.candidates.split(','))} candidates in {sens_s:.0f} s; rank correlation (Spearman) of the "
+             f"{len(names)} candidates in {sens_s:.0f} s; rank correlation (Spearman) of the "
              f"Hessian proxy with the measured loss: {rho:.3f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / f"sensitivity_{args.model}.json").write_text(json.dumps(
+        {"candidates": names, "layers": [vars(layer) for layer in layers]}))
     (out / f"mixed_precision_{args.model}.md").write_text(table + "\n\n" + notes + "\n")
     plotted = plot(rows, out / f"mixed_precision_{args.model}.png", label, baseline,
                    f"{args.model}: budgeted mixes vs uniform schemes")

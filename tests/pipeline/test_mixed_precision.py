@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.methods import parse_method
+from lowbit.methods.stats import LayerStats
 from lowbit.pipeline.budget import plan_budget
 from lowbit.pipeline.sensitivity import rank_correlation, sensitivity
 from tests.eval.helpers import tiny_llama
@@ -29,11 +30,16 @@ def direct_kl_and_proxy(model, ids, name, method):
     with torch.no_grad():
         ref = F.log_softmax(model(input_ids=ids).logits, -1)
     handle.remove()
+    config, stats = parse_method(method), None
+    if config.alone:               # QuIP# and AQLM: their own method, on this layer's fp inputs
+        stats = LayerStats(module.in_features)
+        for x in inputs:
+            stats.update(x)
     other = copy.deepcopy(model)
     target = dict(other.named_modules())[name]
     with torch.no_grad():
         w = target.weight.clone()
-        target.weight.copy_(parse_method(method).quantize_weight(w, None).dequantize())
+        target.weight.copy_(config.quantize_weight(w, stats).dequantize())
         lp = F.log_softmax(other(input_ids=ids).logits, -1)
         dw = (target.weight - w).double()
     kl = F.kl_div(lp.reshape(-1, lp.shape[-1]), ref.reshape(-1, ref.shape[-1]), log_target=True,
@@ -53,6 +59,21 @@ def test_sensitivity_is_the_kl_of_rounding_one_layer_alone(measured, name):
         assert row.bytes[j] == parse_method(method).quantize_weight(
             dict(model.named_modules())[name].weight.detach(), None).nbytes
     assert row.kl[0] > row.kl[1] > row.kl[2]          # fewer bits, more damage
+
+
+def test_quip_is_measured_with_its_own_method_and_gptq_by_rounding_to_nearest(one_thread):
+    """A candidate without a scheme (QuIP#'s lattice) is measured by QuIP# itself on the layer's own fp
+    inputs; GPTQ by round-to-nearest on its scheme (pipeline/sensitivity.py says why)."""
+    model = tiny_llama(hidden=64, vocab=512)
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    layers = sensitivity(model, "quip-4bit,gptq-int2-g32", ids, batch_size=3, progress=False)
+    for name in ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]:
+        row = next(layer for layer in layers if layer.name == name)
+        for j, method in enumerate(["quip-4bit", "rtn-int2-g32"]):
+            kl, proxy = direct_kl_and_proxy(model, ids, name, method)
+            assert row.kl[j] == pytest.approx(kl, rel=1e-3, abs=1e-9)
+            assert row.proxy[j] == pytest.approx(proxy, rel=1e-3)
+        assert row.kl[0] < row.kl[1]
 
 
 def test_the_plan_is_the_best_mix_within_the_budget(measured):
@@ -96,25 +117,47 @@ def test_rank_correlation_closed_forms():
     assert rank_correlation([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
 
 
-def test_quantize_with_a_budget_saves_the_mix(tmp_path, capsys):
+def quantize_with_budget(tmp_path, method, budget, candidates, out="out", extra=()):
+    """`lowbit quantize` of a tiny fp16 Llama folder with --budget: (exit code, the saved model or None)."""
     from lowbit import api
     from lowbit.cli import main
-    from lowbit.eval.memory import model_memory
     from tests.conftest import fp16_llama_folder
 
-    fp16_llama_folder(tmp_path / "hf")
-    argv = ["quantize", str(tmp_path / "hf"), "--method", "rtn", "--budget", "4bpw", "--candidates",
-            "rtn-int2-g32,rtn-int4-g32", "--samples", "4", "--quiet", "-o", str(tmp_path / "out")]
-    assert main(argv) == 0
-    assert "mixed precision: " in capsys.readouterr().out
-    model, _ = api.load_model(tmp_path / "out")
+    if not (tmp_path / "hf").exists():
+        fp16_llama_folder(tmp_path / "hf")
+    argv = ["quantize", str(tmp_path / "hf"), "--method", method, "--budget", budget, "--candidates", candidates,
+            "--samples", "4", "--quiet", "-o", str(tmp_path / out), *extra]
+    code = main(argv)
+    return code, (api.load_model(tmp_path / out)[0] if code == 0 else None)
+
+
+def test_quantize_with_a_budget_saves_the_mix(tmp_path, capsys):
+    from lowbit.eval.memory import model_memory
+
+    code, model = quantize_with_budget(tmp_path, "rtn", "4bpw", "rtn-int2-g32,rtn-int4-g32")
+    assert code == 0 and "mixed precision: " in capsys.readouterr().out
     mem = model_memory(model)
     assert mem.quantized_linears == 14 and 3.5 < mem.bits_per_weight <= 4.0     # both schemes used, within budget
     # --skip keeps a Linear in full precision and outside the budget
-    argv[-1] = str(tmp_path / "skipped")
-    assert main(argv + ["--skip", "*.0.mlp.down_proj"]) == 0
-    model, _ = api.load_model(tmp_path / "skipped")
+    code, model = quantize_with_budget(tmp_path, "rtn", "4bpw", "rtn-int2-g32,rtn-int4-g32", "skipped",
+                                       ["--skip", "*.0.mlp.down_proj"])
+    assert code == 0
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear and model_memory(model).quantized_linears == 13
+
+
+def test_a_budget_mixes_families_gptq_and_quip(tmp_path, capsys):
+    """Candidates of two calibrated methods: each Linear gets GPTQ's or QuIP#'s weight, the model saves and
+    loads back with both, and its size is within the budget."""
+    from lowbit.eval.memory import model_memory
+    from lowbit.nn.quip import QuipLinear
+
+    code, model = quantize_with_budget(tmp_path, "gptq", "3.8bpw", "gptq-int3-g32,quip-4bit")
+    assert code == 0 and "quip-4bit x" in capsys.readouterr().out
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "QuipLinear" in kinds and "QuantLinear" in kinds
+    assert sum(isinstance(m, QuipLinear) for m in model.modules()) < 14
+    mem = model_memory(model)
+    assert mem.quantized_linears == 14 and 3.5 < mem.bits_per_weight <= 3.8
 
 
 def test_a_budget_is_refused_before_any_measurement(tmp_path, capsys):

@@ -53,6 +53,7 @@ class AQLM(BlockTuned, MethodConfig):
     name = "aqlm"
     required_stats = ("hessian",)
     sequential = True
+    alone = True
     words = {"2x8": {"codebooks": 2, "code_bits": 8}, "1x16": {"codebooks": 1, "code_bits": 16},
              "1x8": {"codebooks": 1, "code_bits": 8}, "r": "rounds", "steps": "adam_steps", "seed": "seed",
              "ft": "finetune", "ftlr": "finetune_lr", "e2e": "e2e",

@@ -87,6 +87,11 @@ class MethodConfig(metaclass=_ConfigMeta):
     words: ClassVar[dict] = {}
     # Whether the method's values come from training (`lowbit qat`) rather than from quantize_weight alone.
     trains: ClassVar[bool] = False
+    # Whether quantize_weight(weight, this Linear's own LayerStats) is the whole method for one Linear:
+    # nothing block-level (scales moved between layers) it would miss. Mixed precision then measures the
+    # sensitivity of a candidate without a scheme (a lattice, codebooks) with the method itself.
+    # (Block fine-tuning, which follows, is left out of that measurement.)
+    alone: ClassVar[bool] = False
 
     def quantize_weight(self, weight: torch.Tensor, stats: LayerStats | None):
         raise NotImplementedError

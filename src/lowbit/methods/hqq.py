@@ -11,8 +11,9 @@ dequantisation. Half-quadratic splitting adds an auxiliary W_e ~ W - dequant(qua
 
 with W_q = clamp(round(W / s + z), 0, qmax), W_r = (W_q - z) s, stopping as soon as the mean |W - W_r|
 over the whole tensor stops falling (the reference keeps the zero of the step that saw the error rise;
-so does this, which makes the result the reference's). Defaults p = 0.7, beta = 10, kappa = 1.01, 20
-iterations: the paper's and the package's.
+so does this). Defaults p = 0.7, beta = 10, kappa = 1.01, 20 iterations: the paper's. The hqq package
+(0.2.8) takes kappa but never grows beta: kappa = 1 (`hqq-int4-g64-kappa1`) is its schedule, and with it
+the result is the package's, group for group (tests/methods/test_hqq_reference.py).
 
 Speed: the same iteration written in grid units. With r = W/s + z - W_q the residual in steps, the update
 is z <- z - mean(sign(r) min(|r|, c |r|^(p-1))), c = s^(p-2) / beta, and min(...) = |r| exactly when
@@ -45,12 +46,13 @@ class HQQ(SchemeMethod):
     """scheme: asymmetric integer grid of 1..8 bits (default uint4 g64) with a float zero point (an
     integer zero_dtype becomes fp16: HQQ's zero points are free floats). lp: the norm's p (0 < p <= 1);
     beta: the first step's penalty; kappa: beta's growth per step (>= 1); iters: at most this many steps;
-    optimize_scale: refit the scale too (least squares, each step); axis 1 (groups along a row, the input
+    optimize_scale: refit the scale too (least squares, each step). kappa 1 (`hqq-int4-g64-kappa1`) is the
+    hqq package's schedule: its solver (0.2.8) takes kappa but never grows beta. Axis 1 (groups along a row, the input
     dimension: the only layout a QuantizedTensor holds; `hqq_optimize` takes axis 0 too)."""
 
     name = "hqq"
     default_scheme = "uint4-g64-zfp16"
-    words = {"scale": {"optimize_scale": True}, "p": "lp", "it": "iters"}
+    words = {"scale": {"optimize_scale": True}, "p": "lp", "it": "iters", "kappa": "kappa"}
     lp: float = 0.7
     beta: float = 10.0
     kappa: float = 1.01
@@ -86,9 +88,11 @@ class HQQ(SchemeMethod):
 
 def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     """The generalised soft-thresholding operator, argmin_y |y|^p + beta/2 (y - x)^2 in the paper's
-    approximation: sign(x) max(|x| - |x|^(p-1) / beta, 0). p = 1 is the soft threshold (|x| - 1/beta)+."""
+    approximation: sign(x) max(|x| - |x|^(p-1) / beta, 0). p = 1 is the soft threshold (|x| - 1/beta)+.
+    Written as the reference writes it, |x| - (1/beta) |x|^(p-1), so that both round alike: a zero one ulp
+    apart sends a later step's codes apart."""
     a = x.abs()
-    return torch.sign(x) * (a - a.pow(p - 1) / beta).clamp_min(0.0)
+    return torch.sign(x) * (a - (1.0 / beta) * a.pow(p - 1)).clamp_min(0.0)
 
 
 def minmax_start(blocks: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,11 +104,17 @@ def minmax_start(blocks: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.T
     return inv, -lo * inv
 
 
+def _block_mean(t: torch.Tensor, columns: bool) -> torch.Tensor:
+    """Each block's (row's) mean [G, 1]; columns: summed in the order of the reference, which holds axis-0
+    blocks as the columns of a [n, G] tensor (a zero one ulp apart sends a later step's codes apart)."""
+    return t.T.contiguous().mean(0, keepdim=True).T if columns else t.mean(-1, keepdim=True)
+
+
 def _zero_step(w: torch.Tensor, x: torch.Tensor, inv: torch.Tensor, z: torch.Tensor, qmax: int, beta: float,
-               p: float, x_range: tuple, q: torch.Tensor, d: torch.Tensor):
+               p: float, x_range: tuple, q: torch.Tensor, d: torch.Tensor, columns: bool = False):
     """One half-quadratic step on blocks w [G, n] (x = w * inv, x_range its per-block (min, max)) for the
-    zero point. Returns (the new zero, per-block sum of |W - W_r|); the codes W_q are left in `q` ([G, n]
-    scratch, as is `d`).
+    zero point. Returns (the new zero, the mean |W - W_r| over all blocks, computed as the reference
+    computes it, whose early stop it decides); the codes W_q are left in `q` ([G, n] scratch, as is `d`).
 
     The new zero is computed as the reference computes it, mean(W_q - (W - W_e) inv), which is
     mean(W_q - x) wherever W_e = 0, i.e. wherever the residual |r| <= t (module docstring). A residual
@@ -112,8 +122,9 @@ def _zero_step(w: torch.Tensor, x: torch.Tensor, inv: torch.Tensor, z: torch.Ten
     are known from x_range without a pass over the elements; those get the full formula."""
     torch.add(x, z, out=q).round_().clamp_(0, qmax)
     torch.sub(q, x, out=d)                              # z - r, r the residual in steps
-    z_next = d.mean(-1, keepdim=True)
-    l1 = d.sub_(z).abs_().sum(-1, keepdim=True).div_(inv)
+    z_next = _block_mean(d, columns)
+    torch.sub(q, z, out=d).div_(inv).sub_(w).abs_()
+    err = float((d.T.contiguous() if columns else d).mean())
     # a margin so that float rounding of the threshold never hides a residual the reference shrinks
     t = inv * (beta ** (-1.0 / (2.0 - p)) * (1 - 1e-4))
     worst = torch.maximum(-(x_range[0] + z), x_range[1] + z - qmax).clamp_min_(0.5)
@@ -121,8 +132,8 @@ def _zero_step(w: torch.Tensor, x: torch.Tensor, inv: torch.Tensor, z: torch.Ten
     if rows.numel():
         wr, qr, ir = w[rows], q[rows], inv[rows]
         w_e = shrink_lp(wr - (qr - z[rows]) / ir, beta, p)
-        z_next[rows] = (qr - (wr - w_e) * ir).mean(-1, keepdim=True)
-    return z_next, l1
+        z_next[rows] = _block_mean(qr - (wr - w_e) * ir, columns)
+    return z_next, err
 
 
 def _fit_line(q: torch.Tensor, y: torch.Tensor, inv: torch.Tensor, z: torch.Tensor):
@@ -142,7 +153,7 @@ def hqq_optimize(w: torch.Tensor, bits: int, group_size: int | None, axis: int =
     """HQQ on a 2-D float32 tensor w [out, in]: (codes, inverse scale, zero, steps taken) in the
     reference's layout: axis 1 makes groups of `group_size` consecutive elements of w.flatten()
     (codes [numel/g, g], inv/zero [numel/g, 1]), axis 0 takes them with stride numel/g (codes [g,
-    numel/g], inv/zero [1, numel/g]); group_size None: one group per row. Dequantise as (codes - zero)
+    numel/g], inv/zero [1, numel/g]); group_size None: one group per row (axis 1) or column (axis 0). Dequantise as (codes - zero)
     / inv. float32 throughout, as the reference computes on CPU."""
     qmax = (1 << bits) - 1
     if group_size is None:
@@ -152,7 +163,8 @@ def hqq_optimize(w: torch.Tensor, bits: int, group_size: int | None, axis: int =
     else:
         x = w.reshape(-1, group_size) if axis == 1 else w.reshape(group_size, -1).T
     x = x.float().contiguous()
-    inv, z, n_steps = _hqq_loop(x, *minmax_start(x, qmax), qmax, lp, beta, kappa, iters, optimize_scale)
+    inv, z, n_steps = _hqq_loop(x, *minmax_start(x, qmax), qmax, lp, beta, kappa, iters, optimize_scale,
+                                columns=axis == 0)
     codes = torch.round(x * inv + z).clamp_(0, qmax)
     if axis == 0:
         return codes.T, inv.T, z.T, n_steps
@@ -160,19 +172,19 @@ def hqq_optimize(w: torch.Tensor, bits: int, group_size: int | None, axis: int =
 
 
 def _hqq_loop(w_blocks: torch.Tensor, inv: torch.Tensor, z: torch.Tensor, qmax: int, lp: float, beta: float,
-              kappa: float, iters: int, optimize_scale: bool):
-    """The iteration on blocks [G, n] from (inverse scale, zero) [G, 1]: (inverse scale, zero, steps)."""
+              kappa: float, iters: int, optimize_scale: bool, columns: bool = False):
+    """The iteration on blocks [G, n] from (inverse scale, zero) [G, 1]: (inverse scale, zero, steps).
+    columns: the reference holds the blocks as columns (axis 0), and its sums run in that order."""
     x = w_blocks * inv
     x_range = (x.amin(-1, keepdim=True), x.amax(-1, keepdim=True))
     q, d = torch.empty_like(x), torch.empty_like(x)
     best = math.inf
     n = 0
     for n in range(1, iters + 1):
-        z_next, l1 = _zero_step(w_blocks, x, inv, z, qmax, beta, lp, x_range, q, d)
+        z_next, err = _zero_step(w_blocks, x, inv, z, qmax, beta, lp, x_range, q, d, columns)
         if optimize_scale:
             y = w_blocks - shrink_lp(w_blocks - (q - z) / inv, beta, lp)
             inv_next, z_next = _fit_line(q, y, inv, z)
-        err = float(l1.sum()) / w_blocks.numel()
         z = z_next
         if optimize_scale:
             inv = inv_next

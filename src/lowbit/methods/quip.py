@@ -60,6 +60,7 @@ class QuIP(BlockTuned, MethodConfig):
     name = "quip"
     required_stats = ("hessian",)
     sequential = True
+    alone = True
     words = {"2bit": {"bits": 2}, "3bit": {"bits": 3}, "4bit": {"bits": 4}, "damp": "damp", "seed": "seed",
              "scale": "opt_scale", "tune": "tune", "ft": "finetune", "ftlr": "finetune_lr", "e2e": "e2e",
              "e2elr": "e2e_lr"}
