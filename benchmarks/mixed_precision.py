@@ -1,17 +1,18 @@
 """Mixed precision under a budget against uniform schemes: the Pareto table and plot.
 
-    .venv/bin/python benchmarks/mixed_precision.py                    # the bundled model (~20 min, 2 threads)
+    .venv/bin/python benchmarks/mixed_precision.py                    # the bundled model (~40 min, 2 threads)
     .venv/bin/python benchmarks/mixed_precision.py --model minilm     # all-MiniLM-L6-v2 (real weights)
     .venv/bin/python benchmarks/mixed_precision.py --budgets 3.5,4.5 --uniform gptq-int3-g32,gptq-int4-g32
 
 On all-MiniLM-L6-v2 the score is benchmarks/real_weights.py's (mean cosine of sentence embeddings against
 fp32 on 300 held-out sentences, GPTQ calibrated on 256 sentences) and sensitivity is 1 - cosine.
 
-Every row is quantised (GPTQ and QuIP# at lowbit's default settings) on the same calibration windows and scored on
-the same held-out windows against the same full-precision reference (lowbit.eval.compare's protocol).
-Mixed rows: sensitivities measured once (pipeline/sensitivity.py: KL of quantising one Linear alone with
-each candidate, 16 calibration windows), then one scheme per Linear chosen by the exact knapsack for each
-candidate set and budget (bits per weight over the quantised Linears). "beats" says whether the mix has lower perplexity than every uniform
+Every row is quantised (GPTQ and QuIP# at lowbit's default settings) on the same calibration windows and
+scored on the same held-out windows against the same full-precision reference (lowbit.eval.compare's
+protocol). Mixed rows: sensitivities measured once for every candidate of every set (pipeline/sensitivity.py:
+the loss of quantising one Linear alone with each candidate, 16 calibration windows), then one scheme per
+Linear chosen by the exact knapsack for each candidate set and budget (bits per weight over the quantised
+Linears). "beats" says whether the mix scores better (perplexity lower, cosine higher) than every uniform
 row of equal or larger size. Writes mixed_precision_<model>.md, .png and the sensitivities (.json) into --out.
 """
 from __future__ import annotations

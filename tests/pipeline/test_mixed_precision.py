@@ -171,6 +171,10 @@ def test_a_budget_is_refused_before_any_measurement(tmp_path, capsys):
     assert main(base + ["--budget", "1bpw"]) == 2
     err = capsys.readouterr().err
     assert "cannot read a budget" in err and "below the smallest mix" in err and "2.500 bits" in err
+    # LLM.int8() has no scheme to round and is not measured one Linear at a time
+    unmeasurable = base[:5] + ["llm-int8,rtn-int4-g32"] + base[6:]
+    assert main(unmeasurable + ["--budget", "6bpw"]) == 2
+    assert "llm-int8 has no scheme to round to nearest" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -46,9 +46,9 @@ class HQQ(SchemeMethod):
     """scheme: asymmetric integer grid of 1..8 bits (default uint4 g64) with a float zero point (an
     integer zero_dtype becomes fp16: HQQ's zero points are free floats). lp: the norm's p (0 < p <= 1);
     beta: the first step's penalty; kappa: beta's growth per step (>= 1); iters: at most this many steps;
-    optimize_scale: refit the scale too (least squares, each step). kappa 1 (`hqq-int4-g64-kappa1`) is the
-    hqq package's schedule: its solver (0.2.8) takes kappa but never grows beta. Axis 1 (groups along a row, the input
-    dimension: the only layout a QuantizedTensor holds; `hqq_optimize` takes axis 0 too)."""
+    optimize_scale: refit the scale too (least squares, each step). kappa 1 (`hqq-int4-g64-kappa1`) is
+    the hqq package's schedule: its solver (0.2.8) takes kappa but never grows beta. Axis 1 (groups along
+    a row, the input dimension: the only layout a QuantizedTensor holds; `hqq_optimize` takes axis 0 too)."""
 
     name = "hqq"
     default_scheme = "uint4-g64-zfp16"
@@ -153,8 +153,8 @@ def hqq_optimize(w: torch.Tensor, bits: int, group_size: int | None, axis: int =
     """HQQ on a 2-D float32 tensor w [out, in]: (codes, inverse scale, zero, steps taken) in the
     reference's layout: axis 1 makes groups of `group_size` consecutive elements of w.flatten()
     (codes [numel/g, g], inv/zero [numel/g, 1]), axis 0 takes them with stride numel/g (codes [g,
-    numel/g], inv/zero [1, numel/g]); group_size None: one group per row (axis 1) or column (axis 0). Dequantise as (codes - zero)
-    / inv. float32 throughout, as the reference computes on CPU."""
+    numel/g], inv/zero [1, numel/g]); group_size None: one group per row (axis 1) or column (axis 0).
+    Dequantise as (codes - zero) / inv. float32 throughout, as the reference computes on CPU."""
     qmax = (1 << bits) - 1
     if group_size is None:
         x = w.reshape(w.shape[0], -1) if axis == 1 else w.reshape(w.shape[0], -1).T

@@ -23,6 +23,7 @@ from lowbit.pipeline.sensitivity import (
     LayerSensitivity,
     candidate_configs,
     candidate_plans,
+    measure_rounding,
     rank_correlation,
     sensitivity,
 )
@@ -67,9 +68,12 @@ def linear_budget(text: str, model: nn.Module, numel: int) -> int:
 
 
 def check_budget(model: nn.Module, candidates, budget: str, skip: tuple = ()) -> None:
-    """Refuse, from shapes alone (before any forward pass), a budget below the smallest candidate of
-    every Linear."""
-    plans = candidate_plans(model, candidate_configs(candidates), skip)
+    """Refuse, from shapes alone (before any forward pass), a candidate whose sensitivity cannot be
+    measured and a budget below the smallest candidate of every Linear."""
+    configs = candidate_configs(candidates)
+    for config in configs:
+        measure_rounding(config)
+    plans = candidate_plans(model, configs, skip)
     modules = dict(model.named_modules())
     names = [n for n in plans[0] if all(n in p for p in plans)]
     numel = sum(modules[n].weight.numel() for n in names)

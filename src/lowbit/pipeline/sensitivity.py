@@ -62,8 +62,8 @@ def measure_rounding(config: MethodConfig) -> MethodConfig:
         return RTN(scheme=config.scheme)
     if config.alone:
         return config
-    raise LowbitError(f"{config.short_name()} has no scheme to round to nearest and needs more than one "
-                      f"Linear's inputs; use it outside the candidates")
+    raise LowbitError(f"{config.short_name()} has no scheme to round to nearest and cannot be measured one "
+                      f"Linear at a time; use it outside the candidates")
 
 
 def candidate_plans(model: nn.Module, configs: list[MethodConfig], skip: tuple = ()) -> list[dict]:
