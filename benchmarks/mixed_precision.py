@@ -117,25 +117,40 @@ def plot(rows: list[dict], path: Path, ylabel: str, baseline: float, title: str)
     return True
 
 
-def sensitivity_of(model_name: str, candidates: str):
-    """(the model, its sensitivities on 16 calibration windows, seconds)."""
+def load(model_name: str):
+    """(model, tokenizer, its sensitivity window length): all-MiniLM-L6-v2 or the bundled model."""
     import lowbit
-    from lowbit.pipeline.samples import calibration_batch
-    from lowbit.pipeline.sensitivity import sensitivity
 
     if model_name == "minilm":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import real_weights as rw
 
-        model, tok = lowbit.load_model(rw.model_folder())
-        seq_len = rw.MAX_LENGTH
-    else:
-        model, tok = lowbit.load_model(None)
-        seq_len = 256
-    ids = calibration_batch(tok, None, n_samples=16, seq_len=seq_len)
+        return (*lowbit.load_model(rw.model_folder()), rw.MAX_LENGTH)
+    return (*lowbit.load_model(None), 256)
+
+
+def sensitivity_of(model_name: str, candidates: str, windows: int = 16, seq_len: int | None = None):
+    """(the model, its sensitivities on `windows` calibration windows of `seq_len` tokens, seconds)."""
+    from lowbit.pipeline.samples import calibration_batch
+    from lowbit.pipeline.sensitivity import sensitivity
+
+    model, tok, default_len = load(model_name)
+    ids = calibration_batch(tok, None, n_samples=windows, seq_len=seq_len or default_len)
     start = time.perf_counter()
     layers = sensitivity(model, candidates, ids)
     return model, layers, time.perf_counter() - start
+
+
+def saved_sensitivity(model_name: str, path: str, names: list[str]):
+    """(the model, the sensitivities `path` holds, 0 s, their candidate names) from an earlier run's JSON."""
+    from lowbit.pipeline.sensitivity import LayerSensitivity
+
+    saved = json.loads(Path(path).read_text())
+    missing = [n for n in names if n not in saved["candidates"]]
+    if missing:
+        sys.exit(f"{path} has no sensitivity for {', '.join(missing)}")
+    model, _, _ = load(model_name)
+    return model, [LayerSensitivity(**layer) for layer in saved["layers"]], 0.0, saved["candidates"]
 
 
 def main() -> None:
@@ -147,6 +162,10 @@ def main() -> None:
     p.add_argument("--budgets", default="3.25,3.5,4.0,4.5")
     p.add_argument("--samples", type=int, default=64, help="GPTQ calibration windows, bundled model (default 64)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sensitivity", help="a sensitivity_<model>.json an earlier run saved: allocate from it, "
+                   "measure nothing (it must hold every candidate of --sets)")
+    p.add_argument("--sensitivity-windows", type=int, default=16, help="calibration windows for sensitivity")
+    p.add_argument("--sensitivity-len", type=int, help="their tokens (default: the model's 256)")
     p.add_argument("--out", default="out/mixed_precision")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -158,7 +177,11 @@ def main() -> None:
 
     sets = candidate_sets(args.sets)
     names = list(dict.fromkeys(n for chosen in sets.values() for n in chosen))
-    model, layers, sens_s = sensitivity_of(args.model, ",".join(names))
+    if args.sensitivity:
+        model, layers, sens_s, names = saved_sensitivity(args.model, args.sensitivity, names)
+    else:
+        model, layers, sens_s = sensitivity_of(args.model, ",".join(names), args.sensitivity_windows,
+                                               args.sensitivity_len)
     rho = rank_correlation([k for layer in layers for k in layer.kl], [p for layer in layers for p in layer.proxy])
     configs = {n: parse_method(n) for n in args.uniform.split(",")}
     for set_name, chosen in sets.items():

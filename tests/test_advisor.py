@@ -121,11 +121,67 @@ def test_measure_picks_from_measured_perplexity(monkeypatch, tmp_path):
     tiny_config("llama").save_pretrained(tmp_path)
     ppl = {"fp16": 10.0, "llm-int8": 10.01, "nf4": 10.15, "hqq-int3-g64": 10.5, "quip": 12.0}
     compare_module = importlib.import_module("lowbit.eval.compare")
-    monkeypatch.setattr(compare_module, "compare", lambda names, *a, **k: [{"perplexity": ppl[n]} for n in names])
+    monkeypatch.setattr(compare_module, "compare", _fake_compare({n: (v, v - 10) for n, v in ppl.items()}))
     balanced = measure(advise(str(tmp_path), "1GB", "transformers", "balanced"), str(tmp_path))
     assert balanced.pick.method == "nf4"           # the smallest within 2% of the best measured
     best = measure(advise(str(tmp_path), "1GB", "transformers", "max"), str(tmp_path))
     assert best.pick.method is None and best.pick.perplexity == 10.0
+
+
+def _fake_compare(results):
+    """compare() answering from a table, keyed by method name (a Planned row by its name)."""
+    def compare(rows, *a, **k):
+        return [dict(zip(("perplexity", "kl"), results[getattr(r, "name", r)])) for r in rows]
+    return compare
+
+
+BUNDLED_MIX = ("0.5135GB", "llama.cpp")     # the bundled model's shape leaves headroom above Q6_K here
+
+
+def test_measure_weighs_the_budgeted_mix(monkeypatch):
+    """--measure quantises the budgeted mix beside the uniform options that fit, and picks it when it
+    measures best; when it does not, the uniform pick stands and the mix is shown with its numbers."""
+    import importlib
+
+    from lowbit.advisor_cli import measure, render
+    from lowbit.data import bundled_model_path
+
+    path = str(bundled_model_path())
+    offered = advise(path, *BUNDLED_MIX, "max")
+    assert offered.pick.method == "q6_k" and offered.mix is not None
+    mix_name = offered.mix.method
+    recipes = []
+    cli = importlib.import_module("lowbit.advisor_cli")
+    monkeypatch.setattr(cli, "mix_recipe", lambda a, model, samples: recipes.append(a.mix.linear_bits) or "recipe")
+    uniform = {"q6_k": (78.8, 6e-4), "q5_k_m": (78.7, 2e-3), "q4_k_m": (78.8, 8e-3), "q3_k_m": (78.7, 2e-2),
+               "q2_k": (80.5, 9e-2)}
+    compare_module = importlib.import_module("lowbit.eval.compare")
+    monkeypatch.setattr(compare_module, "compare", _fake_compare({**uniform, mix_name: (78.6, 1e-4)}))
+    best = measure(advise(path, *BUNDLED_MIX, "max"), path)
+    assert recipes == [offered.mix.linear_bits]          # the recipe is made at the offered budget
+    assert best.pick.kl == 1e-4 and best.command == offered.mix_command and best.mix is None
+    assert "The pick is a budgeted mix" in " ".join(best.reasons) and offered.mix.label in render(best)
+    # max picks the lowest KL even where perplexity, noisier, orders otherwise
+    monkeypatch.setattr(compare_module, "compare", _fake_compare({**uniform, mix_name: (78.6, 7e-4)}))
+    kept = measure(advise(path, *BUNDLED_MIX, "max"), path)
+    assert kept.pick.method == "q6_k" and kept.command == offered.command
+    assert kept.mix.perplexity == 78.6 and kept.mix_command == offered.mix_command
+    assert "the budgeted mix scores perplexity 78.600" in " ".join(kept.reasons)
+    balanced = measure(advise(path, *BUNDLED_MIX, "balanced"), path)
+    assert balanced.pick.method == "q3_k_m"             # the smallest within 2% of the lowest perplexity
+
+
+@pytest.mark.slow
+def test_measure_picks_the_mix_on_the_bundled_model(capsys):
+    """End to end: the mix's recipe from sensitivities on the bundled model, quantised and scored; at
+    7.3 bits with Q8_0 for its most sensitive Linears it is more faithful than uniform Q6_K."""
+    from lowbit.data import bundled_model_path
+
+    assert main(["advise", str(bundled_model_path()), "--memory", BUNDLED_MIX[0], "--target", BUNDLED_MIX[1],
+                 "--quality", "max", "--measure", "--samples", "8", "--json"]) == 0
+    a = json.loads(capsys.readouterr().out)
+    q6 = next(o for o in a["options"] if o["method"] == "q6_k")
+    assert a["pick"]["command"] and "--budget" in a["command"] and a["pick"]["kl"] < q6["kl"]
 
 
 @pytest.mark.slow

@@ -89,6 +89,8 @@ class Option:
     fits: bool
     linear_bits: float = 0.0    # bits per weight of the quantised Linears alone (16 at fp16)
     perplexity: float | None = None
+    kl: float | None = None     # measured: mean KL(fp || quantised) of next-token distributions, nats per token
+    command: str | None = None  # the commands that make it, where not the target's usual one (a budgeted mix)
 
 
 @dataclass
@@ -238,25 +240,27 @@ def conclude(a: Advice, shape: ModelShape) -> Advice:
     """Fill in what follows from the pick: the mix that spends its headroom, the reasons, the commands."""
     room = usable_memory(a.memory_bytes, a.target, a.reserve_bytes) - (a.pick.other_bytes if a.pick else 0)
     mix, a.mix_reason = spend_headroom(shape, a.options, a.pick, a.target, room)
-    a.mix = None if mix is None else _mix_option(mix, a.pick, room)
-    a.mix_command = None if mix is None else mix_command(mix, _model_arg(a), a.target)
+    a.mix = None if mix is None else _mix_option(mix, a.pick, room, mix_command(mix, _model_arg(a), a.target))
+    a.mix_command = None if mix is None else a.mix.command
     a.reasons = explain(a, shape)
     a.command = command(a)
     return a
 
 
-def _mix_option(mix: Mix, pick: Option, room: float) -> Option:
+def _mix_option(mix: Mix, pick: Option, room: float, cmd: str) -> Option:
     """The mix as an option beside the pick: its size is an upper bound (the knapsack stays within it)."""
     size = mix.size
     return Option(f"budgeted mix at {mix.bits:.2f} bits per weight ({mix.plan.family})",
                   f"{mix.plan.method} --budget {mix.bits:.2f}bpw", _quality(mix.bits), size.bits_per_weight,
-                  size.bytes, pick.other_bytes, size.bytes + pick.other_bytes, size.bytes <= room, mix.bits)
+                  size.bytes, pick.other_bytes, size.bytes + pick.other_bytes, size.bytes <= room, mix.bits, command=cmd)
 
 
 def command(a: Advice) -> str | None:
     """The commands that carry out the pick (MODEL stands for a class name: there are no weights to quantise)."""
     if a.pick is None or a.pick.method is None:
         return None
+    if a.pick.command:
+        return a.pick.command
     return COMMANDS[a.target].format(model=_model_arg(a), method=a.pick.method)
 
 
@@ -276,6 +280,11 @@ RESERVE_WHAT = {
     "vllm": "the runtime (vLLM takes its activations from the KV-cache share)",
     "finetune": "the runtime",
 }
+
+
+MEASURED_RULE = {"max": "the lowest KL (perplexity on a few thousand tokens is too noisy to order near-lossless "
+                        "options)",
+                 "balanced": "the smallest option whose perplexity is within 2% of the lowest"}
 
 
 def gb_text(x: float) -> str:
@@ -310,7 +319,10 @@ def explain(a: Advice, shape: ModelShape) -> list[str]:
     if p.bits_per_weight < 3.5:
         out.append("Below 4 bits scalar methods lose much quality; 2-bit codebook methods (lowbit's quip and aqlm) "
                    "keep more, and a smaller model at 4 bits is often better than a large one at 2.")
-    if a.mix is not None:
+    if p.command:                  # --measure picked the budgeted mix itself
+        out.append(f"The pick is a budgeted mix (one scheme per Linear by measured sensitivity, `lowbit quantize "
+                   f"--budget`; its size is an upper bound): {a.mix_reason}.")
+    elif a.mix is not None:
         out.append(f"Spend the headroom: {a.mix_reason}. A budgeted mix at {a.mix.linear_bits:.2f} bits per weight over "
                    f"the Linears (one scheme per Linear by measured sensitivity, `lowbit quantize --budget`) takes at "
                    f"most {gb_text(a.mix.weight_bytes)}, {gb_text(a.mix.total_bytes)} with the {extra}. "
@@ -318,5 +330,9 @@ def explain(a: Advice, shape: ModelShape) -> list[str]:
     elif p.method is not None:
         out.append(f"No budgeted mix: {a.mix_reason}.")
     if p.perplexity is not None:
-        out.append(f"Measured on this model: perplexity {p.perplexity:.3f}.")
+        out.append(f"Measured on this model: perplexity {p.perplexity:.3f}, KL to the unquantised model "
+                   f"{p.kl:.4g}; --quality {a.quality} picks {MEASURED_RULE[a.quality]}.")
+    if a.mix is not None and a.mix.perplexity is not None:
+        out.append(f"Measured on this model, the budgeted mix scores perplexity {a.mix.perplexity:.3f}, KL "
+                   f"{a.mix.kl:.4g}.")
     return out

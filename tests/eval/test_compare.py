@@ -68,3 +68,20 @@ def test_unknown_method_is_a_user_error_before_loading():
         parse_methods("fp16,bogus-int4")
     with pytest.raises(LowbitError, match="twice"):
         parse_methods("fp16,fp16")
+
+
+def test_a_named_recipe_is_a_row(rows, tiny_dir):
+    """A Planned row carries a Recipe (the advisor measures a budgeted mix this way): the recipe of one
+    method scores as that method's row does, and a half-and-half mix lands between its two schemes."""
+    from lowbit.eval.compare import Planned
+    from lowbit.methods.recipe import Recipe
+
+    same, half = compare([Planned("int8 recipe", Recipe("rtn-int8")),
+                          Planned("mix", Recipe("rtn-int4-g128", overrides=[("*mlp*", "rtn-int8")]))],
+                         tiny_dir, **QUICK)
+    assert same["method"] == "int8 recipe" and same["kl"] == rows[1]["kl"]
+    assert same["quantized_linear_bytes"] == rows[1]["quantized_linear_bytes"]
+    assert rows[2]["quantized_linear_bytes"] < half["quantized_linear_bytes"] < rows[1]["quantized_linear_bytes"]
+    assert rows[1]["kl"] < half["kl"] < rows[2]["kl"]
+    with pytest.raises(LowbitError, match="listed twice"):
+        parse_methods([Planned("mix", Recipe("rtn-int8")), Planned("mix", Recipe("rtn-int8"))])

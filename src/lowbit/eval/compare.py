@@ -33,21 +33,24 @@ class Planned:
 
 
 def parse_methods(methods) -> list[Planned]:
-    """'fp16,rtn-int8' or a list of names -> one entry per method; an unknown name is a LowbitError."""
+    """'fp16,rtn-int8' or a list of names (or of Planned rows, e.g. a budgeted Recipe under a name) -> one
+    entry per method; an unknown name is a LowbitError."""
     from lowbit.methods import parse_method
 
-    names = methods.split(",") if isinstance(methods, str) else list(methods)
-    names = [n.strip().lower() for n in names if n.strip()]
-    if not names:
+    items = methods.split(",") if isinstance(methods, str) else list(methods)
+    items = [n if isinstance(n, Planned) else n.strip().lower() for n in items
+             if isinstance(n, Planned) or n.strip()]
+    if not items:
         raise LowbitError("no methods to compare; pass e.g. --methods fp16,rtn-int8,rtn-int4-g128")
-    plan = [Planned(n, None if n in BASELINES else parse_method(n)) for n in names]
-    trained = [p.name for p in plan if p.config is not None and p.config.trains]
+    plan = [n if isinstance(n, Planned) else Planned(n, None if n in BASELINES else parse_method(n)) for n in items]
+    trained = [p.name for p in plan if p.config is not None
+               and any(c.trains for c in getattr(p.config, "configs", lambda: [p.config])())]
     if trained:
         raise LowbitError(f"{trained[0]} is trained, not solved: run `lowbit qat` and compare its folder with "
                           f"`lowbit eval`")
     seen: dict = {}
     for p in plan:
-        key = p.name if p.config is None else p.config
+        key = p.config if p.config is not None and p.config.__hash__ is not None else p.name   # a Recipe: its name
         if key in seen:
             same = f"{p.name} is listed twice" if seen[key] == p.name else f"{seen[key]} and {p.name} are the same method, listed twice"
             raise LowbitError(f"{same}; list it once")
@@ -66,7 +69,8 @@ def compare(methods, model_path=None, calibration=None, *, text: str | None = No
             progress: Callable[[str], None] | None = stderr_progress, trust_remote_code: bool = False) -> list[dict]:
     """One row per method (see evaluate() for the fields, plus method, quantize_s and config).
 
-    methods: names such as "fp16", "rtn-int8", "rtn-int4-g128" (a comma-separated string or a list).
+    methods: names such as "fp16", "rtn-int8", "rtn-int4-g128" (a comma-separated string or a list, which
+    may hold Planned rows: a name with its config or Recipe).
     model_path: a HF model folder, or None for the bundled model. text: held-out text (default: the
     bundled eval text). calibration, n_samples, seq_len, seed, calibration_mode: passed to lowbit.api.quantize.
     """
