@@ -5,12 +5,13 @@
     .venv/bin/python benchmarks/mixed_precision.py --budgets 3.5,4.5 --uniform gptq-int3-g32,gptq-int4-g32
 
 On all-MiniLM-L6-v2 the score is benchmarks/real_weights.py's (mean cosine of sentence embeddings against
-fp32 on 300 held-out sentences, GPTQ calibrated on 256 sentences) and sensitivity is 1 - cosine.
+fp32 on 300 held-out sentences, GPTQ calibrated on 256 sentences) and sensitivity is 1 - cosine, on
+sentence-sized windows (WINDOWS).
 
 Every row is quantised (GPTQ and QuIP# at lowbit's default settings) on the same calibration windows and
 scored on the same held-out windows against the same full-precision reference (lowbit.eval.compare's
 protocol). Mixed rows: sensitivities measured once for every candidate of every set (pipeline/sensitivity.py:
-the loss of quantising one Linear alone with each candidate, 16 calibration windows), then one scheme per
+the loss of quantising one Linear alone with each candidate, 4096 calibration tokens), then one scheme per
 Linear chosen by the exact knapsack for each candidate set and budget (bits per weight over the quantised
 Linears). "beats" says whether the mix scores better (perplexity lower, cosine higher) than every uniform
 row of equal or larger size. Writes mixed_precision_<model>.md, .png and the sensitivities (.json) into --out.
@@ -94,6 +95,8 @@ def minilm_rows(configs: dict) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path, ylabel: str, baseline: float, title: str) -> bool:
+    """The score against bits per weight, one line per kind of row; beside it KL to fp32 (log scale) when
+    the rows have it: held-out perplexity on 16K tokens does not separate the 4-bit rows, KL does."""
     try:
         import matplotlib
 
@@ -101,56 +104,73 @@ def plot(rows: list[dict], path: Path, ylabel: str, baseline: float, title: str)
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    panels = [("score", ylabel)] + ([("kl", "KL to fp32 (nats per token, log scale)")] if "kl" in rows[0] else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     kinds = sorted({r["kind"] for r in rows}, key=lambda k: (k != "uniform GPTQ", k))
-    for kind in kinds:
-        pts = sorted((r["bits_per_weight"], r["score"]) for r in rows if r["kind"] == kind)
-        marker = "o-" if kind == "uniform GPTQ" else "^" if kind.startswith("uniform") else "s-"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=kind)
-    ax.axhline(baseline, color="grey", ls=":", label="fp32")
-    ax.set_xlabel("bits per weight (quantised Linears, scales included)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend()
+    for ax, (key, label) in zip(axes[0], panels):
+        for kind in kinds:
+            pts = sorted((r["bits_per_weight"], r[key]) for r in rows if r["kind"] == kind)
+            marker = "o-" if kind == "uniform GPTQ" else "^" if kind.startswith("uniform") else "s-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=kind)
+        if key == "score":
+            ax.axhline(baseline, color="grey", ls=":", label="fp32")
+        else:
+            ax.set_yscale("log")
+        ax.set_xlabel("bits per weight (quantised Linears, scales included)")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
 
 
+# Sensitivity windows (count, tokens), 4096 tokens each: the bundled model's calibration shape; for
+# all-MiniLM-L6-v2 sentence-sized windows, as the score embeds sentences (held-out: 24.5 tokens on average).
+WINDOWS = {"bundled": (16, 256), "minilm": (128, 32)}
+
+
 def load(model_name: str):
-    """(model, tokenizer, its sensitivity window length): all-MiniLM-L6-v2 or the bundled model."""
+    """(model, tokenizer): all-MiniLM-L6-v2 or the bundled model."""
     import lowbit
 
     if model_name == "minilm":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import real_weights as rw
 
-        return (*lowbit.load_model(rw.model_folder()), rw.MAX_LENGTH)
-    return (*lowbit.load_model(None), 256)
+        return lowbit.load_model(rw.model_folder())
+    return lowbit.load_model(None)
 
 
-def sensitivity_of(model_name: str, candidates: str, windows: int = 16, seq_len: int | None = None):
-    """(the model, its sensitivities on `windows` calibration windows of `seq_len` tokens, seconds)."""
+def sensitivity_of(model_name: str, candidates: str, windows: int | None = None, seq_len: int | None = None):
+    """(the model, its sensitivities on `windows` calibration windows of `seq_len` tokens (default
+    WINDOWS), how they were measured: {"model", "windows", "seq_len", "seconds"})."""
     from lowbit.pipeline.samples import calibration_batch
     from lowbit.pipeline.sensitivity import sensitivity
 
-    model, tok, default_len = load(model_name)
-    ids = calibration_batch(tok, None, n_samples=windows, seq_len=seq_len or default_len)
+    model, tok = load(model_name)
+    windows, seq_len = windows or WINDOWS[model_name][0], seq_len or WINDOWS[model_name][1]
+    ids = calibration_batch(tok, None, n_samples=windows, seq_len=seq_len)
     start = time.perf_counter()
     layers = sensitivity(model, candidates, ids)
-    return model, layers, time.perf_counter() - start
+    how = {"model": model_name, "windows": windows, "seq_len": seq_len, "seconds": time.perf_counter() - start}
+    return model, layers, how
 
 
 def saved_sensitivity(model_name: str, path: str, names: list[str]):
-    """(the model, the sensitivities `path` holds, 0 s, their candidate names) from an earlier run's JSON."""
+    """(the model, the sensitivities `path` holds, how they were measured, their candidate names) from an
+    earlier run's JSON."""
     from lowbit.pipeline.sensitivity import LayerSensitivity
 
     saved = json.loads(Path(path).read_text())
+    how = saved.get("measured", {})
+    if how.get("model", model_name) != model_name:
+        sys.exit(f"{path} holds sensitivities of the {how['model']} model, not {model_name}")
     missing = [n for n in names if n not in saved["candidates"]]
     if missing:
         sys.exit(f"{path} has no sensitivity for {', '.join(missing)}")
-    model, _, _ = load(model_name)
-    return model, [LayerSensitivity(**layer) for layer in saved["layers"]], 0.0, saved["candidates"]
+    model, _ = load(model_name)
+    return model, [LayerSensitivity(**layer) for layer in saved["layers"]], {**how, "from": path}, saved["candidates"]
 
 
 def main() -> None:
@@ -163,9 +183,11 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64, help="GPTQ calibration windows, bundled model (default 64)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sensitivity", help="a sensitivity_<model>.json an earlier run saved: allocate from it, "
-                   "measure nothing (it must hold every candidate of --sets)")
-    p.add_argument("--sensitivity-windows", type=int, default=16, help="calibration windows for sensitivity")
-    p.add_argument("--sensitivity-len", type=int, help="their tokens (default: the model's 256)")
+                   "measure nothing (it must hold every candidate of --sets; --sensitivity-windows/-len are "
+                   "then not used)")
+    p.add_argument("--sensitivity-windows", type=int, help="calibration windows for sensitivity (default: "
+                   "16 of 256 tokens on the bundled model, 128 of 32 on MiniLM)")
+    p.add_argument("--sensitivity-len", type=int, help="their tokens")
     p.add_argument("--out", default="out/mixed_precision")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -178,9 +200,9 @@ def main() -> None:
     sets = candidate_sets(args.sets)
     names = list(dict.fromkeys(n for chosen in sets.values() for n in chosen))
     if args.sensitivity:
-        model, layers, sens_s, names = saved_sensitivity(args.model, args.sensitivity, names)
+        model, layers, how, names = saved_sensitivity(args.model, args.sensitivity, names)
     else:
-        model, layers, sens_s = sensitivity_of(args.model, ",".join(names), args.sensitivity_windows,
+        model, layers, how = sensitivity_of(args.model, ",".join(names), args.sensitivity_windows,
                                                args.sensitivity_len)
     rho = rank_correlation([k for layer in layers for k in layer.kl], [p for layer in layers for p in layer.proxy])
     configs = {n: parse_method(n) for n in args.uniform.split(",")}
@@ -209,14 +231,18 @@ def main() -> None:
                          [[r["name"], r["bits_per_weight"], r["score"]] + ([r["kl"]] if kl else [])
                           + [str(r.get("beats", ""))] for r in sorted(rows, key=lambda r: r["bits_per_weight"])],
                          markdown=True)
+    measured = (f"on {how['windows']} windows of {how['seq_len']} tokens" if "windows" in how else "") + (
+        f" (loaded from {how['from']})" if "from" in how else f" in {how['seconds']:.0f} s")
     notes = (f"{args.model}: fp32 {label} {baseline:.4f}; sensitivity: {len(layers)} Linears x "
-             f"{len(names)} candidates in {sens_s:.0f} s; rank correlation (Spearman) of the "
+             f"{len(names)} candidates {measured}; rank correlation (Spearman) of the "
              f"Hessian proxy with the measured loss: {rho:.3f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"sensitivity_{args.model}.json").write_text(json.dumps(
-        {"candidates": names, "layers": [vars(layer) for layer in layers]}))
+        {"measured": {k: v for k, v in how.items() if k != "from"}, "candidates": names,
+         "layers": [vars(layer) for layer in layers]}))
     (out / f"mixed_precision_{args.model}.md").write_text(table + "\n\n" + notes + "\n")
+    (out / f"mixed_precision_{args.model}.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=1))
     plotted = plot(rows, out / f"mixed_precision_{args.model}.png", label, baseline,
                    f"{args.model}: budgeted mixes vs uniform schemes")
     print(table + "\n\n" + notes + (f"\nwrote {out}/mixed_precision_{args.model}.png" if plotted else ""))

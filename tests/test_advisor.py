@@ -119,11 +119,14 @@ def test_measure_picks_from_measured_perplexity(monkeypatch, tmp_path):
     from tests.conftest import tiny_config
 
     tiny_config("llama").save_pretrained(tmp_path)
-    ppl = {"fp16": 10.0, "llm-int8": 10.01, "nf4": 10.15, "hqq-int3-g64": 10.5, "quip": 12.0}
+    measured = {"fp16": (10.0, 0.0), "llm-int8": (10.01, 0.001), "nf4": (10.15, 0.015), "hqq-int3-g64": (10.5, 0.05),
+                "quip": (12.0, 0.2)}
     compare_module = importlib.import_module("lowbit.eval.compare")
-    monkeypatch.setattr(compare_module, "compare", _fake_compare({n: (v, v - 10) for n, v in ppl.items()}))
+    monkeypatch.setattr(compare_module, "compare", _fake_compare(measured))
+    monkeypatch.setattr(importlib.import_module("lowbit.api"), "load_model", lambda *a, **k: (None, "tokenizer"))
     balanced = measure(advise(str(tmp_path), "1GB", "transformers", "balanced"), str(tmp_path))
-    assert balanced.pick.method == "nf4"           # the smallest within 2% of the best measured
+    assert balanced.pick.method == "nf4"           # the smallest within a 2% perplexity rise (KL <= log 1.02)
+    assert "The most faithful option measured is fp16" in " ".join(balanced.reasons)
     best = measure(advise(str(tmp_path), "1GB", "transformers", "max"), str(tmp_path))
     assert best.pick.method is None and best.pick.perplexity == 10.0
 
@@ -152,7 +155,7 @@ def test_measure_weighs_the_budgeted_mix(monkeypatch):
     mix_name = offered.mix.method
     recipes = []
     cli = importlib.import_module("lowbit.advisor_cli")
-    monkeypatch.setattr(cli, "mix_recipe", lambda a, model, samples: recipes.append(a.mix.linear_bits) or "recipe")
+    monkeypatch.setattr(cli, "mix_recipe", lambda a, loaded, samples: recipes.append(a.mix.linear_bits) or "recipe")
     uniform = {"q6_k": (78.8, 6e-4), "q5_k_m": (78.7, 2e-3), "q4_k_m": (78.8, 8e-3), "q3_k_m": (78.7, 2e-2),
                "q2_k": (80.5, 9e-2)}
     compare_module = importlib.import_module("lowbit.eval.compare")
@@ -161,14 +164,18 @@ def test_measure_weighs_the_budgeted_mix(monkeypatch):
     assert recipes == [offered.mix.linear_bits]          # the recipe is made at the offered budget
     assert best.pick.kl == 1e-4 and best.command == offered.mix_command and best.mix is None
     assert "The pick is a budgeted mix" in " ".join(best.reasons) and offered.mix.label in render(best)
-    # max picks the lowest KL even where perplexity, noisier, orders otherwise
+    # max picks the lowest KL even where perplexity, noisier, orders otherwise; a mix no more faithful
+    # than the pick is shown with its numbers and not offered
     monkeypatch.setattr(compare_module, "compare", _fake_compare({**uniform, mix_name: (78.6, 7e-4)}))
     kept = measure(advise(path, *BUNDLED_MIX, "max"), path)
     assert kept.pick.method == "q6_k" and kept.command == offered.command
-    assert kept.mix.perplexity == 78.6 and kept.mix_command == offered.mix_command
-    assert "the budgeted mix scores perplexity 78.600" in " ".join(kept.reasons)
+    assert kept.mix.perplexity == 78.6 and kept.mix_command is None
+    assert "no more faithful than Q6_K GGUF" in " ".join(kept.reasons) and "78.6" in render(kept)
+    # balanced: the smallest within a 2% perplexity rise (q3_k_m's KL 0.02 is above log 1.02); the mix,
+    # more faithful than that pick, stays offered beside it
     balanced = measure(advise(path, *BUNDLED_MIX, "balanced"), path)
-    assert balanced.pick.method == "q3_k_m"             # the smallest within 2% of the lowest perplexity
+    assert balanced.pick.method == "q4_k_m" and balanced.mix_command == offered.mix_command
+    assert "The most faithful option measured is Q6_K GGUF" in " ".join(balanced.reasons)
 
 
 @pytest.mark.slow
@@ -360,3 +367,11 @@ def test_the_mix_command_stays_within_the_advised_size(target, tmp_path, one_thr
         mem = model_memory(model)
         assert a.pick.linear_bits * shape.linear_params / 8 < mem.quantized_linear_bytes <= budget
         assert mem.quantized_linear_bytes + mem.other_bytes_at(2) <= a.mix.weight_bytes
+
+
+def test_measure_refuses_bad_samples_before_any_work(capsys):
+    from lowbit.data import bundled_model_path
+
+    assert main(["advise", str(bundled_model_path()), "--memory", "1GB", "--measure", "--samples", "0"]) != 0
+    err = capsys.readouterr().err
+    assert "--samples must be at least 1" in err and "Traceback" not in err

@@ -12,13 +12,15 @@ eval` reports) plus the KV cache at the context and batch asked for, plus what t
 When the pick is the most precise uniform option that fits and leaves real headroom, the advisor also
 offers to spend it: a budgeted mix (`lowbit quantize --budget`, one scheme per Linear chosen by measured
 sensitivity) sized to the memory left, where the target can load one (spend_headroom).
-With --measure, the candidates that fit are quantised and evaluated on the user's model (`lowbit compare`)
-and the pick comes from measured perplexity. A model that fits under no candidate is said to, with what
+With --measure (advisor_cli.measure), the candidates that fit and the budgeted mix are quantised and
+evaluated on the user's model (`lowbit compare`'s protocol) and the pick comes from measured KL to the
+unquantised model. A model that fits under no candidate is said to, with what
 it would need.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,19 +240,26 @@ def advise(model: str, memory, target: str = "llama.cpp", quality: str = "balanc
 
 def conclude(a: Advice, shape: ModelShape) -> Advice:
     """Fill in what follows from the pick: the mix that spends its headroom, the reasons, the commands."""
-    room = usable_memory(a.memory_bytes, a.target, a.reserve_bytes) - (a.pick.other_bytes if a.pick else 0)
-    mix, a.mix_reason = spend_headroom(shape, a.options, a.pick, a.target, room)
-    a.mix = None if mix is None else _mix_option(mix, a.pick, room, mix_command(mix, _model_arg(a), a.target))
-    a.mix_command = None if mix is None else a.mix.command
+    headroom_mix(a, shape)
     a.reasons = explain(a, shape)
     a.command = command(a)
     return a
 
 
+def headroom_mix(a: Advice, shape: ModelShape, samples: int | None = None) -> None:
+    """Set a.mix, a.mix_command and a.mix_reason: the budgeted mix that spends the headroom above a.pick,
+    or None and why not. samples: sensitivity windows for its command, where not the default."""
+    room = usable_memory(a.memory_bytes, a.target, a.reserve_bytes) - (a.pick.other_bytes if a.pick else 0)
+    mix, a.mix_reason = spend_headroom(shape, a.options, a.pick, a.target, room)
+    a.mix = None if mix is None else _mix_option(mix, a.pick, room,
+                                                 mix_command(mix, _model_arg(a), a.target, samples))
+    a.mix_command = None if mix is None else a.mix.command
+
+
 def _mix_option(mix: Mix, pick: Option, room: float, cmd: str) -> Option:
     """The mix as an option beside the pick: its size is an upper bound (the knapsack stays within it)."""
     size = mix.size
-    return Option(f"budgeted mix at {mix.bits:.2f} bits per weight ({mix.plan.family})",
+    return Option(f"budgeted mix at {mix.bits:.2f} bits per weight over the Linears ({mix.plan.family})",
                   f"{mix.plan.method} --budget {mix.bits:.2f}bpw", _quality(mix.bits), size.bits_per_weight,
                   size.bytes, pick.other_bytes, size.bytes + pick.other_bytes, size.bytes <= room, mix.bits, command=cmd)
 
@@ -282,9 +291,13 @@ RESERVE_WHAT = {
 }
 
 
+# --measure picks by KL(p_fp || p_q) per token: a few thousand tokens of perplexity are too noisy to order
+# near-lossless options. KL is the expected log-perplexity increase, so balanced's bound is a 2% perplexity rise.
+BALANCED_KL = math.log(1.02)
 MEASURED_RULE = {"max": "the lowest KL (perplexity on a few thousand tokens is too noisy to order near-lossless "
                         "options)",
-                 "balanced": "the smallest option whose perplexity is within 2% of the lowest"}
+                 "balanced": f"the smallest option whose KL is at most {BALANCED_KL:.4f} nats per token (a 2% "
+                             f"perplexity rise), else the lowest KL"}
 
 
 def gb_text(x: float) -> str:
@@ -305,12 +318,12 @@ def explain(a: Advice, shape: ModelShape) -> list[str]:
         return out
     p = a.pick
     floor = " (the floor)" if a.reserve_bytes == RESERVE_FLOOR else ""
-    out.append(f"{p.label} at {p.bits_per_weight:.2f} bits per weight ({p.quality}): {gb_text(p.weight_bytes)} of weights "
+    out.append(f"{p.label}: {p.bits_per_weight:.2f} bits per weight over the whole model ({p.quality}), {gb_text(p.weight_bytes)} of weights "
                f"+ {gb_text(p.other_bytes)} {extra} at {a.context} tokens x batch {a.batch} = {gb_text(p.total_bytes)} "
                f"of {gb_text(a.memory_bytes)}, with {gb_text(a.reserve_bytes)} more kept for {RESERVE_WHAT[a.target]}"
                f"{floor}.")
     better = [o for o in a.options[: a.options.index(p)] if o.fits]
-    if a.quality == "balanced" and better:
+    if a.quality == "balanced" and better and p.kl is None:
         out.append(f"{better[0].label} would also fit ({gb_text(better[0].total_bytes)}); it is the pick for "
                    f"--quality max, at a cost in size and decode speed for a small gain.")
     bigger = [o for o in a.options[: a.options.index(p)] if not o.fits]
@@ -322,17 +335,26 @@ def explain(a: Advice, shape: ModelShape) -> list[str]:
     if p.command:                  # --measure picked the budgeted mix itself
         out.append(f"The pick is a budgeted mix (one scheme per Linear by measured sensitivity, `lowbit quantize "
                    f"--budget`; its size is an upper bound): {a.mix_reason}.")
-    elif a.mix is not None:
+    elif a.mix is not None and a.mix_command:
         out.append(f"Spend the headroom: {a.mix_reason}. A budgeted mix at {a.mix.linear_bits:.2f} bits per weight over "
                    f"the Linears (one scheme per Linear by measured sensitivity, `lowbit quantize --budget`) takes at "
                    f"most {gb_text(a.mix.weight_bytes)}, {gb_text(a.mix.total_bytes)} with the {extra}. "
                    + evidence_text(MIX_PLANS[a.target]))
     elif p.method is not None:
         out.append(f"No budgeted mix: {a.mix_reason}.")
-    if p.perplexity is not None:
-        out.append(f"Measured on this model: perplexity {p.perplexity:.3f}, KL to the unquantised model "
-                   f"{p.kl:.4g}; --quality {a.quality} picks {MEASURED_RULE[a.quality]}.")
-    if a.mix is not None and a.mix.perplexity is not None:
-        out.append(f"Measured on this model, the budgeted mix scores perplexity {a.mix.perplexity:.3f}, KL "
-                   f"{a.mix.kl:.4g}.")
+    if p.kl is not None:
+        out += measured_reasons(a)
+    return out
+
+
+def measured_reasons(a: Advice) -> list[str]:
+    """What --measure found: the pick's numbers and rule, the most faithful option when it is another."""
+    p = a.pick
+    out = [f"Measured on this model: perplexity {p.perplexity:.3f}, KL to the unquantised model {p.kl:.4g}; "
+           f"--quality {a.quality} picks {MEASURED_RULE[a.quality]}."]
+    measured = [o for o in a.options + ([a.mix] if a.mix else []) if o.kl is not None]
+    best = min(measured, key=lambda o: o.kl)
+    if best is not p:
+        out.append(f"The most faithful option measured is {best.label} (KL {best.kl:.4g}, perplexity "
+                   f"{best.perplexity:.3f}); --quality max picks it.")
     return out

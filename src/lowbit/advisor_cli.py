@@ -11,7 +11,8 @@ from lowbit.errors import LowbitError
 def render(a) -> str:
     from lowbit.table import format_table
 
-    pick = "will not fit" if a.pick is None else f"{a.pick.label}" + (f"  (--method {a.pick.method})" if a.pick.method else "")
+    pick = "will not fit" if a.pick is None else f"{a.pick.label}" + (
+        f"  (--method {a.pick.method})" if a.pick.method and not a.pick.command else "")
     lines = [f"recommendation for {a.model} with {gb_text(a.memory_bytes)} on {a.target} (quality {a.quality}): {pick}", ""]
     lines += [f"- {r}" for r in a.reasons]
     if a.command:
@@ -37,13 +38,14 @@ def render(a) -> str:
 def measure(a, model: str, samples: int = 16, max_eval_tokens: int = 4096):
     """Quantise and evaluate, on the user's model, the options that fit and the budgeted mix that spends
     the headroom above the most precise of them (its recipe from sensitivities measured on this model, as
-    `lowbit quantize --budget` makes it), against the same reference (lowbit.eval.compare); re-pick from
-    the measurements: max -> the lowest KL to the unquantised model; balanced -> the smallest whose
-    perplexity is within 2% of the lowest. Returns the concluded advice."""
+    `lowbit quantize --budget` makes it), against one reference (lowbit.eval.compare's protocol); re-pick
+    from the measurements (pick_measured). Returns the concluded advice."""
     from pathlib import Path
 
-    from lowbit.advisor import conclude, explain, resolve_shape
+    from lowbit import api
+    from lowbit.advisor import conclude, headroom_mix, resolve_shape
     from lowbit.eval.compare import Planned, compare
+    from lowbit.pipeline.budget import SENSITIVITY_SAMPLES
 
     if not Path(model).is_dir():
         raise LowbitError("--measure needs a model folder (it quantises and evaluates the model)")
@@ -52,53 +54,69 @@ def measure(a, model: str, samples: int = 16, max_eval_tokens: int = 4096):
     if not fitting:
         return conclude(a, shape)
     a.pick = fitting[0]
-    conclude(a, shape)                  # the mix over the most precise uniform option that fits
-    mix, reason = a.mix, a.mix_reason
+    headroom_mix(a, shape, None if samples == SENSITIVITY_SAMPLES else samples)
+    mix = a.mix
+    loaded = api.load_model(model)
+    if loaded[1] is None:
+        raise LowbitError(f"the model folder {model} has no tokenizer; --measure evaluates on text")
     rows = [o.method or "fp16" for o in fitting]
     if mix is not None:
-        rows.append(Planned(mix.method, mix_recipe(a, model, samples)))
+        rows.append(Planned(mix.method, mix_recipe(a, loaded, samples)))
     measured = fitting + ([mix] if mix is not None else [])
     for o, row in zip(measured, compare(rows, model, None, max_eval_tokens=max_eval_tokens, n_samples=samples,
-                                        speed=False)):
+                                        speed=False, loaded=loaded)):
         o.perplexity, o.kl = row["perplexity"], row["kl"]
-    best = min(o.perplexity for o in measured)
-    if a.quality == "max":
-        a.pick = min(measured, key=lambda o: o.kl)
-    else:
-        a.pick = min((o for o in measured if o.perplexity <= best * 1.02), key=lambda o: o.total_bytes)
-    if a.pick is not mix:
-        return conclude_measured(a, shape, mix, reason)
-    a.options.insert(a.options.index(fitting[0]), mix)      # in precision order, where explain() looks for it
-    a.mix_reason = (f"measured on this model, its perplexity is {mix.perplexity:.3f} against {fitting[0].perplexity:.3f} "
-                    f"for {fitting[0].label}, the most precise uniform option that fits")
-    a.mix = a.mix_command = None
-    a.reasons, a.command = explain(a, shape), mix.command
-    return a
+    a.pick = pick_measured(measured, a.quality)
+    return conclude_measured(a, shape, fitting[0])
 
 
-def conclude_measured(a, shape, mix, reason: str):
-    """conclude() for a measured uniform pick, keeping the measured mix (and why it was offered) beside it."""
+def pick_measured(measured: list, quality: str):
+    """max: the lowest KL to the unquantised model; balanced: the smallest option within BALANCED_KL,
+    else the lowest KL (advisor.MEASURED_RULE says it in words)."""
+    from lowbit.advisor import BALANCED_KL
+
+    close = [o for o in measured if o.kl <= BALANCED_KL]
+    if quality == "max" or not close:
+        return min(measured, key=lambda o: o.kl)
+    return min(close, key=lambda o: o.total_bytes)
+
+
+def conclude_measured(a, shape, top):
+    """conclude() after measuring. The mix measured (a.mix, over `top`, the most precise uniform option
+    that fits) is the pick, or stays beside a uniform pick: offered when more faithful, else shown with
+    its numbers and why it is not offered."""
     from lowbit.advisor import conclude, explain
 
+    mix, reason, mix_command = a.mix, a.mix_reason, a.mix_command
+    if a.pick is mix:
+        a.options.insert(a.options.index(top), mix)      # in precision order, where explain() looks for it
+        a.mix = a.mix_command = None
+        a.mix_reason = (f"measured on this model, its KL to the unquantised model is {mix.kl:.4g} against "
+                        f"{top.kl:.4g} for {top.label}, the most precise uniform option that fits")
+        a.reasons, a.command = explain(a, shape), mix.command
+        return a
     conclude(a, shape)
-    if mix is not None:
-        a.mix, a.mix_command, a.mix_reason = mix, mix.command, reason
-        a.reasons = explain(a, shape)
+    if mix is None:
+        return a
+    a.mix = mix
+    if mix.kl < a.pick.kl:
+        a.mix_command, a.mix_reason = mix_command, reason
+    else:
+        a.mix_command = None
+        a.mix_reason = (f"the mix measured on this model is no more faithful than {a.pick.label} (KL {mix.kl:.4g} "
+                        f"against {a.pick.kl:.4g})")
+    a.reasons = explain(a, shape)
     return a
 
 
-def mix_recipe(a, model: str, samples: int):
-    """The budgeted mix's recipe on the user's model: sensitivities on `samples` calibration windows, then
-    the knapsack, as `lowbit quantize --budget` does."""
-    from lowbit import api
+def mix_recipe(a, loaded: tuple, samples: int):
+    """The budgeted mix's recipe on the user's model, loaded = (model, tokenizer): sensitivities on
+    `samples` calibration windows, then the knapsack, as `lowbit quantize --budget` does."""
     from lowbit.advisor_mix import MIX_PLANS, candidates
     from lowbit.pipeline.budget import budget_recipe
 
-    base, tokenizer = api.load_model(model)
-    if tokenizer is None:
-        raise LowbitError(f"the model folder {model} has no tokenizer; --measure evaluates on text")
-    plan, _ = budget_recipe(base, tokenizer, f"{a.mix.linear_bits:.2f}bpw", candidates(MIX_PLANS[a.target]),
-                            n_samples=samples, progress=False)
+    plan, _ = budget_recipe(*loaded, f"{a.mix.linear_bits:.2f}bpw", candidates(MIX_PLANS[a.target]),
+                            n_samples=samples)
     return plan.recipe
 
 
@@ -107,6 +125,8 @@ def _cmd_advise(args) -> str:
 
     a = advise(args.model, args.memory, args.target, args.quality, args.context, args.batch, args.kv_cache)
     if args.measure:
+        if args.samples < 1:
+            raise LowbitError(f"--samples must be at least 1, got {args.samples}")
         a = measure(a, args.model, args.samples)
     if args.json:
         return json.dumps(asdict(a), indent=2)
@@ -121,12 +141,14 @@ def register(sub) -> None:
     p.add_argument("--memory", required=True, help="memory budget, e.g. 8GB, 24GiB")
     p.add_argument("--target", default="llama.cpp", choices=list(TARGETS), help="where the model will run")
     p.add_argument("--quality", default="balanced", choices=["max", "balanced"],
-                   help="max: the most precise option that fits; balanced: the target's usual choice (default)")
+                   help="max: the most precise option that fits (measured: the most faithful); balanced: the "
+                        "target's usual choice (measured: the smallest within a 2%% perplexity rise) (default)")
     p.add_argument("--context", type=int, help="tokens of KV cache to plan for (default 4096; fine-tuning 2048)")
     p.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
     p.add_argument("--kv-cache", help="plan for lowbit's quantised KV cache: int8, int4, fp8 (default fp16)")
     p.add_argument("--measure", action="store_true", help="quantise and evaluate the options that fit and the "
-                   "budgeted mix, pick from measured perplexity (a model folder; minutes)")
-    p.add_argument("--samples", type=int, default=16, help="calibration windows for --measure (default 16)")
+                   "budgeted mix, pick from their measured KL to the unquantised model (a model folder; minutes)")
+    p.add_argument("--samples", type=int, default=16, help="calibration windows for --measure: sensitivity and "
+                   "calibration (default 16)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_advise)

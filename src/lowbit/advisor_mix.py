@@ -119,10 +119,12 @@ def evidence_text(plan: MixPlan) -> str:
             f"{rows}.")
 
 
-def mix_command(mix: Mix, model: str, target: str) -> str:
-    """The commands that make the mix (MODEL stands for a class name)."""
+def mix_command(mix: Mix, model: str, target: str, samples: int | None = None) -> str:
+    """The commands that make the mix (MODEL stands for a class name); `samples`: the calibration windows
+    its sensitivities were measured on, where not `lowbit quantize`'s default."""
     cands = f" --candidates {','.join(mix.plan.candidates)}" if mix.plan.candidates else ""
-    quantize = f"lowbit quantize {model} --method {mix.plan.method} --budget {mix.bits:.2f}bpw{cands}"
+    windows = f" --samples {samples}" if samples else ""
+    quantize = f"lowbit quantize {model} --method {mix.plan.method} --budget {mix.bits:.2f}bpw{cands}{windows}"
     if target == "llama.cpp":
         return f"{quantize} --target llama.cpp -o OUT && lowbit export OUT --format gguf --out OUT.gguf"
     return f"{quantize} -o OUT"

@@ -25,7 +25,7 @@ DEFAULT_METHODS = ("fp16", "rtn-int8", "rtn-int4-g128")
 @dataclass(frozen=True)
 class Planned:
     name: str             # as the row shows it
-    config: object        # a MethodConfig, or None for an unquantised baseline
+    config: object        # a MethodConfig or a Recipe (one config per Linear), or None for an unquantised baseline
 
     @property
     def float_bytes(self) -> int:
@@ -36,6 +36,7 @@ def parse_methods(methods) -> list[Planned]:
     """'fp16,rtn-int8' or a list of names (or of Planned rows, e.g. a budgeted Recipe under a name) -> one
     entry per method; an unknown name is a LowbitError."""
     from lowbit.methods import parse_method
+    from lowbit.methods.recipe import Recipe
 
     items = methods.split(",") if isinstance(methods, str) else list(methods)
     items = [n if isinstance(n, Planned) else n.strip().lower() for n in items
@@ -44,13 +45,13 @@ def parse_methods(methods) -> list[Planned]:
         raise LowbitError("no methods to compare; pass e.g. --methods fp16,rtn-int8,rtn-int4-g128")
     plan = [n if isinstance(n, Planned) else Planned(n, None if n in BASELINES else parse_method(n)) for n in items]
     trained = [p.name for p in plan if p.config is not None
-               and any(c.trains for c in getattr(p.config, "configs", lambda: [p.config])())]
+               and any(c.trains for c in (p.config.configs() if isinstance(p.config, Recipe) else [p.config]))]
     if trained:
         raise LowbitError(f"{trained[0]} is trained, not solved: run `lowbit qat` and compare its folder with "
                           f"`lowbit eval`")
     seen: dict = {}
     for p in plan:
-        key = p.config if p.config is not None and p.config.__hash__ is not None else p.name   # a Recipe: its name
+        key = p.name if p.config is None or isinstance(p.config, Recipe) else p.config   # Recipes: by name
         if key in seen:
             same = f"{p.name} is listed twice" if seen[key] == p.name else f"{seen[key]} and {p.name} are the same method, listed twice"
             raise LowbitError(f"{same}; list it once")
@@ -66,19 +67,22 @@ def compare(methods, model_path=None, calibration=None, *, text: str | None = No
             max_eval_tokens: int | None = DEFAULT_MAX_EVAL_TOKENS,
             max_fidelity_tokens: int = DEFAULT_MAX_FIDELITY_TOKENS, n_samples: int | None = None,
             seq_len: int | None = None, seed: int = 0, speed: bool = True, calibration_mode: str = "auto",
-            progress: Callable[[str], None] | None = stderr_progress, trust_remote_code: bool = False) -> list[dict]:
+            progress: Callable[[str], None] | None = stderr_progress, trust_remote_code: bool = False,
+            loaded: tuple | None = None) -> list[dict]:
     """One row per method (see evaluate() for the fields, plus method, quantize_s and config).
 
     methods: names such as "fp16", "rtn-int8", "rtn-int4-g128" (a comma-separated string or a list, which
     may hold Planned rows: a name with its config or Recipe).
     model_path: a HF model folder, or None for the bundled model. text: held-out text (default: the
     bundled eval text). calibration, n_samples, seq_len, seed, calibration_mode: passed to lowbit.api.quantize.
+    loaded: (model, tokenizer) already loaded from model_path, used as the unquantised base instead of
+    loading it again (each row quantises a copy).
     """
     from lowbit import api
 
     plan = parse_methods(methods)  # before any loading: a typo fails in a second, not after minutes
     say = progress or (lambda message: None)
-    base, tokenizer = api.load_model(model_path, trust_remote_code=trust_remote_code)
+    base, tokenizer = loaded or api.load_model(model_path, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise LowbitError(f"the model folder {model_path or 'of the bundled model'} has no tokenizer; "
                           "evaluation on text needs one")
