@@ -112,7 +112,7 @@ def test_cli_prints_the_pick_and_json(capsys):
     assert advise("70b", "48GB").mix_command in out and "budgeted mix at" in out
 
 
-def test_measure_picks_from_measured_perplexity(monkeypatch, tmp_path):
+def test_measure_picks_from_measured_kl(monkeypatch, tmp_path):
     import importlib
 
     from lowbit.advisor_cli import measure
@@ -162,7 +162,8 @@ def test_measure_weighs_the_budgeted_mix(monkeypatch):
     monkeypatch.setattr(compare_module, "compare", _fake_compare({**uniform, mix_name: (78.6, 1e-4)}))
     best = measure(advise(path, *BUNDLED_MIX, "max"), path)
     assert recipes == [offered.mix.linear_bits]          # the recipe is made at the offered budget
-    assert best.pick.kl == 1e-4 and best.command == offered.mix_command and best.mix is None
+    assert best.pick.kl == 1e-4 and best.mix is None
+    assert best.command == offered.mix_command.replace(" --target", " --samples 16 --target")  # calibrates as measured
     assert "The pick is a budgeted mix" in " ".join(best.reasons) and offered.mix.label in render(best)
     # max picks the lowest KL even where perplexity, noisier, orders otherwise; a mix no more faithful
     # than the pick is shown with its numbers and not offered
@@ -173,9 +174,17 @@ def test_measure_weighs_the_budgeted_mix(monkeypatch):
     assert "no more faithful than Q6_K GGUF" in " ".join(kept.reasons) and "78.6" in render(kept)
     # balanced: the smallest within a 2% perplexity rise (q3_k_m's KL 0.02 is above log 1.02); the mix,
     # more faithful than that pick, stays offered beside it
-    balanced = measure(advise(path, *BUNDLED_MIX, "balanced"), path)
-    assert balanced.pick.method == "q4_k_m" and balanced.mix_command == offered.mix_command
+    balanced = measure(advise(path, *BUNDLED_MIX, "balanced"), path, samples=8)
+    assert balanced.pick.method == "q4_k_m" and "--budget" in balanced.mix_command
+    assert "--samples 8" in balanced.mix_command
+    assert "a mix is more faithful than Q4_K_M GGUF (KL 0.0007 against 0.008)" in " ".join(balanced.reasons)
     assert "The most faithful option measured is Q6_K GGUF" in " ".join(balanced.reasons)
+    # balanced takes the mix when nothing smaller is within the bound; the lowest KL when nothing is
+    far = {n: (80.0 + i, 0.03 + i) for i, n in enumerate(uniform)}
+    monkeypatch.setattr(compare_module, "compare", _fake_compare({**far, mix_name: (78.6, 1e-4)}))
+    assert measure(advise(path, *BUNDLED_MIX, "balanced"), path).pick.kl == 1e-4
+    monkeypatch.setattr(compare_module, "compare", _fake_compare({**far, mix_name: (90.0, 0.5)}))
+    assert measure(advise(path, *BUNDLED_MIX, "balanced"), path).pick.method == "q6_k"
 
 
 @pytest.mark.slow
@@ -188,7 +197,8 @@ def test_measure_picks_the_mix_on_the_bundled_model(capsys):
                  "--quality", "max", "--measure", "--samples", "8", "--json"]) == 0
     a = json.loads(capsys.readouterr().out)
     q6 = next(o for o in a["options"] if o["method"] == "q6_k")
-    assert a["pick"]["command"] and "--budget" in a["command"] and a["pick"]["kl"] < q6["kl"]
+    assert a["pick"]["command"] and "--budget" in a["command"] and "--samples 8" in a["command"]
+    assert a["pick"]["kl"] < q6["kl"]
 
 
 @pytest.mark.slow

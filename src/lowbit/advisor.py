@@ -14,7 +14,7 @@ offers to spend it: a budgeted mix (`lowbit quantize --budget`, one scheme per L
 sensitivity) sized to the memory left, where the target can load one (spend_headroom).
 With --measure (advisor_cli.measure), the candidates that fit and the budgeted mix are quantised and
 evaluated on the user's model (`lowbit compare`'s protocol) and the pick comes from measured KL to the
-unquantised model. A model that fits under no candidate is said to, with what
+unquantised model: the mix may become the pick, or stay beside a smaller pick it is more faithful than. A model that fits under no candidate is said to, with what
 it would need.
 """
 from __future__ import annotations
@@ -292,12 +292,13 @@ RESERVE_WHAT = {
 
 
 # --measure picks by KL(p_fp || p_q) per token: a few thousand tokens of perplexity are too noisy to order
-# near-lossless options. KL is the expected log-perplexity increase, so balanced's bound is a 2% perplexity rise.
+# near-lossless options. On text like the model's own, KL approximates the log-perplexity increase, so balanced's
+# bound stands for a perplexity rise of about 2%.
 BALANCED_KL = math.log(1.02)
 MEASURED_RULE = {"max": "the lowest KL (perplexity on a few thousand tokens is too noisy to order near-lossless "
                         "options)",
-                 "balanced": f"the smallest option whose KL is at most {BALANCED_KL:.4f} nats per token (a 2% "
-                             f"perplexity rise), else the lowest KL"}
+                 "balanced": f"the smallest option whose KL is at most {BALANCED_KL:.4f} nats per token (about a "
+                             f"2% perplexity rise), else the lowest KL"}
 
 
 def gb_text(x: float) -> str:
@@ -341,7 +342,7 @@ def explain(a: Advice, shape: ModelShape) -> list[str]:
                    f"most {gb_text(a.mix.weight_bytes)}, {gb_text(a.mix.total_bytes)} with the {extra}. "
                    + evidence_text(MIX_PLANS[a.target]))
     elif p.method is not None:
-        out.append(f"No budgeted mix: {a.mix_reason}.")
+        out.append(f"{'Budgeted mix not offered' if a.mix is not None else 'No budgeted mix'}: {a.mix_reason}.")
     if p.kl is not None:
         out += measured_reasons(a)
     return out

@@ -1,4 +1,4 @@
-"""`lowbit advise`: the advisor's table, `--measure` (picking from measured KL and perplexity), and the command."""
+"""`lowbit advise`: the advisor's table, `--measure` (picking from measured KL), and the command."""
 from __future__ import annotations
 
 import json
@@ -45,7 +45,6 @@ def measure(a, model: str, samples: int = 16, max_eval_tokens: int = 4096):
     from lowbit import api
     from lowbit.advisor import conclude, headroom_mix, resolve_shape
     from lowbit.eval.compare import Planned, compare
-    from lowbit.pipeline.budget import SENSITIVITY_SAMPLES
 
     if not Path(model).is_dir():
         raise LowbitError("--measure needs a model folder (it quantises and evaluates the model)")
@@ -54,7 +53,7 @@ def measure(a, model: str, samples: int = 16, max_eval_tokens: int = 4096):
     if not fitting:
         return conclude(a, shape)
     a.pick = fitting[0]
-    headroom_mix(a, shape, None if samples == SENSITIVITY_SAMPLES else samples)
+    headroom_mix(a, shape, samples)     # its command calibrates as measured here
     mix = a.mix
     loaded = api.load_model(model)
     if loaded[1] is None:
@@ -100,7 +99,10 @@ def conclude_measured(a, shape, top):
         return a
     a.mix = mix
     if mix.kl < a.pick.kl:
-        a.mix_command, a.mix_reason = mix_command, reason
+        a.mix_command = mix_command
+        a.mix_reason = reason if a.pick is top else (
+            f"measured on this model, a mix is more faithful than {a.pick.label} (KL {mix.kl:.4g} against "
+            f"{a.pick.kl:.4g}) for {gb_text(mix.total_bytes - a.pick.total_bytes)} more")
     else:
         a.mix_command = None
         a.mix_reason = (f"the mix measured on this model is no more faithful than {a.pick.label} (KL {mix.kl:.4g} "

@@ -121,7 +121,8 @@ def evidence_text(plan: MixPlan) -> str:
 
 def mix_command(mix: Mix, model: str, target: str, samples: int | None = None) -> str:
     """The commands that make the mix (MODEL stands for a class name); `samples`: the calibration windows
-    its sensitivities were measured on, where not `lowbit quantize`'s default."""
+    of its sensitivities and of its calibrated methods (`lowbit quantize --samples`), where measured with
+    them (advise --measure), so that the command makes the model measured."""
     cands = f" --candidates {','.join(mix.plan.candidates)}" if mix.plan.candidates else ""
     windows = f" --samples {samples}" if samples else ""
     quantize = f"lowbit quantize {model} --method {mix.plan.method} --budget {mix.bits:.2f}bpw{cands}{windows}"

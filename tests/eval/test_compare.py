@@ -85,3 +85,18 @@ def test_a_named_recipe_is_a_row(rows, tiny_dir):
     assert rows[1]["kl"] < half["kl"] < rows[2]["kl"]
     with pytest.raises(LowbitError, match="listed twice"):
         parse_methods([Planned("mix", Recipe("rtn-int8")), Planned("mix", Recipe("rtn-int8"))])
+
+
+def test_a_loaded_base_is_not_loaded_again(rows, tiny_dir, monkeypatch):
+    """compare(loaded=(model, tokenizer)) scores that model (the advisor loads it once for sensitivity and
+    rows) and gives the rows loading it would."""
+    from lowbit import api
+
+    loaded = api.load_model(tiny_dir)
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded again")
+
+    monkeypatch.setattr(api, "load_model", no_load)
+    again = compare(METHODS, tiny_dir, loaded=loaded, **QUICK)
+    assert [(r["perplexity"], r["kl"]) for r in again] == [(r["perplexity"], r["kl"]) for r in rows]
