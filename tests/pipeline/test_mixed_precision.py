@@ -145,6 +145,23 @@ def test_quantize_with_a_budget_saves_the_mix(tmp_path, capsys):
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear and model_memory(model).quantized_linears == 13
 
 
+def test_a_budget_measures_on_the_windows_asked_for(tmp_path, monkeypatch):
+    """--samples and --seq-len shape the sensitivity windows too (sentence-sized windows measured better
+    mixes for an encoder of sentences, README)."""
+    import lowbit.pipeline.budget as budget
+
+    shapes = []
+
+    def measured(model, candidates, ids, **kw):
+        shapes.append(tuple(ids.shape))
+        raise LowbitError("stop after the windows")
+
+    monkeypatch.setattr(budget, "sensitivity", measured)
+    assert quantize_with_budget(tmp_path, "rtn", "4bpw", "rtn-int2-g32,rtn-int4-g32",
+                                extra=["--seq-len", "12"])[0] == 2
+    assert shapes == [(4, 12)]
+
+
 def test_a_budget_mixes_families_gptq_and_quip(tmp_path, capsys):
     """Candidates of two calibrated methods: each Linear gets GPTQ's or QuIP#'s weight, the model saves and
     loads back with both, and its size is within the budget."""

@@ -103,7 +103,8 @@ def _budget_recipe(args, config, model, tokenizer):
         raise LowbitError("--budget measures sensitivity on text: the model folder needs a tokenizer")
     candidates = args.candidates or default_candidates(config.name)
     plan, _ = budget_recipe(model, tokenizer, args.budget, candidates, args.calibration, seed=args.seed,
-                            n_samples=args.samples or SENSITIVITY_SAMPLES, progress=not args.quiet,
+                            n_samples=args.samples or SENSITIVITY_SAMPLES, seq_len=args.seq_len,
+                            progress=not args.quiet,
                             skip=tuple(args.skip or ()))
     return plan.recipe, render_plan(plan) + "\n\n"
 
