@@ -84,6 +84,11 @@ def test_each_sample_is_one_document_with_special_tokens(tiny_tokenizer):
     assert "3 samples" in calib.describe() and f"{calib.n_tokens:,} tokens" in calib.describe()
     assert calibration_samples(tiny_tokenizer, DOCS, n_samples=3, seq_len=8, seed=1).ids[0].tolist() == calib.ids[0].tolist()
     assert bos is not None
+    assert " asked" not in calib.describe()
+    # asking for more samples than there are documents gives every document, and says so
+    every = calibration_samples(tiny_tokenizer, DOCS, n_samples=len(DOCS) + 7, seq_len=8)
+    assert every.n_samples == len(DOCS)
+    assert f"{len(DOCS)} samples" in every.describe() and f"of {len(DOCS) + 7} asked" in every.describe()
 
 
 def test_bert_tokenizer_wraps_each_sample_in_cls_sep(tmp_path):

@@ -71,6 +71,7 @@ class CalibrationSet:
     ids: torch.Tensor | list
     mode: str = "windows"
     pad_id: int = 0
+    asked: int | None = None      # samples asked for, where the data held fewer documents
 
     @classmethod
     def of(cls, calibration) -> "CalibrationSet | None":
@@ -117,7 +118,8 @@ class CalibrationSet:
 
     def describe(self) -> str:
         what = "windows" if self.mode == "windows" else "samples (one document each, padding masked)"
-        return f"calibration: {self.n_samples} {what}, {self.n_tokens:,} tokens"
+        short = f" (of {self.asked} asked: the calibration data has no more documents)" if self.asked else ""
+        return f"calibration: {self.n_samples} {what}, {self.n_tokens:,} tokens{short}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,7 +210,7 @@ def calibration_samples(tokenizer, source=None, n_samples: int = 128, seq_len: i
         seqs = [encode_sample(tokenizer, docs[i], seq_len) for i in chosen]
     seqs = sorted((s for s in seqs if s.numel()), key=lambda s: -s.numel())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return CalibrationSet(seqs, "samples", int(pad))
+    return CalibrationSet(seqs, "samples", int(pad), n_samples if len(seqs) < n_samples else None)
 
 
 def resolve_mode(mode: str, causal: bool, source=None) -> str:
