@@ -14,8 +14,8 @@ offers to spend it: a budgeted mix (`lowbit quantize --budget`, one scheme per L
 sensitivity) sized to the memory left, where the target can load one (spend_headroom).
 With --measure (advisor_cli.measure), the candidates that fit and the budgeted mix are quantised and
 evaluated on the user's model (`lowbit compare`'s protocol) and the pick comes from measured KL to the
-unquantised model: the mix may become the pick, or stay beside a smaller pick it is more faithful than. A model that fits under no candidate is said to, with what
-it would need.
+unquantised model: the mix may become the pick, or stay beside a smaller pick it is more faithful than.
+A model that fits under no candidate is said to, with what it would need.
 """
 from __future__ import annotations
 
@@ -248,7 +248,8 @@ def conclude(a: Advice, shape: ModelShape) -> Advice:
 
 def headroom_mix(a: Advice, shape: ModelShape, samples: int | None = None) -> None:
     """Set a.mix, a.mix_command and a.mix_reason: the budgeted mix that spends the headroom above a.pick,
-    or None and why not. samples: sensitivity windows for its command, where not the default."""
+    or None and why not. samples: the calibration windows its command passes (`--samples`), given by
+    advise --measure so that the command makes the mix it measured; None leaves quantize's defaults."""
     room = usable_memory(a.memory_bytes, a.target, a.reserve_bytes) - (a.pick.other_bytes if a.pick else 0)
     mix, a.mix_reason = spend_headroom(shape, a.options, a.pick, a.target, room)
     a.mix = None if mix is None else _mix_option(mix, a.pick, room,
@@ -319,8 +320,8 @@ def explain(a: Advice, shape: ModelShape) -> list[str]:
         return out
     p = a.pick
     floor = " (the floor)" if a.reserve_bytes == RESERVE_FLOOR else ""
-    out.append(f"{p.label}: {p.bits_per_weight:.2f} bits per weight over the whole model ({p.quality}), {gb_text(p.weight_bytes)} of weights "
-               f"+ {gb_text(p.other_bytes)} {extra} at {a.context} tokens x batch {a.batch} = {gb_text(p.total_bytes)} "
+    out.append(f"{p.label}: {p.bits_per_weight:.2f} bits per weight over the whole model ({p.quality}), "
+               f"{gb_text(p.weight_bytes)} of weights + {gb_text(p.other_bytes)} {extra} at {a.context} tokens x batch {a.batch} = {gb_text(p.total_bytes)} "
                f"of {gb_text(a.memory_bytes)}, with {gb_text(a.reserve_bytes)} more kept for {RESERVE_WHAT[a.target]}"
                f"{floor}.")
     better = [o for o in a.options[: a.options.index(p)] if o.fits]
