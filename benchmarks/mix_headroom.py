@@ -1,0 +1,313 @@
+"""How much any budgeted mix can gain over uniform schemes: the knapsack's predicted loss when bits are
+allocated per Linear, and (estimated) per output row, per 8-column block, and per row and block.
+
+    .venv/bin/python benchmarks/mix_headroom.py --model minilm     # all-MiniLM-L6-v2 (~3 min)
+    .venv/bin/python benchmarks/mix_headroom.py                    # the bundled model
+
+The predicted loss is what lowbit's allocator minimises (pipeline/budget.py): the sum over Linears of the
+loss measured when that Linear alone is quantised with the chosen candidate (pipeline/sensitivity.py; read
+from benchmarks/mixed_precision.py's saved sensitivity_<model>.json). A uniform scheme's prediction is the
+same sum with one candidate everywhere, so the two compare like for like.
+
+Finer grains let a Linear put a fraction f (1/8 ... 7/8) of its weights on the better candidate of a pair
+(PAIRS) and the rest on the other, the most important weights on the better one. If the loss is a sum of
+independent contributions, importance times error, that costs f bytes_hi + (1 - f) bytes_lo and loses
+s L_hi + (1 - s) L_lo, s the share of the importance the top fraction holds:
+
+- rows: an output row's importance is the Fisher information of the model's output summed over the row's
+  weights, from gradient probes (sampled next tokens for a causal LM; random directions orthogonal to the
+  unit embedding for an encoder, the Hessian of its 1 - cosine);
+- column blocks: after BlockLDLQ (methods/ldlq.py) a Linear's proxy loss is sum_k tr(D_k) MSE_k over its
+  8-column blocks (H = L D L^T of QuIP#'s rotated H), so a block's importance is tr(D_k);
+- rows x blocks: the product of the two, importance separable over a row and a block.
+
+`--check-rows` tests the estimate: on the Linears with the most loss at quip-4bit it quantises half the
+rows, or half the blocks, at 4 bits and the rest at 3 (QuIP#, each block rounded with its own codebook
+inside one BlockLDLQ pass) and measures the single-Linear loss, beside the same split made at random.
+
+The table says whether the finest grain gets below the best uniform candidate of b to b + 1 bits per
+weight at budget b (a scheme of many more bits, int8, is always better). GPTQ candidates are predicted
+from round-to-nearest on their grid, as the allocator sees them (QuIP#'s from QuIP# itself), so their
+uniform predictions are pessimistic. Writes mix_headroom_<model>.md and .json into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SAVED = HERE / "results" / "mixed_precision"
+# (lower, higher) candidate pairs a Linear's weights may be split between, and the fractions on the higher
+PAIRS = [("quip", "quip-3bit"), ("quip-3bit", "quip-4bit"), ("quip-4bit", "gptq-int8")]
+FRACTIONS = tuple(k / 8 for k in range(1, 8))
+BLOCK = 8                 # QuIP#'s E8 column block
+CHECK_PAIR = ("quip-3bit", "quip-4bit")
+
+
+def row_fisher(model, ids: torch.Tensor, names: list[str], probes: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per Linear in `names`, the Fisher diagonal summed over each output row's weights [out] (float64):
+    E[(d log p(y) / dW)^2] with y drawn from the model's own next-token distribution (causal LM), or
+    E[(d v.e / dW)^2] with v ~ N(0, I - e e^T) for an encoder's unit mean-pooled embedding e. ids [n, L];
+    `probes` draws per window, one window per backward pass."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    weights = {n: modules[n].weight for n in names}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(p in set(weights.values()))
+    fisher = {n: torch.zeros(w.shape[0], dtype=torch.float64) for n, w in weights.items()}
+    try:
+        for i in range(ids.shape[0]):
+            for _ in range(probes):
+                for w in weights.values():
+                    w.grad = None
+                _probe(model, ids[i:i + 1], gen).backward()
+                for n, w in weights.items():
+                    if w.grad is not None:          # None: the output does not use this Linear
+                        fisher[n] += w.grad.double().pow(2).sum(1)
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return fisher
+
+
+def _probe(model, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A scalar whose squared gradient estimates the Fisher: log p of sampled tokens, or v.e."""
+    out = model(input_ids=ids)
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        logp = torch.log_softmax(logits.float(), -1).reshape(-1, logits.shape[-1])
+        y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+        return logp.gather(1, y).sum()
+    e = torch.nn.functional.normalize(out.last_hidden_state.mean(1), dim=-1)
+    v = torch.randn(e.shape, generator=gen, dtype=e.dtype)
+    v = v - (v * e.detach()).sum(-1, keepdim=True) * e.detach()
+    return (v * e).sum()
+
+
+def top_share(importance: torch.Tensor, fraction: float) -> float:
+    """The share of the total importance (any shape) held by its top `fraction` of entries."""
+    v = torch.sort(importance.flatten(), descending=True).values
+    return float(v[:round(fraction * len(v))].sum() / v.sum()) if float(v.sum()) > 0 else fraction
+
+
+def split_options(layer, candidates: list[str], importance: torch.Tensor) -> list[tuple[int, float]]:
+    """(bytes, predicted loss) of every split of PAIRS at FRACTIONS for one LayerSensitivity, the top
+    fraction of `importance` (per row, block, or row and block) on the better candidate."""
+    at = {c: i for i, c in enumerate(candidates)}
+    out = []
+    for lo, hi in PAIRS:
+        if lo in at and hi in at:
+            for f in FRACTIONS:
+                s = top_share(importance, f)
+                out.append((round(f * layer.bytes[at[hi]] + (1 - f) * layer.bytes[at[lo]]),
+                            s * layer.kl[at[hi]] + (1 - s) * layer.kl[at[lo]]))
+    return out
+
+
+def _rotated(h: torch.Tensor, seed: int):
+    """QuIP#'s input signs for `seed` (methods/quip.py draws them first) and its rotated H, float64."""
+    from lowbit.core.hadamard import random_signs, rht_both
+
+    su = random_signs(h.shape[0], torch.Generator().manual_seed(seed)).double()
+    return su, rht_both(h.double(), su, su)
+
+
+def block_weights(h: torch.Tensor, damp: float = 0.01, seed: int = 0) -> torch.Tensor:
+    """tr(D_k) per 8-column block [in / 8] of the block LDL of QuIP#'s rotated, damped H [in, in]: the weight
+    of block k's rounding error in BlockLDLQ's proxy loss."""
+    from lowbit.methods.ldlq import block_ldl
+
+    _, d = block_ldl(_rotated(h, seed)[1], BLOCK, damp)
+    return d.diagonal(dim1=1, dim2=2).sum(1)
+
+
+def block_split_weight(weight: torch.Tensor, h: torch.Tensor, better: torch.Tensor, bits=(3, 4),
+                       damp: float = 0.01, seed: int = 0) -> torch.Tensor:
+    """QuIP# (methods/quip.py) with the 8-column blocks where `better` [in / 8] is True rounded at bits[1]
+    and the others at bits[0], in one BlockLDLQ pass; returns the dequantised weight [out, in] (float64)."""
+    from lowbit.core.hadamard import random_signs, rht_both, rht_both_inverse
+    from lowbit.methods.ldlq import block_ldl, block_ldlq
+    from lowbit.methods.quip import OPT_SCALE, codebook_rounding
+
+    gen = torch.Generator().manual_seed(seed)
+    su, sv = random_signs(weight.shape[1], gen).double(), random_signs(weight.shape[0], gen).double()
+    wr = rht_both(weight.double(), su, sv)
+    lower, _ = block_ldl(rht_both(h.double(), su, su), BLOCK, damp)
+    scale = float(torch.tensor(float(wr.square().mean().sqrt()) / OPT_SCALE[bits[1]]))   # float32, as quip
+    rounders = [codebook_rounding(b) for b in bits]
+    visit = iter(reversed(range(len(better))))          # block_ldlq rounds the blocks last to first
+
+    def rounding(x):
+        return rounders[int(better[next(visit)])](x)
+
+    what, _ = block_ldlq(wr / scale, lower, BLOCK, rounding)
+    return rht_both_inverse(what * scale, su, sv)
+
+
+def hessians(model, ids: torch.Tensor, names: list[str], batch: int = 8) -> dict[str, torch.Tensor]:
+    """X^T X of each named Linear's inputs over the windows (float64 [in, in])."""
+    modules = dict(model.named_modules())
+    h = {n: torch.zeros(modules[n].in_features, modules[n].in_features, dtype=torch.float64) for n in names}
+
+    def hook(name):
+        def add(mod, inp, out):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+            h[name].add_(x.T @ x)
+        return add
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            for b in range(0, ids.shape[0], batch):
+                model(input_ids=ids[b:b + batch])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return h
+
+
+def measured_splits(model, ids: torch.Tensor, layers, candidates: list[str], fisher: dict, blocks: dict,
+                    hess: dict, count: int, seed: int = 0) -> list[list]:
+    """The split estimate checked on the `count` Linears with the largest loss at CHECK_PAIR[1]: half the
+    rows (each half quantised by its own candidate) or half the column blocks (block_split_weight) on the
+    better candidate, chosen by importance and, as a control, at random; the single-Linear loss measured
+    as pipeline/sensitivity.py measures it. Rows: [name, then (predicted, measured) for rows by importance,
+    rows at random, blocks by importance, blocks at random]."""
+    from lowbit.methods import parse_method
+    from lowbit.methods.stats import LayerStats
+    from lowbit.pipeline.sensitivity import _logprobs, _loss
+
+    lo, hi = (candidates.index(c) for c in CHECK_PAIR)
+    configs = [parse_method(c) for c in CHECK_PAIR]
+    bits = tuple(c.bits for c in configs)
+    modules = dict(model.named_modules())
+    model.eval()
+    ref = _logprobs(model, ids, 8)
+    causal = ref.shape[1] > 1
+    gen = torch.Generator().manual_seed(seed)
+
+    def measure(module, weight):
+        original = module.weight.data
+        module.weight.data = weight.to(original.dtype)
+        try:
+            return _loss(ref, _logprobs(model, ids, 8), causal)
+        finally:
+            module.weight.data = original
+
+    out = []
+    for layer in sorted(layers, key=lambda item: -item.kl[hi])[:count]:
+        module, row = modules[layer.name], [layer.name]
+        w = module.weight.data.float()
+        stats = LayerStats(w.shape[1], n_tokens=1, xtx=hess[layer.name])   # methods read only H = 2 xtx / n
+        for imp, split in ((fisher[layer.name], "rows"), (blocks[layer.name], "blocks")):
+            for order in (torch.argsort(imp, descending=True), torch.randperm(len(imp), generator=gen)):
+                top = order[:len(order) // 2]
+                share = float(imp[top].sum() / imp.sum())
+                row.append(share * layer.kl[hi] + (1 - share) * layer.kl[lo])
+                if split == "rows":
+                    q = w.clone()
+                    for rows, config in ((order[len(order) // 2:], configs[0]), (top, configs[1])):
+                        q[rows] = config.quantize_weight(w[rows], stats).dequantize()
+                else:
+                    better = torch.zeros(len(imp), dtype=torch.bool)
+                    better[top] = True
+                    q = block_split_weight(w, hess[layer.name], better, bits)
+                row.append(measure(module, q))
+        out.append(row)
+    return out
+
+
+def predicted(options: list[list[tuple[int, float]]], budget: int) -> tuple[float, int]:
+    """(least predicted loss, bytes) of one option per Linear within `budget` bytes (the exact knapsack)."""
+    from lowbit.methods.knapsack import allocate
+
+    a = allocate([[s for s, _ in o] for o in options], [[k for _, k in o] for o in options], budget)
+    return a.loss, a.size
+
+
+GRAINS = ("per Linear", "+ row splits", "+ block splits", "+ row x block splits")
+
+
+def grain_options(layers, candidates: list[str], fisher: dict, blocks: dict) -> list[list[list[tuple[int, float]]]]:
+    """Per grain of GRAINS, per Linear, its (bytes, predicted loss) options; each grain keeps the coarser
+    ones' options, so its prediction can only be lower."""
+    grains = [[list(zip(layer.bytes, layer.kl)) for layer in layers]]
+    for importance in (lambda n: fisher[n], lambda n: blocks[n], lambda n: torch.outer(fisher[n], blocks[n])):
+        grains.append([o + split_options(layer, candidates, importance(layer.name))
+                       for o, layer in zip(grains[-1], layers)])
+    return grains
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["bundled", "minilm"], default="bundled")
+    p.add_argument("--sensitivity", help="sensitivity JSON (default: the saved benchmarks/results one)")
+    p.add_argument("--budgets", default="3.5,3.75,4.0,4.5")
+    p.add_argument("--probes", type=int, default=4, help="gradient probes per window (default 4)")
+    p.add_argument("--check", type=int, default=4, help="Linears on which to quantise and measure a split of "
+                   "rows and of blocks against its estimate (default 4; 0: none)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="out/mixed_precision")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(HERE))
+    import mixed_precision as mp
+
+    from lowbit.pipeline.samples import calibration_batch
+    from lowbit.table import format_table
+
+    path = args.sensitivity or os.path.relpath(SAVED / f"sensitivity_{args.model}.json")
+    _, layers, how, candidates = mp.saved_sensitivity(args.model, path, [])
+    model, tok = mp.load(args.model)
+    windows, seq_len = how.get("windows", mp.WINDOWS[args.model][0]), how.get("seq_len", mp.WINDOWS[args.model][1])
+    ids = calibration_batch(tok, None, n_samples=windows, seq_len=seq_len)
+    names = [layer.name for layer in layers]
+    start = time.perf_counter()
+    fisher = row_fisher(model, ids, names, args.probes)
+    hess = hessians(model, ids, names)
+    blocks = {n: block_weights(h) for n, h in hess.items()}
+    checked = measured_splits(model, ids, layers, candidates, fisher, blocks, hess, args.check) if args.check else []
+    seconds = time.perf_counter() - start
+
+    grains = grain_options(layers, candidates, fisher, blocks)
+    numel = sum(layer.numel for layer in layers)
+    uniform = {c: (8 * sum(layer.bytes[j] for layer in layers) / numel, sum(layer.kl[j] for layer in layers))
+               for j, c in enumerate(candidates)}
+    table, result = [], []
+    for b in map(float, args.budgets.split(",")):
+        losses = [predicted(o, int(b * numel / 8))[0] for o in grains]
+        rivals = {c: v for c, v in uniform.items() if b - 1e-9 <= v[0] <= b + 1}
+        best = min(rivals, key=lambda c: rivals[c][1]) if rivals else None
+        table.append([f"{b:.2f}", *losses, f"{best} ({rivals[best][0]:.3f} bits)" if best else "-",
+                      rivals[best][1] if best else float("nan"), str(best is not None and losses[-1] < rivals[best][1])])
+        result.append({"budget": b, **dict(zip(GRAINS, losses)), "best_uniform": best,
+                       "best_uniform_loss": rivals[best][1] if best else None})
+    loss = "KL" if args.model == "bundled" else "1 - cosine"
+    text = format_table(["bits/weight", f"{GRAINS[0]} ({loss})", *GRAINS[1:], "best uniform, b to b + 1 bits",
+                         "its prediction", "finest reaches it"], table, markdown=True)
+    if checked:
+        text += "\n\n" + format_table(
+            ["Linear", "rows by importance: predicted", "measured", "random rows: predicted", "measured",
+             "blocks by importance: predicted", "measured", "random blocks: predicted", "measured"],
+            [[r[0], *(f"{v:.2e}" for v in r[1:])] for r in checked], markdown=True)
+    notes = (f"{args.model}: predicted losses (sum of single-Linear {loss}) from {path}; row importance from "
+             f"{args.probes} gradient probes per window on {windows} windows of {seq_len} tokens; checks: "
+             f"{'/'.join(CHECK_PAIR)} splits, half and half; {seconds:.0f} s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"mix_headroom_{args.model}.md").write_text(text + "\n\n" + notes + "\n")
+    (out / f"mix_headroom_{args.model}.json").write_text(json.dumps(
+        {"rows": result, "uniform": uniform, "checks": checked, "notes": notes}, indent=1))
+    print(text + "\n\n" + notes)
+
+
+if __name__ == "__main__":
+    main()

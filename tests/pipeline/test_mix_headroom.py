@@ -1,0 +1,128 @@
+"""benchmarks/mix_headroom.py, the estimate of what finer allocation grains can gain: its Fisher probes
+against the closed form of softmax regression, and its row-split and column-block arithmetic against
+hand-computed values."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lowbit.pipeline.sensitivity import LayerSensitivity
+
+_spec = importlib.util.spec_from_file_location(
+    "mix_headroom", Path(__file__).resolve().parents[2] / "benchmarks" / "mix_headroom.py")
+headroom = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(headroom)
+
+
+class SoftmaxRegression(torch.nn.Module):
+    """logits = W x_t with fixed inputs x_t per token id: Fisher of row r at position t is p_r (1 - p_r) |x_t|^2."""
+
+    def __init__(self, vocab=5, dim=3):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.emb.weight.data = torch.randn(vocab, dim, generator=g)
+        self.emb.weight.requires_grad_(False)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+        self.head.weight.data = torch.randn(vocab, dim, generator=g)
+
+    def forward(self, input_ids):
+        return SimpleNamespace(logits=self.head(self.emb(input_ids)))
+
+
+def test_row_fisher_is_the_softmax_fisher():
+    model = SoftmaxRegression()
+    ids = torch.tensor([[0, 3, 4]])
+    got = headroom.row_fisher(model, ids, ["head"], probes=30000)["head"]
+    with torch.no_grad():
+        x = model.emb(ids[0])
+        p = torch.softmax(model.head(x), -1)
+    want = (p * (1 - p) * x.pow(2).sum(1, keepdim=True)).sum(0).double() * 30000
+    assert torch.allclose(got, want, rtol=0.05)   # 30000 draws: a few % of noise
+    assert model.head.weight.grad is None and model.head.weight.requires_grad   # the model is left as it was
+
+
+class LinearEncoder(SoftmaxRegression):
+    """last_hidden_state = W x_t: with e = m / |m|, m the mean of W x_t over tokens and x̄ of x_t, the
+    Fisher of v.e, v ~ N(0, I - e e^T), for row r is (1 - e_r^2) |x̄|^2 / |m|^2."""
+
+    def forward(self, input_ids):
+        return SimpleNamespace(last_hidden_state=self.head(self.emb(input_ids)))
+
+
+def test_row_fisher_of_an_encoder_embedding():
+    model = LinearEncoder()
+    ids = torch.tensor([[1, 2, 4]])
+    got = headroom.row_fisher(model, ids, ["head"], probes=30000)["head"]
+    with torch.no_grad():
+        xbar = model.emb(ids[0]).mean(0)
+        m = model.head(xbar)
+    e = m / m.norm()
+    want = ((1 - e.pow(2)) * xbar.pow(2).sum() / m.pow(2).sum()).double() * 30000
+    assert torch.allclose(got, want, rtol=0.05)
+
+
+def test_top_share_and_split_options():
+    assert headroom.top_share(torch.tensor([1.0, 3.0, 0.0, 4.0]), 0.5) == pytest.approx(7 / 8)
+    assert headroom.top_share(torch.zeros(4), 0.25) == 0.25          # no importance: rows count alike
+    layer = LayerSensitivity("l", 8, bytes=[100, 200], kl=[0.4, 0.1], proxy=[0, 0])
+    options = headroom.split_options(layer, ["quip-3bit", "quip-4bit"], torch.tensor([4.0, 2, 1, 1, 0, 0, 0, 0]))
+    # k/8 of the rows on quip-4bit: the top k hold 4/8, 6/8, 7/8, then all of the importance
+    shares = [0.5, 0.75, 0.875, 1, 1, 1, 1]
+    assert options == [(round(100 + 100 * k / 8), pytest.approx(s * 0.1 + (1 - s) * 0.4))
+                       for k, s in zip(range(1, 8), shares)]
+    assert headroom.split_options(layer, ["quip-3bit", "gptq-int4-g128"], torch.ones(8)) == []
+
+
+def test_block_weights_are_the_ldl_diagonal():
+    assert torch.allclose(headroom.block_weights(2.5 * torch.eye(64), damp=0.0), torch.full((8,), 20.0, dtype=torch.float64))
+    # against Schur complements: D_k = H_kk - H_k,<k H_<k,<k^-1 H_<k,k of the rotated H (H = L D L^T, L lower)
+    from lowbit.core.hadamard import random_signs, rht_both
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 64, generator=g, dtype=torch.float64) * torch.logspace(0, 2, 64, dtype=torch.float64)
+    h = x.T @ x
+    su = random_signs(64, torch.Generator().manual_seed(0)).double()
+    hr = rht_both(h, su, su)
+    traces = []
+    for k in range(8):
+        s, e = 8 * k, 8 * k + 8
+        d = hr[s:e, s:e] - (hr[s:e, :s] @ torch.linalg.solve(hr[:s, :s], hr[:s, s:e]) if s else 0)
+        traces.append(float(d.trace()))
+    assert torch.allclose(headroom.block_weights(h, damp=0.0), torch.tensor(traces, dtype=torch.float64), rtol=1e-8)
+
+
+def test_block_split_weight_is_quip_at_either_end():
+    """All blocks on the better codebook is quip-4bit; the split lands between quip-3bit and quip-4bit."""
+    from lowbit.methods import parse_method
+    from lowbit.methods.ldlq import proxy_loss
+    from lowbit.methods.stats import LayerStats
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 64, generator=g)
+    x = torch.randn(256, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    h = (x.T @ x).double()
+    stats = LayerStats(64, n_tokens=1, xtx=h)
+    q4 = parse_method("quip-4bit").quantize_weight(w, stats).dequantize().double()
+    assert torch.allclose(headroom.block_split_weight(w, h, torch.ones(8, dtype=torch.bool)), q4, atol=1e-5)
+    q3 = parse_method("quip-3bit").quantize_weight(w, stats).dequantize().double()
+    half = headroom.block_split_weight(w, h, torch.arange(8) < 4)
+    losses = [proxy_loss(w.double(), q, h) for q in (q4, half, q3)]
+    assert losses[0] < losses[1] < losses[2]
+
+
+def test_block_split_weight_rounds_the_chosen_blocks_finer():
+    """With H = I the blocks do not interact: in the rotated basis the better blocks' error is the smaller."""
+    from lowbit.core.hadamard import random_signs, rht_both
+
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(3))
+    better = torch.tensor([True, False] * 4)
+    q = headroom.block_split_weight(w, torch.eye(64, dtype=torch.float64), better)
+    gen = torch.Generator().manual_seed(0)
+    su, sv = random_signs(64, gen).double(), random_signs(64, gen).double()
+    err = rht_both(q - w.double(), su, sv).pow(2).reshape(64, 8, 8).sum((0, 2))
+    assert err[better].max() < err[~better].min() and err[~better].mean() > 2 * err[better].mean()
