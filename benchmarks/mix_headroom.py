@@ -21,19 +21,26 @@ s L_hi + (1 - s) L_lo, s the share of the importance the top fraction holds:
   8-column blocks (H = L D L^T of QuIP#'s rotated H), so a block's importance is tr(D_k);
 - rows x blocks: the product of the two, importance separable over a row and a block.
 
-`--check-rows` tests the estimate: on the Linears with the most loss at quip-4bit it quantises half the
+Multi-level estimates let every unit (a Linear, row, block, or row and block) take its own candidate of
+LADDER (QuIP# at 2, 3, 4 bits, int8), the budget met by Lagrangian relaxation; the same with two
+hypothetical QuIP# codebooks of 5 and 6 bits (`extrapolated`: each bit past 4 buys what the fourth did);
+and "ideal rates", every unit at any real rate on QuIP#'s 3-to-4-bit slope (transform coding's optimum, an
+optimistic limit for codebooks of that efficiency).
+
+`--check` tests the split estimate: on the Linears with the most loss at quip-4bit it quantises half the
 rows, or half the blocks, at 4 bits and the rest at 3 (QuIP#, each block rounded with its own codebook
 inside one BlockLDLQ pass) and measures the single-Linear loss, beside the same split made at random.
 
-The table says whether the finest grain gets below the best uniform candidate of b to b + 1 bits per
-weight at budget b (a scheme of many more bits, int8, is always better). GPTQ candidates are predicted
-from round-to-nearest on their grid, as the allocator sees them (QuIP#'s from QuIP# itself), so their
-uniform predictions are pessimistic. Writes mix_headroom_<model>.md and .json into --out.
+Predictions are compared with the best uniform candidate of b to b + 1 bits per weight at budget b (a
+scheme of many more bits, int8, is always better) among those the sensitivity pass measures with their
+own method: GPTQ's candidates are predicted from round-to-nearest on their grid, far above what GPTQ
+measures, so they are left out of that comparison. Writes mix_headroom_<model>.md and .json into --out.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -59,6 +66,8 @@ def row_fisher(model, ids: torch.Tensor, names: list[str], probes: int, seed: in
     modules = dict(model.named_modules())
     weights = {n: modules[n].weight for n in names}
     saved = {p: p.requires_grad for p in model.parameters()}
+    grads = {n: w.grad for n, w in weights.items()}
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(p in set(weights.values()))
     fisher = {n: torch.zeros(w.shape[0], dtype=torch.float64) for n, w in weights.items()}
@@ -74,7 +83,8 @@ def row_fisher(model, ids: torch.Tensor, names: list[str], probes: int, seed: in
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
-            p.grad = None
+        for n, w in weights.items():
+            w.grad = grads[n]
     return fisher
 
 
@@ -132,7 +142,9 @@ def block_weights(h: torch.Tensor, damp: float = 0.01, seed: int = 0) -> torch.T
 def block_split_weight(weight: torch.Tensor, h: torch.Tensor, better: torch.Tensor, bits=(3, 4),
                        damp: float = 0.01, seed: int = 0) -> torch.Tensor:
     """QuIP# (methods/quip.py) with the 8-column blocks where `better` [in / 8] is True rounded at bits[1]
-    and the others at bits[0], in one BlockLDLQ pass; returns the dequantised weight [out, in] (float64)."""
+    and the others at bits[0], in one BlockLDLQ pass, the scale tuned for the majority's codebook; returns
+    the dequantised weight [out, in] (float64). Relies on block_ldlq calling `quantize` once per block, last
+    block first (tests/pipeline/test_mix_headroom.py checks the order)."""
     from lowbit.core.hadamard import random_signs, rht_both, rht_both_inverse
     from lowbit.methods.ldlq import block_ldl, block_ldlq
     from lowbit.methods.quip import OPT_SCALE, codebook_rounding
@@ -141,7 +153,8 @@ def block_split_weight(weight: torch.Tensor, h: torch.Tensor, better: torch.Tens
     su, sv = random_signs(weight.shape[1], gen).double(), random_signs(weight.shape[0], gen).double()
     wr = rht_both(weight.double(), su, sv)
     lower, _ = block_ldl(rht_both(h.double(), su, su), BLOCK, damp)
-    scale = float(torch.tensor(float(wr.square().mean().sqrt()) / OPT_SCALE[bits[1]]))   # float32, as quip
+    target = OPT_SCALE[bits[1] if 2 * int(better.sum()) >= len(better) else bits[0]]   # the majority's
+    scale = float(torch.tensor(float(wr.square().mean().sqrt()) / target))               # float32, as quip
     rounders = [codebook_rounding(b) for b in bits]
     visit = iter(reversed(range(len(better))))          # block_ldlq rounds the blocks last to first
 
@@ -225,12 +238,105 @@ def measured_splits(model, ids: torch.Tensor, layers, candidates: list[str], fis
     return out
 
 
+def measured_by_itself(name: str) -> bool:
+    """Whether the sensitivity pass measures this candidate with its own method (QuIP#, int8 RTN ...) rather
+    than by round-to-nearest standing in for it (GPTQ's grids), so that its prediction is its own."""
+    from lowbit.methods import parse_method
+    from lowbit.pipeline.sensitivity import measure_rounding
+
+    config = parse_method(name)
+    return measure_rounding(config) is config
+
+
 def predicted(options: list[list[tuple[int, float]]], budget: int) -> tuple[float, int]:
     """(least predicted loss, bytes) of one option per Linear within `budget` bytes (the exact knapsack)."""
     from lowbit.methods.knapsack import allocate
 
     a = allocate([[s for s, _ in o] for o in options], [[k for _, k in o] for o in options], budget)
     return a.loss, a.size
+
+
+# what one unit (a Linear, row, block or code) may take in the multi-level estimates, where measured
+LADDER = ("quip", "quip-3bit", "quip-4bit", "quip-5bit*", "quip-6bit*", "gptq-int8")
+IDEAL_PAIR = ("quip-3bit", "quip-4bit")   # the loss-per-bit slope of the ideal-rate estimate
+
+
+def unit_shares(importance: torch.Tensor) -> torch.Tensor:
+    """Each unit's share of its Linear's importance, flattened (equal shares when there is none)."""
+    v = importance.flatten().double()
+    return v / v.sum() if float(v.sum()) > 0 else torch.full_like(v, 1 / len(v))
+
+
+def _bisect(spend, budget: float, lo: float = 1e-12, hi: float = 1e12, steps: int = 200) -> float:
+    """The least multiplier lam (geometric bisection) with spend(lam) <= budget; spend falls as lam grows."""
+    for _ in range(steps):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if spend(mid) > budget else (lo, mid)
+    return hi
+
+
+def ladder_loss(layers, candidates: list[str], shares: dict, bits_per_weight: float) -> float:
+    """Least predicted loss when every unit of every Linear takes its own candidate of LADDER, at
+    `bits_per_weight` on average: unit u of a Linear costs share_u L_c and numel/U x bits_c, solved by
+    Lagrangian relaxation (the lower convex hull of the exact choice; within one unit's size of it)."""
+    at = [candidates.index(c) for c in LADDER if c in candidates]
+    units = []
+    for layer in layers:
+        loss = torch.tensor([layer.kl[j] for j in at], dtype=torch.float64)
+        size = torch.tensor([8 * layer.bytes[j] for j in at], dtype=torch.float64)      # bits, whole Linear
+        sh = shares[layer.name]
+        units.append((sh[:, None] * loss[None, :], size[None, :] / len(sh)))
+    budget = bits_per_weight * sum(layer.numel for layer in layers)
+
+    def pick(lam):
+        return [torch.argmin(loss + lam * size, dim=1) for loss, size in units]
+
+    def spend(lam):
+        return sum(float(size[0, c].sum()) for (_, size), c in zip(units, pick(lam)))
+
+    choice = pick(_bisect(spend, budget))
+    return sum(float(loss.gather(1, c[:, None]).sum()) for (loss, _), c in zip(units, choice))
+
+
+def extrapolated(layers, candidates: list[str]) -> tuple[list, list[str]]:
+    """The sensitivities with two hypothetical candidates, quip-5bit* and quip-6bit*: each bit past quip-4bit
+    divides the loss by L_3 / L_4 and adds what quip-4bit adds over quip-3bit in bytes (QuIP# has no
+    codebook above 4 bits; this asks what one would buy)."""
+    from lowbit.pipeline.sensitivity import LayerSensitivity
+
+    lo, hi = (candidates.index(c) for c in IDEAL_PAIR)
+    out = []
+    for layer in layers:
+        ratio = layer.kl[lo] / layer.kl[hi] if layer.kl[hi] > 0 else 1.0
+        step = layer.bytes[hi] - layer.bytes[lo]
+        out.append(LayerSensitivity(layer.name, layer.numel, layer.bytes + [layer.bytes[hi] + step, layer.bytes[hi] + 2 * step],
+                                    layer.kl + [layer.kl[hi] / ratio, layer.kl[hi] / ratio ** 2], layer.proxy + [0.0, 0.0]))
+    return out, candidates + ["quip-5bit*", "quip-6bit*"]
+
+
+def ideal_loss(layers, candidates: list[str], shares: dict, bits_per_weight: float) -> float:
+    """Least predicted loss with every unit at any real rate b, its loss share_u L_4 2^(-a (b - 4)), a
+    fitted per Linear from IDEAL_PAIR (L_3 / L_4 = 2^a): transform coding's optimum, as if codebooks
+    existed at every rate with QuIP#'s 3-to-4-bit slope (rates unbounded: optimistic)."""
+    lo, hi = (candidates.index(c) for c in IDEAL_PAIR)
+    terms = []
+    for layer in layers:
+        if layer.kl[hi] <= 0:
+            continue
+        a = max(math.log2(layer.kl[lo] / layer.kl[hi]), 1e-6)
+        sh = shares[layer.name]
+        keep = sh > 0
+        terms.append((a, layer.kl[hi] * sh[keep], layer.numel / len(sh)))
+    budget = bits_per_weight * sum(layer.numel for layer in layers)
+
+    def rates(lam):          # d/db of w 2^(-a (b - 4)) = -lam n  ->  b = 4 + log2(a ln2 w / (lam n)) / a
+        return [4 + torch.log2(a * math.log(2) * w / (lam * n)) / a for a, w, n in terms]
+
+    def spend(lam):
+        return sum(float(r.clamp_min(0).sum()) * n for r, (_, _, n) in zip(rates(lam), terms))
+
+    lam = _bisect(spend, budget)
+    return sum(float((w * torch.exp2(-a * (r.clamp_min(0) - 4))).sum()) for r, (a, w, _) in zip(rates(lam), terms))
 
 
 GRAINS = ("per Linear", "+ row splits", "+ block splits", "+ row x block splits")
@@ -262,10 +368,12 @@ def main() -> None:
     import mixed_precision as mp
 
     from lowbit.pipeline.samples import calibration_batch
+    from lowbit.pipeline.sensitivity import LayerSensitivity
     from lowbit.table import format_table
 
     path = args.sensitivity or os.path.relpath(SAVED / f"sensitivity_{args.model}.json")
-    _, layers, how, candidates = mp.saved_sensitivity(args.model, path, [])
+    saved = json.loads(Path(path).read_text())
+    layers, how, candidates = [LayerSensitivity(**r) for r in saved["layers"]], saved["measured"], saved["candidates"]
     model, tok = mp.load(args.model)
     windows, seq_len = how.get("windows", mp.WINDOWS[args.model][0]), how.get("seq_len", mp.WINDOWS[args.model][1])
     ids = calibration_batch(tok, None, n_samples=windows, seq_len=seq_len)
@@ -281,18 +389,33 @@ def main() -> None:
     numel = sum(layer.numel for layer in layers)
     uniform = {c: (8 * sum(layer.bytes[j] for layer in layers) / numel, sum(layer.kl[j] for layer in layers))
                for j, c in enumerate(candidates)}
-    table, result = [], []
+    own = [c for c in candidates if measured_by_itself(c)]     # the others' predictions are round-to-nearest's
+    shares = {"per Linear": {n: torch.ones(1, dtype=torch.float64) for n in names},
+              "rows": {n: unit_shares(fisher[n]) for n in names},
+              "blocks": {n: unit_shares(blocks[n]) for n in names},
+              "row x block": {n: unit_shares(torch.outer(fisher[n], blocks[n])) for n in names}}
+    table, levels, result = [], [], []
     for b in map(float, args.budgets.split(",")):
         losses = [predicted(o, int(b * numel / 8))[0] for o in grains]
-        rivals = {c: v for c, v in uniform.items() if b - 1e-9 <= v[0] <= b + 1}
+        ladder = [ladder_loss(layers, candidates, sh, b) for sh in shares.values()]
+        wider = [ladder_loss(*extrapolated(layers, candidates), sh, b) for sh in shares.values()]
+        ideal = [ideal_loss(layers, candidates, sh, b) for sh in shares.values()]
+        rivals = {c: uniform[c] for c in own if b - 1e-9 <= uniform[c][0] <= b + 1}
         best = min(rivals, key=lambda c: rivals[c][1]) if rivals else None
-        table.append([f"{b:.2f}", *losses, f"{best} ({rivals[best][0]:.3f} bits)" if best else "-",
-                      rivals[best][1] if best else float("nan"), str(best is not None and losses[-1] < rivals[best][1])])
-        result.append({"budget": b, **dict(zip(GRAINS, losses)), "best_uniform": best,
+        rival = [f"{best} ({rivals[best][0]:.3f} bits)", rivals[best][1]] if best else ["-", "-"]
+        table.append([f"{b:.2f}", *losses, *rival])
+        levels.append([f"{b:.2f}", *ladder, *wider, *ideal, *rival])
+        result.append({"budget": b, "pairs": dict(zip(GRAINS, losses)), "ladder": dict(zip(shares, ladder)),
+                       "ladder with quip-5bit*, quip-6bit*": dict(zip(shares, wider)),
+                       "ideal": dict(zip(shares, ideal)), "best_uniform": best,
                        "best_uniform_loss": rivals[best][1] if best else None})
     loss = "KL" if args.model == "bundled" else "1 - cosine"
-    text = format_table(["bits/weight", f"{GRAINS[0]} ({loss})", *GRAINS[1:], "best uniform, b to b + 1 bits",
-                         "its prediction", "finest reaches it"], table, markdown=True)
+    rival_head = ["best uniform of b to b + 1 bits", "its prediction"]
+    text = format_table(["bits/weight", f"{GRAINS[0]} ({loss})", *GRAINS[1:], *rival_head], table, markdown=True)
+    text += "\n\n" + format_table(
+        ["bits/weight", *(f"ladder, {g}" for g in shares), *(f"+ 5, 6 bits*, {g}" for g in shares),
+         *(f"ideal rates, {g}" for g in shares), *rival_head],
+        levels, markdown=True)
     if checked:
         text += "\n\n" + format_table(
             ["Linear", "rows by importance: predicted", "measured", "random rows: predicted", "measured",
@@ -305,7 +428,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"mix_headroom_{args.model}.md").write_text(text + "\n\n" + notes + "\n")
     (out / f"mix_headroom_{args.model}.json").write_text(json.dumps(
-        {"rows": result, "uniform": uniform, "checks": checked, "notes": notes}, indent=1))
+        {"budgets": result, "uniform": uniform, "checks": checked, "notes": notes}, indent=1))
     print(text + "\n\n" + notes)
 
 

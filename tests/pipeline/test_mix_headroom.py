@@ -97,7 +97,7 @@ def test_block_weights_are_the_ldl_diagonal():
 
 
 def test_block_split_weight_is_quip_at_either_end():
-    """All blocks on the better codebook is quip-4bit; the split lands between quip-3bit and quip-4bit."""
+    """All blocks on one codebook is quip-4bit or quip-3bit; a split lands between them."""
     from lowbit.methods import parse_method
     from lowbit.methods.ldlq import proxy_loss
     from lowbit.methods.stats import LayerStats
@@ -110,6 +110,7 @@ def test_block_split_weight_is_quip_at_either_end():
     q4 = parse_method("quip-4bit").quantize_weight(w, stats).dequantize().double()
     assert torch.allclose(headroom.block_split_weight(w, h, torch.ones(8, dtype=torch.bool)), q4, atol=1e-5)
     q3 = parse_method("quip-3bit").quantize_weight(w, stats).dequantize().double()
+    assert torch.allclose(headroom.block_split_weight(w, h, torch.zeros(8, dtype=torch.bool)), q3, atol=1e-5)
     half = headroom.block_split_weight(w, h, torch.arange(8) < 4)
     losses = [proxy_loss(w.double(), q, h) for q in (q4, half, q3)]
     assert losses[0] < losses[1] < losses[2]
@@ -126,3 +127,32 @@ def test_block_split_weight_rounds_the_chosen_blocks_finer():
     su, sv = random_signs(64, gen).double(), random_signs(64, gen).double()
     err = rht_both(q - w.double(), su, sv).pow(2).reshape(64, 8, 8).sum((0, 2))
     assert err[better].max() < err[~better].min() and err[~better].mean() > 2 * err[better].mean()
+
+
+def _one_linear(shares):
+    """One 16-weight Linear measured at 3 bits (loss 0.4) and 4 bits (loss 0.1), its units' shares."""
+    layer = LayerSensitivity("l", 16, bytes=[6, 8], kl=[0.4, 0.1], proxy=[0, 0])
+    return [layer], ["quip-3bit", "quip-4bit"], {"l": torch.tensor(shares, dtype=torch.float64)}
+
+
+def test_ladder_loss_puts_the_important_unit_on_more_bits():
+    layers, names, shares = _one_linear([0.8, 0.2])
+    assert headroom.ladder_loss(layers, names, shares, 3.5) == pytest.approx(0.8 * 0.1 + 0.2 * 0.4)
+    assert headroom.ladder_loss(layers, names, shares, 4.0) == pytest.approx(0.1)
+    assert headroom.ladder_loss(layers, names, shares, 3.0) == pytest.approx(0.4)
+
+
+def test_ideal_loss_is_reverse_water_filling():
+    """L_3 / L_4 = 4 (a = 2): equal shares at 3.5 bits lose L_4 2^(-2 (3.5 - 4)) = 2 L_4; shares 0.8 / 0.2
+    differ by log2(4) / 2 = 1 bit in rate, 4 and 3 bits, and lose 0.8 L_4 + 0.2 x 4 L_4."""
+    layers, names, shares = _one_linear([0.5, 0.5])
+    assert headroom.ideal_loss(layers, names, shares, 3.5) == pytest.approx(0.2, rel=1e-6)
+    layers, names, shares = _one_linear([0.8, 0.2])
+    assert headroom.ideal_loss(layers, names, shares, 3.5) == pytest.approx(0.8 * 0.1 + 0.2 * 0.4, rel=1e-6)
+
+
+def test_extrapolated_codebooks_continue_the_last_bit():
+    layers, names, _ = _one_linear([1.0])
+    (layer,), wider = headroom.extrapolated(layers, names)
+    assert wider[2:] == ["quip-5bit*", "quip-6bit*"]
+    assert layer.bytes == [6, 8, 10, 12] and layer.kl == pytest.approx([0.4, 0.1, 0.025, 0.00625])
