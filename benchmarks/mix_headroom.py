@@ -143,8 +143,7 @@ def block_split_weight(weight: torch.Tensor, h: torch.Tensor, better: torch.Tens
                        damp: float = 0.01, seed: int = 0) -> torch.Tensor:
     """QuIP# (methods/quip.py) with the 8-column blocks where `better` [in / 8] is True rounded at bits[1]
     and the others at bits[0], in one BlockLDLQ pass, the scale tuned for the majority's codebook; returns
-    the dequantised weight [out, in] (float64). Relies on block_ldlq calling `quantize` once per block, last
-    block first (tests/pipeline/test_mix_headroom.py checks the order)."""
+    the dequantised weight [out, in] (float64)."""
     from lowbit.core.hadamard import random_signs, rht_both, rht_both_inverse
     from lowbit.methods.ldlq import block_ldl, block_ldlq
     from lowbit.methods.quip import OPT_SCALE, codebook_rounding
@@ -156,10 +155,9 @@ def block_split_weight(weight: torch.Tensor, h: torch.Tensor, better: torch.Tens
     target = OPT_SCALE[bits[1] if 2 * int(better.sum()) >= len(better) else bits[0]]   # the majority's
     scale = float(torch.tensor(float(wr.square().mean().sqrt()) / target))               # float32, as quip
     rounders = [codebook_rounding(b) for b in bits]
-    visit = iter(reversed(range(len(better))))          # block_ldlq rounds the blocks last to first
 
-    def rounding(x):
-        return rounders[int(better[next(visit)])](x)
+    def rounding(x, k):
+        return rounders[int(better[k])](x)
 
     what, _ = block_ldlq(wr / scale, lower, BLOCK, rounding)
     return rht_both_inverse(what * scale, su, sv)
@@ -309,8 +307,10 @@ def extrapolated(layers, candidates: list[str]) -> tuple[list, list[str]]:
     for layer in layers:
         ratio = layer.kl[lo] / layer.kl[hi] if layer.kl[hi] > 0 else 1.0
         step = layer.bytes[hi] - layer.bytes[lo]
-        out.append(LayerSensitivity(layer.name, layer.numel, layer.bytes + [layer.bytes[hi] + step, layer.bytes[hi] + 2 * step],
-                                    layer.kl + [layer.kl[hi] / ratio, layer.kl[hi] / ratio ** 2], layer.proxy + [0.0, 0.0]))
+        out.append(LayerSensitivity(layer.name, layer.numel,
+                                    layer.bytes + [layer.bytes[hi] + step, layer.bytes[hi] + 2 * step],
+                                    layer.kl + [layer.kl[hi] / ratio, layer.kl[hi] / ratio ** 2],
+                                    layer.proxy + [0.0, 0.0]))
     return out, candidates + ["quip-5bit*", "quip-6bit*"]
 
 

@@ -19,7 +19,7 @@ METHOD_NAMES = ("rtn-int4-g32", "rtn-int8-g32", "rtn-fp8_e4m3-channel", "rtn-uin
                 "gptq-int4-g32",
                 "gptq-int4-g32-dynamic", "gptq-int8", "awq-uint4-g32", "nf4", "nf4-dq", "fp4", "w8a8", "w8a8-static",
                 "llm-int8", "smoothquant", "bitnet", "ggml-q4_0", "ggml-q8_0", "ggml-q4_k", "q4_k_m", "q3_k_s", "hqq-int4-g64",
-                "hqq-int4-g32", "hqq-int2-g16", "spqr", "spqr-int3-g16-actorder", "quip", "quip-4bit", "aqlm-r1-steps5",
+                "hqq-int4-g32", "hqq-int2-g16", "spqr", "spqr-int3-g16-actorder", "quip", "quip-4bit", "quip-3.5bit", "aqlm-r1-steps5",
                 "rtn-mxfp4", "rtn-nvfp4", "gptq-nvfp4", "rtn-mxint8", "rtn-fp8_e4m3-a8dyn", "rtn-fp8_e4m3-tensor-a8static", "qat-int4-g32",
                 "rtn-nvfp4-a4", "rtn-mxfp4-a4")
 load_format_modules()

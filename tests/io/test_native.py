@@ -34,7 +34,8 @@ def test_reload_gives_bit_identical_outputs(tmp_path, tiny_tokenizer, arch, conf
 
 
 @pytest.mark.parametrize("method", ["hqq-int4-g32", "spqr-int3-g16-actorder", "quip-3bit", "aqlm-r1-steps5",
-                                    "quip-ft3-ftlr0.003", "aqlm-r1-steps5-ft3-ftlr0.003"])
+                                    "quip-ft3-ftlr0.003", "aqlm-r1-steps5-ft3-ftlr0.003", "quip-2.5bit",
+                                    "quip-3.25bit-ft3-ftlr0.003"])
 def test_other_weight_types_reload_bit_identical(tmp_path, tiny_tokenizer, method):
     from lowbit.io import quantized_weights
 

@@ -44,7 +44,7 @@ def test_ldlq_with_blocks_of_one_column_is_gptq():
     ref = gptq_quantize(w, h, GPTQ(bits=3, group_size=None, act_order=False, clip=False, damp=0.0))
     scale = ref.scale[:, 0].double()
 
-    def rounding(x):
+    def rounding(x, k):
         levels = torch.round(x[:, 0] / scale).clamp(-4, 3)
         return (levels * scale)[:, None], (levels,)
     lower, _ = block_ldl(h.flip(0, 1), 1)
@@ -84,6 +84,36 @@ def test_module_is_the_dense_equivalent_and_round_trips(bits):
     check_module(q, QuipLinear, 128, 64, slack_bits=16)
 
 
+@pytest.mark.parametrize("name", ["quip-2.5bit", "quip-3.25bit", "quip-3.75bit"])
+def test_fractional_bits_module_and_size(name):
+    """bits + plus: round(plus x blocks) blocks carry the finer residual, one bit marks each block."""
+    w, h = problem()
+    config = parse_method(name)
+    q = quip_quantize(w, h, config)
+    n_hi = round(config.plus * 16)
+    lo, hi = {2: 0, 3: 8}[config.bits], {2: 8, 3: 16}[config.bits]
+    assert int(q.hi.sum()) == n_hi and q.bits == config.bits
+    assert q.storage_bits == 64 * (16 * 16 + lo * (16 - n_hi) + hi * n_hi) + 16 + 128 + 64 + 32
+    check_module(q, QuipLinear, 128, 64, slack_bits=16)
+
+
+def test_fractional_bits_go_to_the_blocks_that_weigh_most():
+    """The finer blocks are the top tr(D_k) (D_k = H_kk minus what earlier blocks explain: a Schur
+    complement of the rotated H), and they lower the error by more than their share of the bits: between
+    quip-3bit and quip-4bit, and below the line joining them."""
+    w, h = problem()
+    q = quip_quantize(w, h, QuIP(bits=3, plus=0.5, damp=0.0))
+    su = random_signs(128, torch.Generator().manual_seed(0)).double()
+    hr = rht_both(h.double(), su, su)
+    traces = torch.tensor([float((hr[s:s + 8, s:s + 8] - (hr[s:s + 8, :s] @ torch.linalg.solve(
+        hr[:s, :s], hr[:s, s:s + 8]) if s else 0)).trace()) for s in range(0, 128, 8)])
+    assert torch.equal(q.hi, traces > traces.sort().values[7])     # 16 blocks, 8 finer: the top half
+    errors = {n: relative(w, quip_quantize(w, h, parse_method(n)).dequantize(), h)
+              for n in ("quip-3bit", "quip-3.25bit", "quip-3.5bit", "quip-3.75bit", "quip-4bit")}
+    assert list(errors.values()) == sorted(errors.values(), reverse=True)
+    assert errors["quip-3.5bit"] < (errors["quip-3bit"] + errors["quip-4bit"]) / 2
+
+
 def test_same_seed_same_bytes():
     w, h = problem(n_out=32, n_in=64)
     a, b = quip_quantize(w, h, QuIP(seed=3)), quip_quantize(w, h, QuIP(seed=3))
@@ -93,9 +123,15 @@ def test_same_seed_same_bytes():
 
 def test_short_names_and_bad_settings():
     assert parse_method("quip") == QuIP() and QuIP().short_name() == "quip"
-    for name in ("quip-3bit", "quip-4bit-damp0.1", "quip-seed2", "quip-scale0.9", "quip-tune1"):
+    for name in ("quip-3bit", "quip-4bit-damp0.1", "quip-seed2", "quip-scale0.9", "quip-tune1", "quip-2.5bit",
+                 "quip-3.75bit-tune1"):
         assert parse_method(name).short_name() == name
-    for name, message in (("quip-5bit", "unrecognised word"), ("quip-scale0", "opt_scale")):
+    assert parse_method("quip-3.5bit") == QuIP(bits=3, plus=0.5)
+    for bad in ({"bits": 4, "plus": 0.5}, {"bits": 3, "plus": 1.0}, {"bits": 2, "plus": -0.1}):
+        with pytest.raises(LowbitError, match="one bit finer"):
+            QuIP(**bad)
+    for name, message in (("quip-5bit", "unrecognised word"), ("quip-scale0", "opt_scale"),
+                          ("quip-4.5bit", "unrecognised word")):
         with pytest.raises(LowbitError, match=message):
             parse_method(name)
     with pytest.raises(LowbitError, match="2, 3 or 4 bits"):
@@ -121,3 +157,22 @@ def test_refinement_passes_never_raise_the_error():
     assert errors[1] < errors[0]
     with pytest.raises(LowbitError, match="tune"):
         QuIP(tune=-1)
+
+
+def test_finer_blocks_bad_input_is_a_one_line_error():
+    from dataclasses import replace
+
+    w, h = problem()
+    q = quip_quantize(w, h, parse_method("quip-3.5bit"))
+    for bad in ({"hi": q.hi.long()}, {"hi": torch.zeros_like(q.hi)}, {"resid_hi": q.resid_hi.to(torch.uint8)},
+                {"hi": None}, {"resid_hi": q.resid_hi[:, :-1]}):
+        with pytest.raises(LowbitError, match="finer blocks"):
+            replace(q, **bad)
+    config = QuipLinear.from_weight(q).layer_config()
+    for bad in ({"finer_blocks": -1}, {"finer_blocks": 17}, {"bits": 4}):
+        with pytest.raises(ValueError, match="finer_blocks"):
+            QuipLinear.from_layer_config({**config, **bad})
+    with pytest.raises(KeyError):
+        QuipLinear.from_layer_config({k: v for k, v in config.items() if k != "resid_scale_hi"})
+    with pytest.raises(LowbitError, match="0.25, 0.5, 0.75"):
+        QuIP(bits=3, plus=0.3)

@@ -79,7 +79,8 @@ def test_top_share_and_split_options():
 
 
 def test_block_weights_are_the_ldl_diagonal():
-    assert torch.allclose(headroom.block_weights(2.5 * torch.eye(64), damp=0.0), torch.full((8,), 20.0, dtype=torch.float64))
+    expected = torch.full((8,), 20.0, dtype=torch.float64)
+    assert torch.allclose(headroom.block_weights(2.5 * torch.eye(64), damp=0.0), expected)
     # against Schur complements: D_k = H_kk - H_k,<k H_<k,<k^-1 H_<k,k of the rotated H (H = L D L^T, L lower)
     from lowbit.core.hadamard import random_signs, rht_both
 

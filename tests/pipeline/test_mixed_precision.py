@@ -125,8 +125,9 @@ def quantize_with_budget(tmp_path, method, budget, candidates, out="out", extra=
 
     if not (tmp_path / "hf").exists():
         fp16_llama_folder(tmp_path / "hf")
-    argv = ["quantize", str(tmp_path / "hf"), "--method", method, "--budget", budget, "--candidates", candidates,
-            "--samples", "4", "--quiet", "-o", str(tmp_path / out), *extra]
+    argv = ["quantize", str(tmp_path / "hf"), "--method", method, "--budget", budget,
+            *(["--candidates", candidates] if candidates else []), "--samples", "4", "--quiet", "-o",
+            str(tmp_path / out), *extra]
     code = main(argv)
     return code, (api.load_model(tmp_path / out)[0] if code == 0 else None)
 
@@ -175,6 +176,23 @@ def test_a_budget_mixes_families_gptq_and_quip(tmp_path, capsys):
     assert sum(isinstance(m, QuipLinear) for m in model.modules()) < 14
     mem = model_memory(model)
     assert mem.quantized_linears == 14 and 3.5 < mem.bits_per_weight <= 3.8
+
+
+def test_quip_mixes_its_own_rates_by_default(tmp_path, capsys):
+    """`--method quip --budget` without --candidates mixes QuIP#'s rates from 2 to 4 bits, fractional ones
+    among them (bits allocated across Linears and across each one's 8-column blocks), within the budget."""
+    from lowbit.eval.memory import model_memory
+    from lowbit.methods.quip import QuIP
+    from lowbit.nn.quip import QuipLinear
+    from lowbit.pipeline.budget import default_candidates
+
+    assert default_candidates("quip") == list(QuIP.budget_candidates)
+    code, model = quantize_with_budget(tmp_path, "quip", "3.4bpw", None)
+    out = capsys.readouterr().out
+    assert code == 0 and "mixed precision: " in out
+    layers = [m for m in model.modules() if isinstance(m, QuipLinear)]
+    assert len(layers) == 14 and len({(m.bits, m.finer_blocks) for m in layers}) > 1
+    assert 3.0 < model_memory(model).bits_per_weight <= 3.4
 
 
 def test_a_budget_is_refused_before_any_measurement(tmp_path, capsys):

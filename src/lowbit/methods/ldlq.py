@@ -59,8 +59,9 @@ def block_ldl(h: torch.Tensor, b: int, damp: float = 0.0, warnings: list[str] | 
 
 def block_ldlq(w: torch.Tensor, lower: torch.Tensor, b: int, quantize: Callable):
     """Quantise w [out, in] in column blocks of b, last to first, with LDLQ's feedback through `lower` (from
-    block_ldl). quantize(x [out, b]) -> (values [out, b], codes: a tuple of tensors [out]). Returns (Ŵ
-    [out, in], per code stream a tensor [out, in / b])."""
+    block_ldl). quantize(x [out, b], k) -> (values [out, b], codes: a tuple of tensors [out]), k the block's
+    index (a quantiser may round blocks differently). Returns (Ŵ [out, in], per code stream a tensor
+    [out, in / b])."""
     n_out, n_in = w.shape
     nb = n_in // b
     what = torch.zeros_like(w)
@@ -69,7 +70,7 @@ def block_ldlq(w: torch.Tensor, lower: torch.Tensor, b: int, quantize: Callable)
     for k in reversed(range(nb)):
         s, e = k * b, (k + 1) * b
         target = w[:, s:e] + err[:, e:] @ lower[e:, s:e]
-        values, codes = quantize(target)
+        values, codes = quantize(target, k)
         what[:, s:e] = values
         err[:, s:e] = w[:, s:e] - values
         if not streams:
@@ -89,7 +90,7 @@ def block_refine(w, what, h, b: int, quantize: Callable, streams: list[torch.Ten
         for k in reversed(range(w.shape[1] // b)):
             s, e = k * b, (k + 1) * b
             hkk, rk = h[s:e, s:e], r[:, s:e]
-            values, codes = quantize(what[:, s:e] + torch.linalg.solve(hkk, rk.T).T)
+            values, codes = quantize(what[:, s:e] + torch.linalg.solve(hkk, rk.T).T, k)
             delta = values - what[:, s:e]
             take = ((delta @ hkk) * delta).sum(1) - 2 * (delta * rk).sum(1) < 0
             delta[~take] = 0

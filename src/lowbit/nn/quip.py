@@ -4,7 +4,8 @@ activations instead of the weight:
     y = rht_inverse(rht(x, su) Ŵr^T, sv) + b        Ŵr decoded from the codes by table lookup
 
 Buffers are the storage: the int16 E8P codes, the residual codes (uint8 or int16; empty at 2 bits), the
-signs packed one bit each, and the fp32 scale. Block fine-tuning (pipeline/tuning.py) trains the signs as
+signs packed one bit each, and the fp32 scale; with finer blocks (QuIP(plus=...)) also their residual
+codes and the blocks' marks, packed one bit each. Block fine-tuning (pipeline/tuning.py) trains the signs as
 real numbers, as QuIP#'s fine-tuning does (its SU / SV): they are then stored as fp16 vectors
 (`real_signs`), the transforms becoming H D(su) and D(sv) H^T with real diagonals.
 """
@@ -30,13 +31,19 @@ def _signs(packed: torch.Tensor, n: int) -> torch.Tensor:
 @register_module(QuipWeight)
 class QuipLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, resid_scale: float, bias: bool = False,
-                 compute_dtype: torch.dtype = torch.float32, real_signs: bool = False):
+                 compute_dtype: torch.dtype = torch.float32, real_signs: bool = False, finer_blocks: int = 0,
+                 resid_scale_hi: float = 1.0):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.resid_scale = in_features, out_features, bits, resid_scale
         self.compute_dtype, self.real_signs = compute_dtype, real_signs
+        self.finer_blocks, self.resid_scale_hi = finer_blocks, resid_scale_hi
         blocks = in_features // DIM
         self.register_buffer("codes", torch.zeros(out_features, blocks, dtype=torch.int16))
-        self.register_buffer("resid", torch.zeros(out_features, blocks if bits > 2 else 0, dtype=RESID_DTYPES[bits]))
+        lo = blocks - finer_blocks if bits > 2 else 0
+        self.register_buffer("resid", torch.zeros(out_features, lo, dtype=RESID_DTYPES[bits]))
+        if finer_blocks:
+            self.register_buffer("hi", torch.zeros(packed_nbytes(blocks, 1), dtype=torch.uint8))
+            self.register_buffer("resid_hi", torch.zeros(out_features, finer_blocks, dtype=RESID_DTYPES[bits + 1]))
         if real_signs:
             self.register_buffer("su", torch.ones(in_features, dtype=torch.float16))
             self.register_buffer("sv", torch.ones(out_features, dtype=torch.float16))
@@ -49,10 +56,15 @@ class QuipLinear(nn.Module):
     @classmethod
     def from_weight(cls, q: QuipWeight, bias: torch.Tensor | None = None, **options) -> "QuipLinear":
         out_features, in_features = q.shape
-        m = cls(in_features, out_features, q.bits, q.resid_scale, bias is not None, q.dtype, q.real_signs)
+        n_hi = 0 if q.hi is None else int(q.hi.sum())
+        m = cls(in_features, out_features, q.bits, q.resid_scale, bias is not None, q.dtype, q.real_signs, n_hi,
+                q.resid_scale_hi)
         m.codes.copy_(q.codes)
         if q.resid is not None:
             m.resid.copy_(q.resid)
+        if n_hi:
+            m.hi.copy_(pack_bits(q.hi.to(torch.uint8), 1))
+            m.resid_hi.copy_(q.resid_hi)
         m._store_signs(q.su, q.sv)
         m.scale.copy_(q.scale)
         if bias is not None:
@@ -77,8 +89,11 @@ class QuipLinear(nn.Module):
         """The QuipWeight this module holds."""
         resid = self.resid.clone() if self.bits > 2 else None
         su, sv = self.signs()
+        finer = {} if not self.finer_blocks else {
+            "hi": unpack_bits(self.hi, 1, self.in_features // DIM).bool(), "resid_hi": self.resid_hi.clone(),
+            "resid_scale_hi": self.resid_scale_hi}
         return QuipWeight(self.codes.clone(), resid, su, sv, self.scale.clone(), self.resid_scale, self.compute_dtype,
-                          real_signs=self.real_signs)
+                          real_signs=self.real_signs, **finer)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.quantized().dequantize()
@@ -119,16 +134,24 @@ class QuipLinear(nn.Module):
     def layer_config(self) -> dict:
         d = {"module": "QuipLinear", "in_features": self.in_features, "out_features": self.out_features,
              "bits": self.bits, "resid_scale": self.resid_scale, "bias": self.bias is not None}
+        if self.finer_blocks:
+            d.update(finer_blocks=self.finer_blocks, resid_scale_hi=self.resid_scale_hi)
         return {**d, "real_signs": True} if self.real_signs else d
 
     @classmethod
     def from_layer_config(cls, d: dict) -> "QuipLinear":
+        finer = int(d.get("finer_blocks", 0))
+        if not 0 <= finer <= d["in_features"] // DIM or (finer and d["bits"] not in (2, 3)):
+            raise ValueError(f"finer_blocks {finer} does not fit {d['in_features']} inputs at {d['bits']} bits")
         return cls(d["in_features"], d["out_features"], d["bits"], d["resid_scale"], d["bias"],
-                   real_signs=bool(d.get("real_signs", False)))
+                   real_signs=bool(d.get("real_signs", False)), finer_blocks=finer,
+                   resid_scale_hi=float(d["resid_scale_hi"]) if finer else 1.0)
 
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._buffers.values() if t is not None) + (
             0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, QuIP# E8P {self.bits} bits/weight"
+        blocks = self.in_features // DIM
+        finer = f" ({self.finer_blocks} of {blocks} blocks at {self.bits + 1})" if self.finer_blocks else ""
+        return f"in={self.in_features}, out={self.out_features}, QuIP# E8P {self.bits} bits/weight{finer}"

@@ -124,10 +124,13 @@ SENSITIVITY_SAMPLES = 16
 
 
 def default_candidates(method: str) -> list[str]:
-    """The integer grids of DEFAULT_SCHEMES under `method` (a bare scheme method name such as gptq, rtn)."""
+    """The candidates `method` mixes under a budget: its own `budget_candidates` (QuIP#'s rates), else the
+    integer grids of DEFAULT_SCHEMES under it (a bare scheme method name such as gptq, rtn)."""
     from lowbit.methods import METHODS
 
     cls = METHODS.get(method)
+    if getattr(cls, "budget_candidates", None):
+        return list(cls.budget_candidates)
     if cls is None or not issubclass(cls, SchemeMethod):
         raise LowbitError(f"give --candidates: {method} has no integer schemes to mix")
     return [f"{method}-{s}" for s in DEFAULT_SCHEMES]

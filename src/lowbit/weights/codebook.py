@@ -5,10 +5,14 @@ Lattice Codebooks"): lattice codes of the weight in a randomly rotated basis, pl
 
     W = V^T Ŵr U        U = H_in D(su) / sqrt(in),  V = H_out D(sv) / sqrt(out)   (core/hadamard.py)
     Ŵr = scale * (E8P[codes] + R[resid] / resid_scale)       8 consecutive inputs per code
+         (on the blocks `hi` marks: R'[resid_hi] / resid_scale_hi, the next finer residual codebook)
 
     codes   int16 [out, in / 8]: E8P codes (formats/e8.py), 2 bits per weight
     resid   None (2 bits), uint8 [out, in / 8] codes of the 256-entry E8 residual codebook (3 bits), or
             int16 [out, in / 8] E8P codes of the residual (4 bits): residual vector quantisation
+    hi      None, or bool [in / 8]: the blocks rounded one bit finer (QuIP(plus=...)); their residual codes
+            are then `resid_hi` [out, blocks marked] (uint8 at 3 bits, int16 at 4) with gain `resid_scale_hi`,
+            and `resid` holds the other blocks' only [out, blocks unmarked] (None when they are 2-bit)
     su, sv  the random signs (±1) of the input and output transforms, stored one bit each; after block
             fine-tuning real numbers (`real_signs`), stored fp16, as QuIP#'s tuned SU / SV are
     scale   float32 []: the matrix's codebook scale; resid_scale: the residual stage's fixed gain
@@ -55,17 +59,37 @@ class QuipWeight(VectorCoded):
     dtype: torch.dtype = torch.float32
     extras: dict = field(default_factory=dict)
     real_signs: bool = False
+    hi: torch.Tensor | None = None
+    resid_hi: torch.Tensor | None = None
+    resid_scale_hi: float = 1.0
 
     def __post_init__(self):
         out, blocks = self.codes.shape
         if self.su.numel() != blocks * DIM or self.sv.numel() != out:
             raise LowbitError(f"QuIP# signs of {self.su.numel()} inputs and {self.sv.numel()} outputs do not fit "
                               f"codes {tuple(self.codes.shape)} of {DIM} inputs each")
-        if self.resid is not None and self.resid.shape != self.codes.shape:
-            raise LowbitError(f"QuIP# residual codes {tuple(self.resid.shape)} differ from {tuple(self.codes.shape)}")
+        self._check_finer(out, blocks)
+        n_hi = 0 if self.hi is None else int(self.hi.sum())
+        if self.resid is not None and self.resid.shape != (out, blocks - n_hi):
+            raise LowbitError(f"QuIP# residual codes {tuple(self.resid.shape)} differ from {(out, blocks - n_hi)}")
+
+    def _check_finer(self, out: int, blocks: int) -> None:
+        if self.hi is None:
+            if self.resid_hi is not None:
+                raise LowbitError("QuIP# residual codes for finer blocks, but no blocks marked finer")
+            return
+        ok = (self.hi.dtype == torch.bool and self.hi.shape == (blocks,) and bool(self.hi.any())
+              and self.bits < 4 and self.resid_hi is not None
+              and self.resid_hi.shape == (out, int(self.hi.sum()))
+              and self.resid_hi.dtype == (torch.uint8 if self.bits == 2 else torch.int16))
+        if not ok:
+            raise LowbitError(f"QuIP# finer blocks need a bool mark per block ({blocks}), at least one marked, "
+                              f"coarser blocks of 2 or 3 bits and residual codes of the next codebook for each "
+                              f"marked block; got marks {tuple(self.hi.shape)} {self.hi.dtype}")
 
     @property
     def bits(self) -> int:
+        """The coarser blocks' bits per weight (all blocks' without `hi`)."""
         if self.resid is None:
             return 2
         return 4 if self.resid.dtype == torch.int16 else 3
@@ -73,9 +97,11 @@ class QuipWeight(VectorCoded):
     def transformed(self) -> torch.Tensor:
         """Ŵr, the weight in the rotated basis, float32 [out, in]."""
         w = e8p_decode(self.codes)
+        lo = slice(None) if self.hi is None else ~self.hi
         if self.resid is not None:
-            r = e8p_decode(self.resid) if self.resid.dtype == torch.int16 else e81b_table()[self.resid.long()]
-            w = w + r / self.resid_scale
+            w[:, lo] += _residual(self.resid) / self.resid_scale
+        if self.hi is not None:
+            w[:, self.hi] += _residual(self.resid_hi) / self.resid_scale_hi
         return (w * self.scale.float()).reshape(self.shape)
 
     def dequantize(self) -> torch.Tensor:
@@ -84,10 +110,18 @@ class QuipWeight(VectorCoded):
     @property
     def storage_bits(self) -> int:
         """Codes (16 bits per 8 weights, plus 8 or 16 for the residual), one bit per sign (16 once tuned to
-        real values), the fp32 scale."""
+        real values), the fp32 scale; with finer blocks, one bit per block marks them."""
         out, n_in = self.shape
         sign_bits = 16 if self.real_signs else 1
-        return (16 + RESID_BITS[self.bits]) * self.codes.numel() + sign_bits * (n_in + out) + SCALE_BITS
+        codes = 16 * self.codes.numel() + (0 if self.resid is None else RESID_BITS[self.bits] * self.resid.numel())
+        if self.hi is not None:
+            codes += RESID_BITS[self.bits + 1] * self.resid_hi.numel() + self.hi.numel()
+        return codes + sign_bits * (n_in + out) + SCALE_BITS
+
+
+def _residual(codes: torch.Tensor) -> torch.Tensor:
+    """Residual codewords [..., 8]: E8P for int16 codes, the 256-entry E8 codebook for uint8."""
+    return e8p_decode(codes) if codes.dtype == torch.int16 else e81b_table()[codes.long()]
 
 
 @dataclass
