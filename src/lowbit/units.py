@@ -8,7 +8,8 @@ import re
 
 GB = 1e9
 GIB = 2**30
-SIZE_UNITS = {"gib": GIB, "gb": GB, "g": GB, "mib": 2**20, "mb": 1e6, "kib": 2**10, "kb": 1e3, "b": 1}
+SIZE_UNITS = {"tib": 2**40, "tb": 1e12, "gib": GIB, "gb": GB, "g": GB, "mib": 2**20, "mb": 1e6, "kib": 2**10,
+              "kb": 1e3, "b": 1}
 
 
 def parse_size(text, bare_unit: float) -> float | None:

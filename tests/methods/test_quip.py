@@ -169,7 +169,7 @@ def test_finer_blocks_bad_input_is_a_one_line_error():
         with pytest.raises(LowbitError, match="finer blocks"):
             replace(q, **bad)
     config = QuipLinear.from_weight(q).layer_config()
-    for bad in ({"finer_blocks": -1}, {"finer_blocks": 17}, {"bits": 4}):
+    for bad in ({"finer_blocks": -1}, {"finer_blocks": 17}, {"bits": 4}, {"finer_blocks": 8.5}, {"finer_blocks": "8"}):
         with pytest.raises(ValueError, match="finer_blocks"):
             QuipLinear.from_layer_config({**config, **bad})
     with pytest.raises(KeyError):

@@ -210,7 +210,23 @@ def test_a_budget_is_refused_before_any_measurement(tmp_path, capsys):
     unmeasurable = base[:5] + ["llm-int8,rtn-int4-g32"] + base[6:]
     assert main(unmeasurable + ["--budget", "6bpw"]) == 2
     assert "llm-int8 has no scheme to round to nearest" in capsys.readouterr().err
+    # a bare number counts bytes: the error says how bits per weight are written
+    assert main(base + ["--budget", "3.5"]) == 2
+    assert "a bare number counts bytes; bits per weight are written 3.5bpw" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_budget_above_every_candidate_is_noted(measured, capsys):
+    """A budget that holds each Linear's largest candidate leaves nothing to allocate: said before the
+    measurement (which still picks the least-loss candidate of each Linear)."""
+    from lowbit.pipeline.budget import check_budget, parse_budget
+
+    model = measured[0]
+    check_budget(model, CANDIDATES, "20bpw")
+    assert "holds the largest candidate of every Linear" in capsys.readouterr().err
+    check_budget(model, CANDIDATES, "3bpw")
+    assert capsys.readouterr().err == ""
+    assert parse_budget("1TB") == ("bytes", 1e12) and parse_budget("2TiB") == ("bytes", 2 * 2 ** 40)
 
 
 def test_an_encoder_is_measured_by_embedding_cosine(one_thread):

@@ -140,8 +140,8 @@ class QuipLinear(nn.Module):
 
     @classmethod
     def from_layer_config(cls, d: dict) -> "QuipLinear":
-        finer = int(d.get("finer_blocks", 0))
-        if not 0 <= finer <= d["in_features"] // DIM or (finer and d["bits"] not in (2, 3)):
+        finer = d.get("finer_blocks", 0)
+        if type(finer) is not int or not 0 <= finer <= d["in_features"] // DIM or (finer and d["bits"] not in (2, 3)):
             raise ValueError(f"finer_blocks {finer} does not fit {d['in_features']} inputs at {d['bits']} bits")
         return cls(d["in_features"], d["out_features"], d["bits"], d["resid_scale"], d["bias"],
                    real_signs=bool(d.get("real_signs", False)), finer_blocks=finer,

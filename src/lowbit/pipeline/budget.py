@@ -11,6 +11,7 @@ multiple-choice knapsack (methods/knapsack.py).
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 
 from torch import nn
@@ -62,14 +63,17 @@ def linear_budget(text: str, model: nn.Module, numel: int) -> int:
         return budget_linear_bytes(value, numel)
     rest = 2 * (sum(p.numel() for p in model.parameters()) - numel)      # every other weight at fp16
     if value <= rest:
+        bare = re.fullmatch(r"[0-9]*\.?[0-9]+", str(text).strip()) is not None
         raise LowbitError(f"a budget of {text} leaves nothing for the quantised layers: the rest of the model "
-                          f"takes {rest / 1e9:.3f} GB at fp16")
+                          f"takes {rest / 1e9:.3f} GB at fp16" + (f" (a bare number counts bytes; bits per weight "
+                                                                  f"are written {text}bpw)" if bare else ""))
     return int(value - rest)
 
 
 def check_budget(model: nn.Module, candidates, budget: str, skip: tuple = ()) -> None:
     """Refuse, from shapes alone (before any forward pass), a candidate whose sensitivity cannot be
-    measured and a budget below the smallest candidate of every Linear."""
+    measured and a budget below the smallest candidate of every Linear; say so on stderr when the budget
+    holds the largest candidate of every Linear (the mix is then the least-loss candidate of each)."""
     configs = candidate_configs(candidates)
     for config in configs:
         measure_rounding(config)
@@ -77,13 +81,19 @@ def check_budget(model: nn.Module, candidates, budget: str, skip: tuple = ()) ->
     modules = dict(model.named_modules())
     names = [n for n in plans[0] if all(n in p for p in plans)]
     numel = sum(modules[n].weight.numel() for n in names)
-    smallest = 0
+    smallest = largest = 0
     for n in names:
-        sizes = [cfg.planned_weight(modules[n].weight.shape, info) for cfg, info in (p[n] for p in plans)]
-        smallest += min(w.nbytes for w in sizes if w is not None) if any(w is not None for w in sizes) else 0
-    if smallest > linear_budget(budget, model, numel):
+        sizes = [w.nbytes for w in (cfg.planned_weight(modules[n].weight.shape, info) for cfg, info in
+                                    (p[n] for p in plans)) if w is not None]
+        smallest += min(sizes, default=0)
+        largest += max(sizes, default=0)
+    available = linear_budget(budget, model, numel)
+    if smallest > available:
         raise LowbitError(f"budget {budget} is below the smallest mix of these candidates "
                           f"({8 * smallest / numel:.3f} bits per weight)")
+    if largest and largest <= available:
+        print(f"note: budget {budget} holds the largest candidate of every Linear ({8 * largest / numel:.3f} bits "
+              f"per weight): the mix takes the least-loss candidate of each", file=sys.stderr)
 
 
 def plan_budget(layers: list[LayerSensitivity], candidates, budget: str, model: nn.Module,

@@ -219,8 +219,9 @@ def register(sub) -> None:
     p.add_argument("--budget", help="mixed precision: a scheme per Linear, least measured loss within this size: "
                                      "3.5bpw (bits per weight of the quantised Linears) or 4GB (the whole model)")
     p.add_argument("--candidates", help="schemes to mix under --budget, comma-separated method names (default: the "
-                                        "method at int2-g64, int3-g128, int3-g32, int4-g128, int4-g32, int8; add "
-                                        "quip-3bit,quip-4bit for QuIP#'s lattice codes)")
+                                        "method at int2-g64, int3-g128, int3-g32, int4-g128, int4-g32, int8; for "
+                                        "--method quip its rates quip, quip-2.5bit, quip-3bit, quip-3.25bit ... "
+                                        "quip-4bit; add quip-3bit,quip-4bit to a GPTQ mix for QuIP#'s lattice codes)")
     p.add_argument("--calibration", help=".txt, .jsonl, .parquet or saved dataset folder (default: bundled text; "
                    "calibration-free methods such as rtn and hqq read none unless given this, --samples or --seq-len, "
                    "which then only feed the report's output errors)")

@@ -83,9 +83,11 @@ class QuipWeight(VectorCoded):
               and self.resid_hi.shape == (out, int(self.hi.sum()))
               and self.resid_hi.dtype == (torch.uint8 if self.bits == 2 else torch.int16))
         if not ok:
+            codes = None if self.resid_hi is None else (tuple(self.resid_hi.shape), self.resid_hi.dtype)
             raise LowbitError(f"QuIP# finer blocks need a bool mark per block ({blocks}), at least one marked, "
                               f"coarser blocks of 2 or 3 bits and residual codes of the next codebook for each "
-                              f"marked block; got marks {tuple(self.hi.shape)} {self.hi.dtype}")
+                              f"marked block; got marks {tuple(self.hi.shape)} {self.hi.dtype} with "
+                              f"{int(self.hi.sum())} marked, {self.bits}-bit coarser blocks, residual codes {codes}")
 
     @property
     def bits(self) -> int:
