@@ -173,6 +173,20 @@ def saved_sensitivity(model_name: str, path: str, names: list[str]):
     return model, [LayerSensitivity(**layer) for layer in saved["layers"]], {**how, "from": path}, saved["candidates"]
 
 
+def add_candidates(model_name: str, layers, names: list[str], how: dict, extra: list[str]):
+    """(layers, names, how) with the sensitivities of `extra` candidates measured on the saved run's windows
+    and appended; the saved run's last candidate is measured again beside them and must match, so that
+    the two runs' numbers are comparable (same windows, same code)."""
+    anchor = names[-1]
+    _, more, measured = sensitivity_of(model_name, ",".join([anchor, *extra]), how.get("windows"), how.get("seq_len"))
+    for old, new in zip(layers, more):
+        if old.name != new.name or abs(old.kl[-1] - new.kl[0]) > 1e-6 * max(1.0, abs(old.kl[-1])):
+            sys.exit(f"{old.name}: {anchor} measures {new.kl[0]:.6g} now against {old.kl[-1]:.6g} saved: the saved "
+                     f"sensitivities come from other windows or code; measure every candidate again")
+        old.bytes, old.kl, old.proxy = old.bytes + new.bytes[1:], old.kl + new.kl[1:], old.proxy + new.proxy[1:]
+    return layers, names + extra, {**how, "seconds_extra": measured["seconds"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["bundled", "minilm"], default="bundled")
@@ -185,6 +199,8 @@ def main() -> None:
     p.add_argument("--sensitivity", help="a sensitivity_<model>.json an earlier run saved: allocate from it, "
                    "measure nothing (it must hold every candidate of --sets; --sensitivity-windows/-len are "
                    "then not used)")
+    p.add_argument("--add-candidates", help="with --sensitivity: measure these candidates (comma-separated) on "
+                   "the saved run's windows and add them to its sensitivities (written with the rest into --out)")
     p.add_argument("--sensitivity-windows", type=int, help="calibration windows for sensitivity (default: "
                    "16 of 256 tokens on the bundled model, 128 of 32 on MiniLM)")
     p.add_argument("--sensitivity-len", type=int, help="their tokens")
@@ -199,8 +215,14 @@ def main() -> None:
 
     sets = candidate_sets(args.sets)
     names = list(dict.fromkeys(n for chosen in sets.values() for n in chosen))
+    extra = [n.strip() for n in (args.add_candidates or "").split(",") if n.strip()]
+    if extra and not args.sensitivity:
+        sys.exit("--add-candidates adds to the sensitivities of --sensitivity")
     if args.sensitivity:
-        model, layers, how, names = saved_sensitivity(args.model, args.sensitivity, names)
+        model, layers, how, saved = saved_sensitivity(args.model, args.sensitivity, [n for n in names if n not in extra])
+        names, extra = saved, [n for n in extra if n not in saved]
+        if extra:
+            layers, names, how = add_candidates(args.model, layers, names, how, extra)
     else:
         model, layers, how = sensitivity_of(args.model, ",".join(names), args.sensitivity_windows,
                                                args.sensitivity_len)

@@ -159,6 +159,19 @@ def test_refinement_passes_never_raise_the_error():
         QuIP(tune=-1)
 
 
+def test_fractional_rates_with_refinement_and_odd_block_counts():
+    """tune passes keep each block on its own codebook (the error only falls); with 6 blocks a quarter is
+    1.5, rounded up to 2; the scale is that of the codebook at least half the blocks use."""
+    w, h = problem()
+    errors = [relative(w, quip_quantize(w, h, QuIP(bits=3, plus=0.5, tune=t)).dequantize(), h) for t in (0, 1)]
+    assert errors[1] < errors[0]
+    w, h = w[:, :48], h[:48, :48]
+    q = {n: quip_quantize(w, h, parse_method(n)) for n in ("quip-3bit", "quip-3.25bit", "quip-3.5bit", "quip-4bit")}
+    assert int(q["quip-3.25bit"].hi.sum()) == 2 and int(q["quip-3.5bit"].hi.sum()) == 3
+    assert torch.equal(q["quip-3.25bit"].scale, q["quip-3bit"].scale)
+    assert torch.equal(q["quip-3.5bit"].scale, q["quip-4bit"].scale)
+
+
 def test_finer_blocks_bad_input_is_a_one_line_error():
     from dataclasses import replace
 

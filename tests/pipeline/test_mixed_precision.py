@@ -191,7 +191,7 @@ def test_quip_mixes_its_own_rates_by_default(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "mixed precision: " in out
     layers = [m for m in model.modules() if isinstance(m, QuipLinear)]
-    assert len(layers) == 14 and len({(m.bits, m.finer_blocks) for m in layers}) > 1
+    assert len(layers) == 14 and any(m.finer_blocks for m in layers)
     assert 3.0 < model_memory(model).bits_per_weight <= 3.4
 
 
@@ -216,16 +216,15 @@ def test_a_budget_is_refused_before_any_measurement(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_budget_above_every_candidate_is_noted(measured, capsys):
+def test_a_budget_above_every_candidate_is_noted(measured):
     """A budget that holds each Linear's largest candidate leaves nothing to allocate: said before the
     measurement (which still picks the least-loss candidate of each Linear)."""
     from lowbit.pipeline.budget import check_budget, parse_budget
 
-    model = measured[0]
-    check_budget(model, CANDIDATES, "20bpw")
-    assert "holds the largest candidate of every Linear" in capsys.readouterr().err
-    check_budget(model, CANDIDATES, "3bpw")
-    assert capsys.readouterr().err == ""
+    model, _, layers = measured
+    int8 = 8 * sum(layer.bytes[2] for layer in layers) / sum(layer.numel for layer in layers)   # rtn-int8's size
+    assert f"holds the largest candidate of every Linear ({int8:.3f} bits" in check_budget(model, CANDIDATES, "20bpw")
+    assert check_budget(model, CANDIDATES, "3bpw") is None
     assert parse_budget("1TB") == ("bytes", 1e12) and parse_budget("2TiB") == ("bytes", 2 * 2 ** 40)
 
 

@@ -70,9 +70,9 @@ def linear_budget(text: str, model: nn.Module, numel: int) -> int:
     return int(value - rest)
 
 
-def check_budget(model: nn.Module, candidates, budget: str, skip: tuple = ()) -> None:
+def check_budget(model: nn.Module, candidates, budget: str, skip: tuple = ()) -> str | None:
     """Refuse, from shapes alone (before any forward pass), a candidate whose sensitivity cannot be
-    measured and a budget below the smallest candidate of every Linear; say so on stderr when the budget
+    measured and a budget below the smallest candidate of every Linear. Returns a note when the budget
     holds the largest candidate of every Linear (the mix is then the least-loss candidate of each)."""
     configs = candidate_configs(candidates)
     for config in configs:
@@ -92,8 +92,9 @@ def check_budget(model: nn.Module, candidates, budget: str, skip: tuple = ()) ->
         raise LowbitError(f"budget {budget} is below the smallest mix of these candidates "
                           f"({8 * smallest / numel:.3f} bits per weight)")
     if largest and largest <= available:
-        print(f"note: budget {budget} holds the largest candidate of every Linear ({8 * largest / numel:.3f} bits "
-              f"per weight): the mix takes the least-loss candidate of each", file=sys.stderr)
+        return (f"note: budget {budget} holds the largest candidate of every Linear ({8 * largest / numel:.3f} bits "
+                f"per weight): the mix takes the least-loss candidate of each")
+    return None
 
 
 def plan_budget(layers: list[LayerSensitivity], candidates, budget: str, model: nn.Module,
@@ -158,7 +159,9 @@ def budget_recipe(model: nn.Module, tokenizer, budget: str, candidates, calibrat
         context_length,
     )
 
-    check_budget(model, candidates, budget, skip)
+    note = check_budget(model, candidates, budget, skip)
+    if note and progress:
+        print(note, file=sys.stderr, flush=True)
     seq_len = seq_len or min(context_length(model) or 256, 256)
     check_context(model, seq_len)
     ids = calibration_batch(tokenizer, calibration, n_samples=n_samples, seq_len=seq_len, seed=seed)
