@@ -122,56 +122,36 @@ def split_options(layer, candidates: list[str], importance: torch.Tensor) -> lis
     return out
 
 
-def _rotated(h: torch.Tensor, seed: int):
-    """QuIP#'s input signs for `seed` (methods/quip.py draws them first) and its rotated H, float64."""
-    from lowbit.core.hadamard import random_signs, rht_both
-
-    su = random_signs(h.shape[0], torch.Generator().manual_seed(seed)).double()
-    return su, rht_both(h.double(), su, su)
-
-
 def block_weights(h: torch.Tensor, damp: float = 0.01, seed: int = 0) -> torch.Tensor:
     """tr(D_k) per 8-column block [in / 8] of the block LDL of QuIP#'s rotated, damped H [in, in]: the weight
-    of block k's rounding error in BlockLDLQ's proxy loss."""
-    from lowbit.methods.ldlq import block_ldl
+    of block k's rounding error in BlockLDLQ's proxy loss (methods/quip.py error_weights)."""
+    from lowbit.methods.quip import QuIP, error_weights
 
-    _, d = block_ldl(_rotated(h, seed)[1], BLOCK, damp)
-    return d.diagonal(dim1=1, dim2=2).sum(1)
+    return error_weights(h, QuIP(damp=damp, seed=seed))
 
 
 def block_split_weight(weight: torch.Tensor, h: torch.Tensor, better: torch.Tensor, bits=(3, 4),
                        damp: float = 0.01, seed: int = 0) -> torch.Tensor:
     """QuIP# (methods/quip.py) with the 8-column blocks where `better` [in / 8] is True rounded at bits[1]
-    and the others at bits[0], in one BlockLDLQ pass, the scale tuned for the majority's codebook; returns
-    the dequantised weight [out, in] (float64)."""
-    from lowbit.core.hadamard import random_signs, rht_both, rht_both_inverse
-    from lowbit.methods.ldlq import block_ldl, block_ldlq
-    from lowbit.methods.quip import OPT_SCALE, codebook_rounding
+    and the others at bits[0] (= bits[1] - 1), in one BlockLDLQ pass, the scale tuned for the codebook at
+    least half the blocks use; returns the dequantised weight [out, in] (float64)."""
+    from lowbit.methods.quip import QuIP, quip_quantize
 
-    gen = torch.Generator().manual_seed(seed)
-    su, sv = random_signs(weight.shape[1], gen).double(), random_signs(weight.shape[0], gen).double()
-    wr = rht_both(weight.double(), su, sv)
-    lower, _ = block_ldl(rht_both(h.double(), su, su), BLOCK, damp)
-    target = OPT_SCALE[bits[1] if 2 * int(better.sum()) >= len(better) else bits[0]]   # the majority's
-    scale = float(torch.tensor(float(wr.square().mean().sqrt()) / target))               # float32, as quip
-    rounders = [codebook_rounding(b) for b in bits]
-
-    def rounding(x, k):
-        return rounders[int(better[k])](x)
-
-    what, _ = block_ldlq(wr / scale, lower, BLOCK, rounding)
-    return rht_both_inverse(what * scale, su, sv)
+    if bits[1] != bits[0] + 1:
+        raise ValueError(f"a block split rounds its better blocks one bit finer, not {bits}")
+    return quip_quantize(weight, h, QuIP(bits=bits[0], damp=damp, seed=seed), finer=better).dequantize().double()
 
 
 def hessians(model, ids: torch.Tensor, names: list[str], batch: int = 8) -> dict[str, torch.Tensor]:
-    """X^T X of each named Linear's inputs over the windows (float64 [in, in])."""
+    """X^T X of each named Linear's inputs over the windows (float64 [in, in]), all Linears in one pass."""
+    from lowbit.methods.stats import LayerStats
+
     modules = dict(model.named_modules())
-    h = {n: torch.zeros(modules[n].in_features, modules[n].in_features, dtype=torch.float64) for n in names}
+    stats = {n: LayerStats(modules[n].in_features) for n in names}
 
     def hook(name):
         def add(mod, inp, out):
-            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
-            h[name].add_(x.T @ x)
+            stats[name].update(inp[0])
         return add
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in names]
@@ -182,7 +162,7 @@ def hessians(model, ids: torch.Tensor, names: list[str], batch: int = 8) -> dict
     finally:
         for handle in handles:
             handle.remove()
-    return h
+    return {n: s.xtx for n, s in stats.items()}
 
 
 def measured_splits(model, ids: torch.Tensor, layers, candidates: list[str], fisher: dict, blocks: dict,

@@ -19,7 +19,7 @@ _spec.loader.exec_module(headroom)
 
 
 class SoftmaxRegression(torch.nn.Module):
-    """logits = W x_t with fixed inputs x_t per token id: Fisher of row r at position t is p_r (1 - p_r) |x_t|^2."""
+    """logits = W x_t with fixed inputs x_t per token id."""
 
     def __init__(self, vocab=5, dim=3):
         super().__init__()
@@ -33,37 +33,34 @@ class SoftmaxRegression(torch.nn.Module):
     def forward(self, input_ids):
         return SimpleNamespace(logits=self.head(self.emb(input_ids)))
 
-
-def test_row_fisher_is_the_softmax_fisher():
-    model = SoftmaxRegression()
-    ids = torch.tensor([[0, 3, 4]])
-    got = headroom.row_fisher(model, ids, ["head"], probes=30000)["head"]
-    with torch.no_grad():
-        x = model.emb(ids[0])
-        p = torch.softmax(model.head(x), -1)
-    want = (p * (1 - p) * x.pow(2).sum(1, keepdim=True)).sum(0).double() * 30000
-    assert torch.allclose(got, want, rtol=0.05)   # 30000 draws: a few % of noise
-    assert model.head.weight.grad is None and model.head.weight.requires_grad   # the model is left as it was
+    @torch.no_grad()
+    def fisher(self, ids):
+        """Row r's Fisher, summed over positions t: p_r (1 - p_r) |x_t|^2."""
+        x = self.emb(ids[0])
+        p = torch.softmax(self.head(x), -1)
+        return (p * (1 - p) * x.pow(2).sum(1, keepdim=True)).sum(0)
 
 
 class LinearEncoder(SoftmaxRegression):
-    """last_hidden_state = W x_t: with e = m / |m|, m the mean of W x_t over tokens and x̄ of x_t, the
-    Fisher of v.e, v ~ N(0, I - e e^T), for row r is (1 - e_r^2) |x̄|^2 / |m|^2."""
+    """last_hidden_state = W x_t, embedded as e = m / |m|, m the mean of W x_t over tokens."""
 
     def forward(self, input_ids):
         return SimpleNamespace(last_hidden_state=self.head(self.emb(input_ids)))
 
+    @torch.no_grad()
+    def fisher(self, ids):
+        """Row r's Fisher of v.e, v ~ N(0, I - e e^T): (1 - e_r^2) |x̄|^2 / |m|^2, x̄ the mean input."""
+        xbar = self.emb(ids[0]).mean(0)
+        m = self.head(xbar)
+        return (1 - (m / m.norm()).pow(2)) * xbar.pow(2).sum() / m.pow(2).sum()
 
-def test_row_fisher_of_an_encoder_embedding():
-    model = LinearEncoder()
-    ids = torch.tensor([[1, 2, 4]])
+
+@pytest.mark.parametrize("model", [SoftmaxRegression(), LinearEncoder()], ids=["causal", "encoder"])
+def test_row_fisher_is_the_closed_form(model):
+    ids = torch.tensor([[0, 3, 4]])
     got = headroom.row_fisher(model, ids, ["head"], probes=30000)["head"]
-    with torch.no_grad():
-        xbar = model.emb(ids[0]).mean(0)
-        m = model.head(xbar)
-    e = m / m.norm()
-    want = ((1 - e.pow(2)) * xbar.pow(2).sum() / m.pow(2).sum()).double() * 30000
-    assert torch.allclose(got, want, rtol=0.05)
+    assert torch.allclose(got, model.fisher(ids).double() * 30000, rtol=0.05)   # 30000 draws: a few % of noise
+    assert model.head.weight.grad is None and model.head.weight.requires_grad   # the model is left as it was
 
 
 def test_top_share_and_split_options():

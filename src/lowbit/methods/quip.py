@@ -155,9 +155,11 @@ def check_dims(n_out: int, n_in: int) -> None:
     hadamard_factor(n_out)
 
 
-def quip_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuIP) -> QuipWeight:
+def quip_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuIP,
+                  finer: torch.Tensor | None = None) -> QuipWeight:
     """QuIP#-quantise weight [out, in] given H [in, in] (2/n X^T X). Transforms and the LDL in float64, the
-    codebook search in float32."""
+    codebook search in float32. finer: bool [in / 8], the blocks to round at bits + 1 instead of the top
+    `plus` by error_weights (a study of the choice, benchmarks/mix_headroom.py)."""
     _check_weight(weight)
     n_out, n_in = weight.shape
     _check_hessian(hessian, n_in)
@@ -168,7 +170,7 @@ def quip_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuIP) -> 
     hr = rht_both(hessian.double(), su.double(), su.double())
     warnings: list[str] = []
     lower, d = block_ldl(hr, DIM, config.damp, warnings)
-    hi = finer_mask(d, config.plus)
+    hi = finer_mask(d, config.plus) if finer is None else (finer.bool() if bool(finer.any()) else None)
     target = config.scale_target(0 if hi is None else int(hi.sum()), d.shape[0])
     rms = float(wr.square().mean().sqrt())
     scale = torch.tensor(rms / target if rms > 0 else 1.0, dtype=torch.float32)
@@ -191,8 +193,21 @@ def finer_mask(d: torch.Tensor, plus: float) -> torch.Tensor | None:
     if not n_hi:
         return None
     hi = torch.zeros(d.shape[0], dtype=torch.bool)
-    hi[torch.argsort(d.diagonal(dim1=1, dim2=2).sum(1), descending=True, stable=True)[:n_hi]] = True
+    hi[torch.argsort(block_traces(d), descending=True, stable=True)[:n_hi]] = True
     return hi
+
+
+def block_traces(d: torch.Tensor) -> torch.Tensor:
+    """tr(D_k) of block_ldl's D [in / 8, 8, 8]: the weight of block k's rounding error in BlockLDLQ's proxy
+    loss, sum_k tr(D_k) MSE_k."""
+    return d.diagonal(dim1=1, dim2=2).sum(1)
+
+
+def error_weights(hessian: torch.Tensor, config: QuIP) -> torch.Tensor:
+    """block_traces of the rotated, damped H [in, in] as quip_quantize rotates it (config's seed and damp):
+    what `plus` ranks the blocks by, float64 [in / 8]."""
+    su = random_signs(hessian.shape[0], torch.Generator().manual_seed(config.seed)).double()
+    return block_traces(block_ldl(rht_both(hessian.double(), su, su), DIM, config.damp, [])[1])
 
 
 def mixed_rounding(bits: int, hi: torch.Tensor):
