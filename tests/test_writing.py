@@ -63,6 +63,14 @@ def test_bad_output_paths_are_found_before_work(tmp_path):
     with pytest.raises(LowbitError, match="is a file"):
         check_output(tmp_path / "f" / "sub" / "out")
     assert check_output(tmp_path / "new" / "deeper" / "out") == tmp_path / "new" / "deeper" / "out"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lowbit-probe")]   # the probe cleaned up
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_that_refuses_writes_is_found_before_work_even_for_root():
+    # os.access says yes to root for /proc; the write would fail only after the quantisation
+    with pytest.raises(LowbitError, match="/proc is not writable"):
+        check_output("/proc/lowbit-out/model")
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):

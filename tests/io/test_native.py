@@ -73,3 +73,16 @@ def test_truncated_weights_are_a_clear_error(tmp_path):
 def test_not_a_lowbit_folder(tmp_path):
     with pytest.raises(LowbitError, match="not a lowbit model folder"):
         load(tmp_path)
+
+
+@pytest.mark.parametrize("recipe", [{"default": {"method": "no-such-method"}}, {"default": {"method": "rtn", "bits": 9}},
+                                    {"overrides": 3}, ["not", "a", "dict"]])
+def test_a_bad_saved_recipe_is_an_error_naming_the_file(tmp_path, recipe):
+    model = build_tiny_model("llama")
+    api.quantize(model, RTN(bits=8, group_size=None), progress=False)
+    out = save(model, tmp_path / "q")
+    meta = json.loads((out / "lowbit_config.json").read_text())
+    meta["recipe"] = recipe
+    (out / "lowbit_config.json").write_text(json.dumps(meta))
+    with pytest.raises(LowbitError, match=r"lowbit_config\.json: the saved recipe is (invalid|malformed)"):
+        load(out)

@@ -75,10 +75,24 @@ def test_encoder_model_quantised_weight_only_and_reloaded(tmp_path, tiny_model_d
 @pytest.mark.parametrize("args, message", [
     (["--method", "rtn-int4-g128", "--bits", "3"], "already names its scheme"),
     (["--method", "nf4", "--bits", "3"], "nf4 takes no bits setting"),
-    (["--method", "gptq", "--observer", "mse"], "gptq takes no observer setting")])
+    (["--method", "gptq", "--observer", "mse"], "gptq takes no observer setting"),
+    (["--method", "rtn", "--bits", "3.5"], "rtn takes whole bits, not 3.5; for 3.5 bits per weight on average, mix "
+                                           "schemes under a budget: --budget 3.5bpw"),
+    (["--method", "quip", "--bits", "3.3"], "got 3 bits plus 0.3")])
 def test_flags_that_would_be_ignored_are_errors(tmp_path, tiny_model_dir, capsys, args, message):
     rc, out, err = run(capsys, "quantize", tiny_model_dir("llama"), *args, "-o", tmp_path / "q")
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("bits, name", [("3.5", "quip-3.5bit"), ("2.25", "quip-2.25bit"), ("4", "quip-4bit"),
+                                        ("4.0", "quip-4bit")])
+def test_quip_takes_fractional_bits(bits, name):
+    import argparse
+
+    from lowbit.pipeline.cli import method_from_args
+
+    args = argparse.Namespace(method="quip", bits=float(bits), group_size=None, observer=None, asym=False)
+    assert method_from_args(args).short_name() == name
 
 
 @pytest.mark.parametrize("edit", [

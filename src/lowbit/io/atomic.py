@@ -23,9 +23,19 @@ def check_output(out, what: str = "output") -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise LowbitError(f"cannot write {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(parent, os.W_OK | os.X_OK) or not _can_create_in(parent):
         raise LowbitError(f"cannot write {out}: {parent} is not writable")
     return out
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a folder can really be made there: os.access answers yes to root on any mode bits and to
+    pseudo and some network file systems that then refuse the write."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lowbit-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 def umask() -> int:

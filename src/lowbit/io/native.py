@@ -143,9 +143,19 @@ def load(path):
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if meta.get("recipe"):
-        model.lowbit_recipe = Recipe.from_dict(meta["recipe"])
+        model.lowbit_recipe = _saved_recipe(meta["recipe"], path)
     model.eval()
     return model, load_tokenizer(path)
+
+
+def _saved_recipe(d, path: Path) -> Recipe:
+    """The recipe a folder was quantised with; a malformed one is a one-line error naming the file."""
+    try:
+        return Recipe.from_dict(d)
+    except LowbitError as e:
+        raise LowbitError(f"{path / CONFIG_FILE}: the saved recipe is invalid ({e})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LowbitError(f"{path / CONFIG_FILE}: the saved recipe is malformed ({type(e).__name__}: {e})") from None
 
 
 def _check_layout(model: nn.Module, name: str, cfg, path: Path) -> None:

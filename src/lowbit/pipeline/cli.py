@@ -25,9 +25,23 @@ def method_from_args(args):
     if ignored:
         raise LowbitError(f"{cls.name} takes no {ignored[0].replace('_', '-')} setting")
     kwargs = {k: v for k, v in given.items() if v is not None and k in names}
+    if "bits" in kwargs:
+        kwargs.update(_whole_bits(cls, kwargs["bits"]))
     if args.group_size == 0 and "group_size" in names:
         kwargs["group_size"] = None  # --group-size 0: per channel
     return cls(**kwargs)
+
+
+def _whole_bits(cls, bits: float) -> dict:
+    """--bits as the method's fields: an integer, or for a method with fractional rates (a `plus` field, QuIP#)
+    whole bits and the fraction; anything else fractional is refused with the way to ask for an average."""
+    if bits == int(bits):
+        return {"bits": int(bits)}
+    names = {f.name for f in fields(cls)}
+    if "plus" in names and bits > 0:
+        return {"bits": int(bits), "plus": round(bits - int(bits), 6)}
+    raise LowbitError(f"{cls.name} takes whole bits, not {bits:g}; for {bits:g} bits per weight on average, mix "
+                      f"schemes under a budget: --budget {bits:g}bpw")
 
 
 def _cmd_quantize(args) -> str:
@@ -190,7 +204,8 @@ def add_method_flags(p) -> None:
 
     p.add_argument("--method", default="rtn", help=f"a method ({', '.join(sorted(METHODS))}) with --bits, --group-size "
                    "..., or a short name that states its scheme, such as rtn-int4-g128 or gptq-int4-g128 (default rtn)")
-    p.add_argument("--bits", type=int, help="bits per weight (with a bare method name)")
+    p.add_argument("--bits", type=float, help="bits per weight (with a bare method name; quip also takes 2.25 to 3.75 "
+                   "in quarter steps)")
     p.add_argument("--group-size", type=int, help="elements per scale group; 0 = per output channel")
     p.add_argument("--asym", action="store_true", help="asymmetric (integer zero point per group)")
     p.add_argument("--observer", choices=["minmax", "mse", "percentile"], help="how ranges are chosen (RTN)")
