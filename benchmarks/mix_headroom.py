@@ -319,6 +319,13 @@ def ideal_loss(layers, candidates: list[str], shares: dict, bits_per_weight: flo
     return sum(float((w * torch.exp2(-a * (r.clamp_min(0) - 4))).sum()) for r, (a, w, _) in zip(rates(lam), terms))
 
 
+def inside_each(estimate, layers, candidates: list[str], shares: dict, scheme: str) -> float:
+    """`estimate` (ladder_loss, ideal_loss) with every Linear held to its own size under `scheme`: a uniform
+    scheme that moves bits only among the units inside each Linear, the rival a finer grain also builds."""
+    j = candidates.index(scheme)
+    return sum(estimate([layer], candidates, shares, 8 * layer.bytes[j] / layer.numel) for layer in layers)
+
+
 GRAINS = ("per Linear", "+ row splits", "+ block splits", "+ row x block splits")
 
 
@@ -389,6 +396,16 @@ def main() -> None:
                        "ladder with quip-5bit*, quip-6bit*": dict(zip(shares, wider)),
                        "ideal": dict(zip(shares, ideal)), "best_uniform": best,
                        "best_uniform_loss": rivals[best][1] if best else None})
+    inside, inside_result = [], None
+    if "quip-4bit" in uniform:       # the rival that finer grains would also improve: quip-4bit's size per Linear
+        b4 = uniform["quip-4bit"][0]
+        wide = extrapolated(layers, candidates)
+        inside = [[f"{b4:.3f}", *(inside_each(ladder_loss, layers, candidates, sh, "quip-4bit") for sh in shares.values()),
+                   *(inside_each(ladder_loss, *wide, sh, "quip-4bit") for sh in shares.values()),
+                   *(inside_each(ideal_loss, layers, candidates, sh, "quip-4bit") for sh in shares.values())]]
+        inside_result = ({"bits_per_weight": b4, "ladder": dict(zip(shares, inside[0][1:5])),
+                       "ladder with quip-5bit*, quip-6bit*": dict(zip(shares, inside[0][5:9])),
+                          "ideal": dict(zip(shares, inside[0][9:13]))})
     loss = "KL" if args.model == "bundled" else "1 - cosine"
     rival_head = ["best uniform of b to b + 1 bits", "its prediction"]
     text = format_table(["bits/weight", f"{GRAINS[0]} ({loss})", *GRAINS[1:], *rival_head], table, markdown=True)
@@ -396,6 +413,10 @@ def main() -> None:
         ["bits/weight", *(f"ladder, {g}" for g in shares), *(f"+ 5, 6 bits*, {g}" for g in shares),
          *(f"ideal rates, {g}" for g in shares), *rival_head],
         levels, markdown=True)
+    if inside:
+        text += "\n\n" + format_table(
+            ["each Linear at quip-4bit's size (bits/weight)", *(f"ladder, {g}" for g in shares), *(f"+ 5, 6 bits*, {g}" for g in shares),
+             *(f"ideal rates, {g}" for g in shares)], inside, markdown=True)
     if checked:
         text += "\n\n" + format_table(
             ["Linear", "rows by importance: predicted", "measured", "random rows: predicted", "measured",
@@ -408,7 +429,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"mix_headroom_{args.model}.md").write_text(text + "\n\n" + notes + "\n")
     (out / f"mix_headroom_{args.model}.json").write_text(json.dumps(
-        {"budgets": result, "uniform": uniform, "checks": checked, "notes": notes}, indent=1))
+        {"budgets": result, "inside_each_linear": inside_result, "uniform": uniform, "checks": checked, "notes": notes}, indent=1))
     print(text + "\n\n" + notes)
 
 

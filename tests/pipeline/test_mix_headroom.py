@@ -154,3 +154,19 @@ def test_extrapolated_codebooks_continue_the_last_bit():
     (layer,), wider = headroom.extrapolated(layers, names)
     assert wider[2:] == ["quip-5bit*", "quip-6bit*"]
     assert layer.bytes == [6, 8, 10, 12] and layer.kl == pytest.approx([0.4, 0.1, 0.025, 0.00625])
+
+
+def test_inside_each_holds_every_linear_to_its_own_size():
+    """Two Linears, one with all the loss: a mix gives it the bits, a scheme held per Linear cannot; inside
+    each Linear its units still move bits (shares 0.8 / 0.2 at 4 bits: nothing to move, 3 -> 4 bits)."""
+    a = LayerSensitivity("a", 16, bytes=[6, 8], kl=[0.4, 0.1], proxy=[0, 0])
+    b = LayerSensitivity("b", 16, bytes=[6, 8], kl=[0.004, 0.001], proxy=[0, 0])
+    names = ["quip-3bit", "quip-4bit"]
+    one = {"a": torch.ones(1, dtype=torch.float64), "b": torch.ones(1, dtype=torch.float64)}
+    assert headroom.inside_each(headroom.ladder_loss, [a, b], names, one, "quip-3bit") == pytest.approx(0.404)
+    assert headroom.ladder_loss([a, b], names, one, 3.5) == pytest.approx(0.1 + 0.004)
+    assert headroom.inside_each(headroom.ladder_loss, [a, b], names, one, "quip-4bit") == pytest.approx(0.101)
+    # ideal rates inside each Linear at 3 bits: shares 0.8 / 0.2 split 3.5 / 2.5 bits (a = 2)
+    split = {"a": torch.tensor([0.8, 0.2], dtype=torch.float64), "b": torch.tensor([0.8, 0.2], dtype=torch.float64)}
+    want = sum(l4 * (0.8 * 2 ** (-2 * (3.5 - 4)) + 0.2 * 2 ** (-2 * (2.5 - 4))) for l4 in (0.1, 0.001))
+    assert headroom.inside_each(headroom.ideal_loss, [a, b], names, split, "quip-3bit") == pytest.approx(want, rel=1e-6)
