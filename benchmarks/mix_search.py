@@ -33,9 +33,10 @@ SAVED = HERE / "results" / "mixed_precision"
 CANDIDATES = "quip,quip-2.5bit,quip-3bit,quip-3.25bit,quip-3.5bit,quip-3.75bit,quip-4bit,gptq-int8"
 
 
-def quantised_weights(model, ids, plans, names, batch: int = 8) -> dict[str, list[torch.Tensor]]:
+def quantised_weights(model, feed, plans, names) -> dict[str, list[torch.Tensor]]:
     """{Linear: [its dequantised weight under each candidate]}, each Linear from its full-precision inputs
-    (the stand-in pipeline/sensitivity.py measures: QuIP# itself, RTN on a scheme's grid)."""
+    over what `feed()` runs through the model (the stand-in pipeline/sensitivity.py measures: QuIP# itself,
+    RTN on a scheme's grid)."""
     from lowbit.methods.stats import LayerStats
     from lowbit.pipeline.sensitivity import measure_rounding
 
@@ -43,11 +44,11 @@ def quantised_weights(model, ids, plans, names, batch: int = 8) -> dict[str, lis
     stats = {n: LayerStats(modules[n].weight.shape[1]) for n in names}
     hooks = [modules[n].register_forward_hook(
         lambda mod, inp, out, n=n: stats[n].update(inp[0].reshape(-1, inp[0].shape[-1]).float())) for n in names]
-    with torch.inference_mode():
-        for b in range(0, ids.shape[0], batch):
-            model(input_ids=ids[b:b + batch])
-    for h in hooks:
-        h.remove()
+    try:
+        feed()
+    finally:
+        for h in hooks:
+            h.remove()
     out = {}
     for i, n in enumerate(names):
         w = modules[n].weight.detach().float()
@@ -60,26 +61,52 @@ def quantised_weights(model, ids, plans, names, batch: int = 8) -> dict[str, lis
     return out
 
 
+def window_objective(model, ids: torch.Tensor, batch: int = 8):
+    """(feed, loss) on calibration windows ids [n, L]: pipeline/sensitivity.py's loss (KL per position, or
+    1 - cosine of mean-pooled windows for an encoder)."""
+    from lowbit.pipeline.sensitivity import _logprobs, _loss
+
+    ref = _logprobs(model, ids, batch)
+    with torch.inference_mode():
+        causal = getattr(model(input_ids=ids[:1, :2]), "logits", None) is not None
+    return (lambda: _logprobs(model, ids, batch)), (lambda: _loss(ref, _logprobs(model, ids, batch), causal))
+
+
+def sentence_objective(model, tok, sentences: list[str], max_length: int):
+    """(feed, loss) on whole sentences as the encoder is used and scored: each sentence alone with its special
+    tokens (no padding reaches a Hessian), loss 1 - mean cosine of the sentence embeddings against the
+    full-precision model's (benchmarks/real_weights.py's score)."""
+    from lowbit.eval.embeddings import embed, embedding_fidelity
+
+    encoded = [tok(s, truncation=True, max_length=max_length, return_tensors="pt") for s in sentences]
+
+    @torch.inference_mode()
+    def feed():
+        for enc in encoded:
+            model(**enc)
+
+    with torch.inference_mode():
+        ref = embed(model, tok, sentences, max_length=max_length)
+
+    @torch.inference_mode()
+    def loss():
+        return 1 - embedding_fidelity(ref, embed(model, tok, sentences, max_length=max_length)).mean_cosine
+    return feed, loss
+
+
 class Scorer:
-    """The whole model's loss (pipeline/sensitivity.py's: KL per position, or 1 - cosine for an encoder) with
-    each Linear's weight set to its chosen candidate."""
+    """The whole model's loss under `loss()` with each Linear's weight set to its chosen candidate."""
 
-    def __init__(self, model, ids, weights: dict, batch: int = 8):
-        from lowbit.pipeline.sensitivity import _logprobs, _loss
-
-        self.model, self.ids, self.weights, self.batch = model, ids, weights, batch
+    def __init__(self, model, loss, weights: dict):
+        self.loss, self.weights = loss, weights
         self.modules = {n: m for n, m in model.named_modules() if n in weights}
-        self._logprobs, self._loss = _logprobs, _loss
-        self.ref = _logprobs(model, ids, batch)
-        with torch.inference_mode():
-            self.causal = getattr(model(input_ids=ids[:1, :2]), "logits", None) is not None
         self.evals = 0
 
     def __call__(self, choice: dict[str, int]) -> float:
         for n, j in choice.items():
             self.modules[n].weight.data = self.weights[n][j].to(self.modules[n].weight.dtype)
         self.evals += 1
-        return self._loss(self.ref, self._logprobs(self.model, self.ids, self.batch), self.causal)
+        return self.loss()
 
 
 def search(score: Scorer, start: dict[str, int], sizes: dict[str, list[int]], limit: int, rounds: int,
@@ -102,11 +129,16 @@ def search(score: Scorer, start: dict[str, int], sizes: dict[str, list[int]], li
         alloc = allocate([[sizes[n][j] for j in o] for n, o in zip(names, opts)],
                          [[moves.get((n, j - best[n]), 0.0) for j in o] for n, o in zip(names, opts)], limit)
         tried = [{n: o[k] for n, o, k in zip(names, opts, alloc.choice)}]
-        ups = sorted((d, n) for (n, s), d in moves.items() if s == 1)
-        downs = sorted((d, n) for (n, s), d in moves.items() if s == -1)
+
+        def cost(n, s):    # bytes a move of n by s adds (s = 1) or frees (s = -1)
+            return max(abs(sizes[n][best[n] + s] - sizes[n][best[n]]), 1)
+
+        # per byte: the most loss removed per byte added, the least loss added per byte freed
+        ups = sorted((d / cost(n, s), d, n) for (n, s), d in moves.items() if s == 1)
+        downs = sorted((d / cost(n, s), d, n) for (n, s), d in moves.items() if s == -1)
         spare = limit - sum(sizes[n][j] for n, j in best.items())
-        for du, up in ups[:3]:
-            for dd, down in downs[:3]:
+        for _, du, up in ups[:3]:
+            for _, dd, down in downs[:3]:
                 if up != down and sizes[up][best[up] + 1] - sizes[up][best[up]] - (
                         sizes[down][best[down]] - sizes[down][best[down] - 1]) <= spare:
                     tried.append({**best, up: best[up] + 1, down: best[down] - 1})
@@ -131,10 +163,15 @@ def main() -> None:
     p.add_argument("--budget", default="3.5", help="bits per weight over the quantised Linears")
     p.add_argument("--candidates", default=CANDIDATES)
     p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--objective", choices=["windows", "sentences"], default="windows",
+                   help="what the search scores: the sensitivity pass's calibration windows, or (minilm) the "
+                        "calibration sentences whole, as the held-out score uses them")
     p.add_argument("--sensitivity", help="saved sensitivities to start from (default: the fractional run's)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default=str(SAVED))
     args = p.parse_args()
+    if args.objective == "sentences" and args.model != "minilm":
+        p.error("--objective sentences scores sentence embeddings: --model minilm")
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))
     import mixed_precision as mp
@@ -159,13 +196,22 @@ def main() -> None:
     limit = budget_linear_bytes(float(args.budget), sum(layer.numel for layer in layers))
     start = dict(zip(linears, plan.allocation.choice))
     _, tok = mp.load(args.model)
-    windows, seq_len = how.get("windows"), how.get("seq_len")
-    ids = calibration_batch(tok, None, n_samples=windows, seq_len=seq_len)
+    if args.objective == "sentences":
+        import real_weights as rw
+
+        calibration = rw.sentences(256, 300)[0]              # the sentences the held-out rows calibrate on
+        feed, loss = sentence_objective(model, tok, calibration, rw.MAX_LENGTH)
+        data = f"{len(calibration)} calibration sentences"
+    else:
+        windows, seq_len = how.get("windows"), how.get("seq_len")
+        feed, loss = window_objective(model, calibration_batch(tok, None, n_samples=windows, seq_len=seq_len))
+        data = f"{windows} calibration windows of {seq_len} tokens"
     print(f"quantising {len(linears)} Linears x {len(names)} candidates", file=sys.stderr, flush=True)
-    weights = quantised_weights(model, ids, candidate_plans(model, configs), linears)
-    score = Scorer(model, ids, weights)
+    weights = quantised_weights(model, feed, candidate_plans(model, configs), linears)
+    score = Scorer(model, loss, weights)
     best, history = search(score, start, sizes, limit, args.rounds,
                            log=lambda s: print(s, file=sys.stderr, flush=True))
+    evals = score.evals
     uniform = [n for j, n in enumerate(names) if not n.startswith("gptq-int8") and
                sum(s[j] for s in sizes.values()) >= limit]
     searched = {n: score({m: names.index(n) for m in linears}) for n in uniform}   # same windows, same weights
@@ -177,7 +223,7 @@ def main() -> None:
     bpw = {k: 8 * sum(sizes[n][j] for n, j in c.items()) / sum(layer.numel for layer in layers)
            for k, c in (("allocator", start), ("search", best))}
     rows_in = {f"mix {args.budget} bpw, allocator": recipe(start), f"mix {args.budget} bpw, measured search": recipe(best)}
-    rows_in.update({n: n for n in uniform})
+    rows_in.update({n: configs[names.index(n)] for n in uniform})
     rows = mp.minilm_rows(rows_in) if args.model == "minilm" else mp.bundled_rows(rows_in, 64)[0]
     table_rows = []
     for r in rows:
@@ -187,17 +233,19 @@ def main() -> None:
     from lowbit.table import format_table
 
     metric = "mean cosine to fp32" if args.model == "minilm" else "perplexity"
-    md = format_table(["row", "bits/weight", "search loss (calibration)", f"held-out {metric}"], table_rows)
+    md = format_table(["row", "bits/weight", "search loss (calibration)", f"held-out {metric}"], table_rows,
+                      markdown=True)
     moved = {n: (names[start[n]], names[best[n]]) for n in linears if start[n] != best[n]}
-    md += (f"\n\n{args.model}: {len(history) - 1} rounds, {score.evals} whole-model evaluations on {windows} "
-           f"calibration windows of {seq_len} tokens; {len(moved)} Linears moved from the allocator's choice; "
+    md += (f"\n\n{args.model}: {len(history) - 1} rounds, {evals} whole-model evaluations on {data}; "
+           f"{len(moved)} Linears moved from the allocator's choice; "
            f"{time.perf_counter() - start_time:.0f} s\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"mix_search_{args.model}_{args.budget}"        # not with_suffix: "3.5" has a dot
+    # not with_suffix: "3.5" has a dot
+    stem = f"mix_search_{args.model}_{args.budget}" + ("_sentences" if args.objective == "sentences" else "")
     (out / f"{stem}.md").write_text(md)
     (out / f"{stem}.json").write_text(json.dumps(
-        {"rows": rows, "history": history, "moved": moved, "bits_per_weight": bpw, "candidates": names,
+        {"objective": args.objective, "rows": rows, "history": history, "moved": moved, "bits_per_weight": bpw, "candidates": names,
          "allocator": {n: names[j] for n, j in start.items()}, "search": {n: names[j] for n, j in best.items()}},
         indent=1))
     print(md)

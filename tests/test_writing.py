@@ -66,6 +66,25 @@ def test_bad_output_paths_are_found_before_work(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lowbit-probe")]   # the probe cleaned up
 
 
+def test_a_broken_link_or_a_name_too_long_is_found_before_work(tmp_path):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "dir")
+    with pytest.raises(LowbitError, match="is a broken symbolic link"):
+        check_output(tmp_path / "dangling" / "out")
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(LowbitError, match="is a broken symbolic link"):
+        check_output(tmp_path / "loop" / "out")
+    # fits the file system by itself, not with the temporary's prefix and suffix
+    with pytest.raises(LowbitError, match="too long for the file system"):
+        check_output(tmp_path / ("n" * 250))
+    assert check_output(tmp_path / ("n" * 200)) == tmp_path / ("n" * 200)
+
+
+def test_a_long_error_message_is_shortened(capsys, tmp_path):
+    rc = main(["eval", str(tmp_path / ("x" * 3000))])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err) < 1200 and "characters left out" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_a_folder_that_refuses_writes_is_found_before_work_even_for_root():
     # os.access says yes to root for /proc; the write would fail only after the quantisation

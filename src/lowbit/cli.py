@@ -185,14 +185,24 @@ def _install(signum, handler):
         return None
 
 
+MAX_MESSAGE = 1000    # characters of an error shown: a message may quote a hostile file's contents
+
+
 def _one_line(e: BaseException) -> str:
     from lowbit.io.atomic import no_space
 
     if isinstance(e, OSError) and not isinstance(e, LowbitError):
         if no_space(e):
             return f"no space left on device writing {e.filename or 'the output'}"
-        return f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
-    return str(e)
+        return _shortened(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}")
+    return _shortened(str(e))
+
+
+def _shortened(text: str) -> str:
+    if len(text) <= MAX_MESSAGE:
+        return text
+    half = MAX_MESSAGE // 2
+    return f"{text[:half]} ... ({len(text) - 2 * half:,} characters left out) ... {text[-half:]}"
 
 
 if __name__ == "__main__":

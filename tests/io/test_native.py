@@ -76,7 +76,7 @@ def test_not_a_lowbit_folder(tmp_path):
 
 
 @pytest.mark.parametrize("recipe", [{"default": {"method": "no-such-method"}}, {"default": {"method": "rtn", "bits": 9}},
-                                    {"overrides": 3}, ["not", "a", "dict"]])
+                                    {"overrides": 3}, ["not", "a", "dict"], {}, 0, "", []])
 def test_a_bad_saved_recipe_is_an_error_naming_the_file(tmp_path, recipe):
     model = build_tiny_model("llama")
     api.quantize(model, RTN(bits=8, group_size=None), progress=False)
@@ -85,4 +85,14 @@ def test_a_bad_saved_recipe_is_an_error_naming_the_file(tmp_path, recipe):
     meta["recipe"] = recipe
     (out / "lowbit_config.json").write_text(json.dumps(meta))
     with pytest.raises(LowbitError, match=r"lowbit_config\.json: the saved recipe is (invalid|malformed)"):
+        load(out)
+
+
+def test_a_config_nested_too_deeply_is_an_error_not_a_recursion_traceback(tmp_path):
+    model = build_tiny_model("llama")
+    api.quantize(model, RTN(bits=8, group_size=None), progress=False)
+    out = save(model, tmp_path / "q")
+    text = (out / "lowbit_config.json").read_text()
+    (out / "lowbit_config.json").write_text(text[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(LowbitError, match="nested too deeply"):
         load(out)

@@ -78,7 +78,10 @@ def test_encoder_model_quantised_weight_only_and_reloaded(tmp_path, tiny_model_d
     (["--method", "gptq", "--observer", "mse"], "gptq takes no observer setting"),
     (["--method", "rtn", "--bits", "3.5"], "rtn takes whole bits, not 3.5; for 3.5 bits per weight on average, mix "
                                            "schemes under a budget: --budget 3.5bpw"),
-    (["--method", "quip", "--bits", "3.3"], "got 3 bits plus 0.3")])
+    (["--method", "quip", "--bits", "3.3"], "quip takes --bits 2, 2.25, 2.5, 2.75, 3, 3.25, 3.5, 3.75 or 4, not 3.3"),
+    (["--method", "quip", "--bits", "nan"], "--bits must be a number of bits per weight from 1 to 64, got nan"),
+    (["--method", "rtn", "--bits", "inf"], "--bits must be a number of bits per weight from 1 to 64, got inf"),
+    (["--method", "gptq", "--bits", "1e-7"], "from 1 to 64, got 1e-07")])
 def test_flags_that_would_be_ignored_are_errors(tmp_path, tiny_model_dir, capsys, args, message):
     rc, out, err = run(capsys, "quantize", tiny_model_dir("llama"), *args, "-o", tmp_path / "q")
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "q").exists()

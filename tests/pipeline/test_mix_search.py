@@ -54,3 +54,30 @@ def test_search_stays_in_budget_never_worsens_and_reaches_the_additive_optimum(s
         assert loss(best) == pytest.approx(optimum, rel=1e-9)
     else:
         assert loss(best) <= loss(start) and loss(best) <= 1.05 * optimum
+
+
+def test_pairs_move_where_the_joint_knapsack_step_fails():
+    """A loss that punishes moving more than two Linears at once from where the round began: the knapsack's
+    joint step fails, an (up, down) pair still lowers the loss."""
+    names = [f"l{i}" for i in range(5)]
+    bits = (2, 3, 4, 8)
+    sizes = {n: [64 * b // 8 for b in bits] for n in names}
+    scale = dict(zip(names, (1.0, 0.5, 0.05, 0.02, 0.01)))
+    err = {n: [scale[n] * 4.0 ** -b for b in bits] for n in names}
+    origin = {}
+
+    class Penalised:
+        evals = 0
+
+        def __call__(self, choice):
+            self.evals += 1
+            if not origin:
+                origin.update(choice)
+            moved = sum(choice[n] != origin[n] for n in names)
+            return sum(err[n][j] for n, j in choice.items()) + (1.0 if moved > 2 else 0.0)
+
+    start = {n: 1 for n in names}
+    loss = Penalised()
+    best, history = mix_search.search(loss, start, sizes, 5 * 64 * 3 // 8, rounds=1, log=lambda s: None)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert sum(best[n] != start[n] for n in names) == 2

@@ -20,22 +20,52 @@ def check_output(out, what: str = "output") -> Path:
         raise LowbitError(f"{what} already exists: {out}")
     parent = out.parent
     while not parent.exists():
+        if parent.is_symlink():        # dangling or looping: mkdir would fail after the work
+            raise LowbitError(f"cannot write {out}: {parent} is a broken symbolic link")
         parent = parent.parent
     if not parent.is_dir():
         raise LowbitError(f"cannot write {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK) or not _can_create_in(parent):
+    _check_name_lengths(out, parent)
+    error = _creation_error(parent) if os.access(parent, os.W_OK | os.X_OK) else PermissionError()
+    if error is not None:
+        if no_space(error, parent):
+            raise LowbitError(f"cannot write {out}: no space left on the device of {parent}")
         raise LowbitError(f"cannot write {out}: {parent} is not writable")
     return out
 
 
-def _can_create_in(folder: Path) -> bool:
-    """Whether a folder can really be made there: os.access answers yes to root on any mode bits and to
-    pseudo and some network file systems that then refuse the write."""
+def _check_name_lengths(out: Path, parent: Path) -> None:
+    """Every folder still to be made, and the hidden temporary the output is first written as (its name
+    plus TEMP_EXTRA characters), fit the file system's name limit."""
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".lowbit-probe-", dir=folder))
-    except OSError:
-        return False
-    return True
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    parts = out.relative_to(parent).parts
+    for i, part in enumerate(parts):
+        extra = TEMP_EXTRA if i == len(parts) - 1 else 0
+        if len(os.fsencode(part)) + extra > limit:
+            raise LowbitError(f"cannot write {out}: the name {part[:40]}... is too long for the file system "
+                              f"({len(os.fsencode(part))} bytes; at most {limit - extra})")
+
+
+# ".{name}." + tempfile's 8 random characters + ".tmp": what atomic_output adds to the output's name
+TEMP_EXTRA = 2 + 8 + 4
+
+
+def _creation_error(folder: Path) -> OSError | None:
+    """Why a folder, and a file in it, cannot really be made there (None: they can): os.access answers yes to
+    root on any mode bits and to pseudo and some network file systems that then refuse the write."""
+    probe = None
+    try:
+        probe = tempfile.mkdtemp(prefix=".lowbit-probe-", dir=folder)
+        Path(probe, "f").touch()
+    except OSError as e:
+        return e
+    finally:
+        if probe is not None:
+            shutil.rmtree(probe, ignore_errors=True)
+    return None
 
 
 def umask() -> int:
@@ -44,11 +74,18 @@ def umask() -> int:
     return mask
 
 
+# errors that say what is wrong themselves, even on a device that reports no free space (pseudo file systems)
+NOT_SPACE = (errno.EPERM, errno.EACCES, errno.EROFS, errno.EEXIST, errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP,
+             errno.ENOENT)
+
+
 def no_space(e: BaseException, where: Path | None = None) -> bool:
     """A full disk, whether reported as OSError, as a library's own error with the OS message, or as a
     short write (numpy's "N requested and M written") on a device with no room left."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
+    if isinstance(e, OSError) and e.errno in NOT_SPACE:
+        return False
     if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
         return True
     try:

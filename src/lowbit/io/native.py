@@ -89,6 +89,8 @@ def _read_meta(path: Path) -> dict:
         meta = json.loads((path / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LowbitError(f"{path / CONFIG_FILE} is not valid JSON: {e}")
+    except RecursionError:
+        raise LowbitError(f"{path / CONFIG_FILE} is nested too deeply to be a lowbit config") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
         raise LowbitError(f"{path} is not a lowbit v{FORMAT_VERSION} model folder")
     return meta
@@ -142,7 +144,7 @@ def load(path):
         model.lowbit_source_name = meta["source"]   # the model it came from, not this folder
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    if meta.get("recipe"):
+    if meta.get("recipe") is not None:     # None: saved without one; {}, 0, "" are malformed
         model.lowbit_recipe = _saved_recipe(meta["recipe"], path)
     model.eval()
     return model, load_tokenizer(path)

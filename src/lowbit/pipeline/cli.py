@@ -1,6 +1,7 @@
 """`lowbit quantize`: load a model folder, quantise it block by block, save the native format."""
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 
 from lowbit.errors import LowbitError
@@ -33,15 +34,31 @@ def method_from_args(args):
 
 
 def _whole_bits(cls, bits: float) -> dict:
-    """--bits as the method's fields: an integer, or for a method with fractional rates (a `plus` field, QuIP#)
-    whole bits and the fraction; anything else fractional is refused with the way to ask for an average."""
-    if bits == int(bits):
-        return {"bits": int(bits)}
-    names = {f.name for f in fields(cls)}
-    if "plus" in names and bits > 0:
-        return {"bits": int(bits), "plus": round(bits - int(bits), 6)}
-    raise LowbitError(f"{cls.name} takes whole bits, not {bits:g}; for {bits:g} bits per weight on average, mix "
-                      f"schemes under a budget: --budget {bits:g}bpw")
+    """--bits as the method's fields: an integer, or a fractional rate the method names with a word (QuIP#'s
+    "3.5bit": bits 3, plus 0.5); any other fraction is refused, with the way to ask for an average."""
+    if not (math.isfinite(bits) and 1 <= bits <= 64):
+        raise LowbitError(f"--bits must be a number of bits per weight from 1 to 64, got {bits!r}")
+    if abs(bits - round(bits)) < 1e-9:
+        return {"bits": int(round(bits))}
+    rates = {float(w[:-3]): v for w, v in getattr(cls, "words", {}).items()
+             if isinstance(v, dict) and w.endswith("bit") and _is_number(w[:-3])}
+    fractional = sorted(r for r in rates if r != int(r))
+    if fractional:
+        rate = next((r for r in fractional if abs(r - bits) < 1e-9), None)
+        if rate is None:
+            *most, last = (f"{r:g}" for r in sorted(rates))
+            raise LowbitError(f"{cls.name} takes --bits {', '.join(most)} or {last}, not {bits!r}")
+        return dict(rates[rate])
+    raise LowbitError(f"{cls.name} takes whole bits, not {bits!r}; for {bits!r} bits per weight on average, mix "
+                      f"schemes under a budget: --budget {bits!r}bpw")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _cmd_quantize(args) -> str:

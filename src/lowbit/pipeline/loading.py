@@ -35,6 +35,8 @@ def read_config(path: Path, trust_remote_code: bool = False):
         json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LowbitError(f"{path / 'config.json'} is not valid JSON: {e}")
+    except RecursionError:
+        raise LowbitError(f"{path / 'config.json'} is nested too deeply to be a model config") from None
     _check_generation_config(path / "generation_config.json")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -51,7 +53,7 @@ def _check_generation_config(f: Path) -> None:
         return
     try:
         ok = isinstance(json.loads(f.read_text()), dict)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         ok = False
     if not ok:
         raise LowbitError(f"{f} is not a JSON object; fix or remove it")
