@@ -1,15 +1,18 @@
 """The best per-Linear mix a *measured* search finds, against the allocator's and the best uniform scheme.
 
-    .venv/bin/python benchmarks/mix_search.py --model minilm --budget 3.5     # all-MiniLM-L6-v2 (~25 min)
+    .venv/bin/python benchmarks/mix_search.py --model minilm --budget 3.5     # all-MiniLM-L6-v2 (~20 min)
+    .venv/bin/python benchmarks/mix_search.py --model minilm --budget 3.5 --objective sentences   # (~35 min)
 
-The allocator (pipeline/budget.py) sums single-Linear losses; a mix's measured loss runs well above that sum
+The allocator (pipeline/budget.py) sums single-Linear losses; a mix's held-out loss runs well above that sum
 (benchmarks/mix_headroom.py: 1.5x to 1.7x on all-MiniLM-L6-v2), so a mix it rejects might still win. This
 search drops the additive model: every Linear is quantised once with every candidate (each from its own
 full-precision inputs, as pipeline/sensitivity.py measures), and mixes are scored by running the whole model
 with those weights. From the allocator's choice it repeats: measure, in the current mix, what moving each
 Linear one candidate up or down changes (the loss of the whole model); solve the knapsack on those in-context
 changes (stay, up or down per Linear, within the budget); keep the result if the whole model's measured loss
-falls, else try the single best (up, down) pair; stop when neither helps or after --rounds.
+falls, else try the best (up, down) pairs per byte; stop when neither helps or after --rounds. The score is the
+sensitivity pass's calibration windows, or with --objective sentences (all-MiniLM-L6-v2) the calibration
+sentences whole, as the held-out score embeds them.
 
 Scores: the search's loss on the calibration windows it optimises; then, for the allocator's mix, the
 searched mix and each uniform candidate of equal or larger size, the real pipeline on held-out data
