@@ -160,6 +160,27 @@ def search(score: Scorer, start: dict[str, int], sizes: dict[str, list[int]], li
     return best, history
 
 
+def crossing(layers, target: float, hi: float = 8.0, steps: int = 30) -> float:
+    """The least budget (bits per weight, to bisection precision, from the smallest mix up to `hi`) at which
+    the knapsack's predicted loss (sum of single-Linear losses) is at most `target`."""
+    from lowbit.methods.knapsack import allocate
+    from lowbit.units import budget_linear_bytes
+
+    numel = sum(layer.numel for layer in layers)
+    lo = 8 * sum(min(layer.bytes) for layer in layers) / numel
+
+    def loss(b):
+        return allocate([layer.bytes for layer in layers], [layer.kl for layer in layers],
+                        budget_linear_bytes(b, numel)).loss
+
+    if loss(lo) <= target:
+        return lo
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if loss(mid) <= target else (mid, hi)
+    return hi
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["bundled", "minilm"], default="minilm")
@@ -239,6 +260,11 @@ def main() -> None:
     md = format_table(["row", "bits/weight", "search loss (calibration)", f"held-out {metric}"], table_rows,
                       markdown=True)
     moved = {n: (names[start[n]], names[best[n]]) for n in linears if start[n] != best[n]}
+    predicted = {n: sum(layer.kl[names.index(n)] for layer in layers) for n in uniform}
+    rival = min(predicted, key=predicted.get)
+    md += (f"\n\npredicted (sum of single-Linear losses, {saved}): allocator's mix {plan.allocation.loss:.5f}; "
+           + "; ".join(f"{n} {v:.5f}" for n, v in predicted.items())
+           + f"; the prediction reaches {rival}'s at {crossing(layers, predicted[rival]):.2f} bits/weight")
     md += (f"\n\n{args.model}: {len(history) - 1} rounds, {evals} whole-model evaluations on {data}; "
            f"{len(moved)} Linears moved from the allocator's choice; "
            f"{time.perf_counter() - start_time:.0f} s\n")
@@ -248,7 +274,7 @@ def main() -> None:
     stem = f"mix_search_{args.model}_{args.budget}" + ("_sentences" if args.objective == "sentences" else "")
     (out / f"{stem}.md").write_text(md)
     (out / f"{stem}.json").write_text(json.dumps(
-        {"objective": args.objective, "rows": rows, "history": history, "moved": moved, "bits_per_weight": bpw, "candidates": names,
+        {"objective": args.objective, "predicted": {"allocator": plan.allocation.loss, **predicted}, "rows": rows, "history": history, "moved": moved, "bits_per_weight": bpw, "candidates": names,
          "allocator": {n: names[j] for n, j in start.items()}, "search": {n: names[j] for n, j in best.items()}},
         indent=1))
     print(md)

@@ -96,3 +96,20 @@ def test_a_config_nested_too_deeply_is_an_error_not_a_recursion_traceback(tmp_pa
     (out / "lowbit_config.json").write_text(text[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
     with pytest.raises(LowbitError, match="nested too deeply"):
         load(out)
+
+
+def test_a_model_folder_config_nested_too_deeply_is_an_error(tmp_path, tiny_model_dir):
+    import shutil
+
+    from lowbit.pipeline.loading import read_config
+
+    src = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("llama"), src)
+    text = (src / "config.json").read_text().rstrip()
+    (src / "config.json").write_text(text[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(LowbitError, match="nested too deeply"):
+        read_config(src)
+    (src / "config.json").write_text(text)
+    (src / "generation_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(LowbitError, match="is not a JSON object"):
+        read_config(src)

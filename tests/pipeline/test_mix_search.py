@@ -81,3 +81,13 @@ def test_pairs_move_where_the_joint_knapsack_step_fails():
     best, history = mix_search.search(loss, start, sizes, 5 * 64 * 3 // 8, rounds=1, log=lambda s: None)
     assert history[-1]["loss"] < history[0]["loss"]
     assert sum(best[n] != start[n] for n in names) == 2
+
+
+def test_crossing_is_the_least_budget_reaching_the_target():
+    from lowbit.pipeline.sensitivity import LayerSensitivity
+
+    layers = [LayerSensitivity(n, 64, bytes=[24, 32], kl=[0.4, 0.1], proxy=[0, 0]) for n in ("a", "b")]
+    # both at 4 bits: 0.2; one at 4 and one at 3: 0.5, which 3.5 bits per weight buys; both at 3: 0.8
+    assert mix_search.crossing(layers, 0.2) == pytest.approx(4.0, abs=1e-6)
+    assert mix_search.crossing(layers, 0.5) == pytest.approx(3.5, abs=1e-6)
+    assert mix_search.crossing(layers, 0.8) == pytest.approx(3.0, abs=1e-6)

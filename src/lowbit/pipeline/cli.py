@@ -36,12 +36,14 @@ def method_from_args(args):
 def _whole_bits(cls, bits: float) -> dict:
     """--bits as the method's fields: an integer, or a fractional rate the method names with a word (QuIP#'s
     "3.5bit": bits 3, plus 0.5); any other fraction is refused, with the way to ask for an average."""
+    from lowbit.methods.names import _number
+
     if not (math.isfinite(bits) and 1 <= bits <= 64):
         raise LowbitError(f"--bits must be a number of bits per weight from 1 to 64, got {bits!r}")
     if abs(bits - round(bits)) < 1e-9:
         return {"bits": int(round(bits))}
     rates = {float(w[:-3]): v for w, v in getattr(cls, "words", {}).items()
-             if isinstance(v, dict) and w.endswith("bit") and _is_number(w[:-3])}
+             if isinstance(v, dict) and w.endswith("bit") and _number(w[:-3], 0.0) is not None}
     fractional = sorted(r for r in rates if r != int(r))
     if fractional:
         rate = next((r for r in fractional if abs(r - bits) < 1e-9), None)
@@ -51,14 +53,6 @@ def _whole_bits(cls, bits: float) -> dict:
         return dict(rates[rate])
     raise LowbitError(f"{cls.name} takes whole bits, not {bits!r}; for {bits!r} bits per weight on average, mix "
                       f"schemes under a budget: --budget {bits!r}bpw")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _cmd_quantize(args) -> str:
